@@ -1,0 +1,563 @@
+//! The configuration file (DESIGN §2): the only code that knows its format.
+//!
+//! Two layers: `Raw*` structs mirror the TOML (unknown keys are errors), and one validation pass
+//! turns them into typed values. Every error names the file and the key at fault, so that a bad
+//! config stops the process with one line and exit code 64 before anything is bound.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::issuer::{self, Issuer};
+
+/// Where `serve` and `check-config` look when neither `--config` nor `$OIDC_EDGE_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/oidc-edge/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/oidc-edge";
+pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(3600);
+/// A-9, Z-4: AWS and Azure use at most 100 keys; more is never useful.
+pub const MAX_KEYS_LIMIT: usize = 100;
+pub const DEFAULT_CACHE_MAX_AGE: Duration = Duration::from_secs(300);
+/// X-3: relying parties should not cache longer than the apiserver's own 3600 s.
+pub const MAX_CACHE_MAX_AGE: Duration = Duration::from_secs(3600);
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+// === validated configuration ===
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from; relative paths in it are resolved against its directory.
+    pub file: PathBuf,
+    pub issuers: Vec<IssuerConfig>,
+    pub http: Option<HttpConfig>,
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub issuer: Issuer,
+    pub discovery_path: String,
+    pub jwks_path: String,
+    /// `https://<issuer host><jwks_path>`, as published in the discovery document.
+    pub jwks_uri: String,
+    pub jwks_content_type: JwksContentType,
+    pub cache_max_age: Duration,
+    pub key_retention: Duration,
+    pub max_keys: usize,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwksContentType {
+    /// X-4: what EKS serves and every client accepts (the default).
+    Json,
+    /// RFC 7517 §8.5.1, what kube-apiserver serves; some clients refuse it (F-8).
+    JwkSetJson,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub refresh_interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    File { path: PathBuf },
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceKind::File { path } => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// === errors ===
+
+/// A configuration error: `<file>: <key>: <what is wrong>`, on one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}{message}", file.display(), key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+// === raw file format ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    issuers: Vec<RawIssuer>,
+    http: Option<RawHttp>,
+    state: Option<RawState>,
+    log: Option<RawLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    issuer: String,
+    jwks_path: Option<String>,
+    jwks_content_type: Option<String>,
+    cache_max_age: Option<String>,
+    key_retention: Option<String>,
+    max_keys: Option<usize>,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    kind: String,
+    path: Option<PathBuf>,
+    refresh_interval: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+// === loading and validation ===
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            message: format!("cannot read the configuration file: {e}"),
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `file` (relative paths resolve against its
+    /// directory).
+    pub fn from_toml_str(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let raw = parse(text, file)?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        Validator { file, base }.config(raw)
+    }
+}
+
+fn parse(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    let located = |message: &str, span: Option<std::ops::Range<usize>>| match span {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message.to_owned(),
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        key: None,
+        message: located(e.message().trim_end(), e.span()),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner();
+        ConfigError {
+            file: file.to_owned(),
+            key: (path != ".").then_some(path),
+            message: located(inner.message().trim_end(), inner.span()),
+        }
+    })
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.issuers.is_empty() {
+            return Err(self.err("issuers", "at least one [[issuers]] table is required"));
+        }
+        let issuers = raw
+            .issuers
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| self.issuer(&format!("issuers[{i}]"), r))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.routes_are_unique(&issuers)?;
+
+        let http = raw
+            .http
+            .map(|h| {
+                let listen = h.listen.parse().map_err(|e| {
+                    self.err(
+                        "http.listen",
+                        format!("{:?} is not an address like 127.0.0.1:8080: {e}", h.listen),
+                    )
+                })?;
+                Ok(HttpConfig { listen })
+            })
+            .transpose()?;
+        if http.is_none() {
+            return Err(self.err(
+                "http",
+                "no listener is configured: add [http] with listen = \"…\"",
+            ));
+        }
+
+        let state_dir = raw
+            .state
+            .map(|s| self.resolve(&s.dir))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+
+        let raw_log = raw.log.unwrap_or(RawLog {
+            format: None,
+            level: None,
+        });
+        let format = match raw_log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(self.err(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let level = raw_log.level.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+            return Err(self.err("log.level", format!("{level:?} is not a log filter: {e}")));
+        }
+
+        Ok(Config {
+            file: self.file.to_owned(),
+            issuers,
+            http,
+            state_dir,
+            log: LogConfig { format, level },
+        })
+    }
+
+    fn issuer(&self, key: &str, raw: RawIssuer) -> Result<IssuerConfig, ConfigError> {
+        let issuer = Issuer::parse(&raw.issuer)
+            .map_err(|e| self.err(format!("{key}.issuer"), e.to_string()))?;
+        let jwks_path = match raw.jwks_path {
+            Some(path) => {
+                issuer::check_path(&issuer, &path)
+                    .map_err(|m| self.err(format!("{key}.jwks_path"), m))?;
+                path
+            }
+            None => issuer.default_jwks_path(),
+        };
+        let discovery_path = issuer.discovery_path();
+        if jwks_path == discovery_path {
+            return Err(self.err(
+                format!("{key}.jwks_path"),
+                "must differ from the discovery document's path",
+            ));
+        }
+        let jwks_content_type = match raw.jwks_content_type.as_deref() {
+            None | Some("application/json") => JwksContentType::Json,
+            Some("application/jwk-set+json") => JwksContentType::JwkSetJson,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.jwks_content_type"),
+                    format!(
+                        "{other:?} is not \"application/json\" or \"application/jwk-set+json\""
+                    ),
+                ));
+            }
+        };
+        let cache_max_age = self.duration(
+            &format!("{key}.cache_max_age"),
+            raw.cache_max_age,
+            DEFAULT_CACHE_MAX_AGE,
+        )?;
+        if cache_max_age > MAX_CACHE_MAX_AGE {
+            return Err(self.err(format!("{key}.cache_max_age"), "must be at most 1h (X-3)"));
+        }
+        let key_retention = self.duration(
+            &format!("{key}.key_retention"),
+            raw.key_retention,
+            DEFAULT_KEY_RETENTION,
+        )?;
+        let max_keys = raw.max_keys.unwrap_or(MAX_KEYS_LIMIT);
+        if !(1..=MAX_KEYS_LIMIT).contains(&max_keys) {
+            return Err(self.err(
+                format!("{key}.max_keys"),
+                format!("{max_keys} is not from 1 to {MAX_KEYS_LIMIT} (AWS and Azure use at most 100 keys, A-9, Z-4)"),
+            ));
+        }
+        if raw.sources.is_empty() {
+            return Err(self.err(
+                format!("{key}.sources"),
+                "at least one [[issuers.sources]] table is required",
+            ));
+        }
+        let sources = raw
+            .sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.source(&format!("{key}.sources[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IssuerConfig {
+            jwks_uri: issuer.url_for(&jwks_path),
+            issuer,
+            discovery_path,
+            jwks_path,
+            jwks_content_type,
+            cache_max_age,
+            key_retention,
+            max_keys,
+            sources,
+        })
+    }
+
+    fn source(&self, key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
+        let refresh_interval = self.duration(
+            &format!("{key}.refresh_interval"),
+            raw.refresh_interval,
+            DEFAULT_REFRESH_INTERVAL,
+        )?;
+        let timeout = self.duration(
+            &format!("{key}.timeout"),
+            raw.timeout,
+            DEFAULT_FETCH_TIMEOUT,
+        )?;
+        let kind = match raw.kind.as_str() {
+            "file" => {
+                let path = raw.path.ok_or_else(|| {
+                    self.err(format!("{key}.path"), "is required for kind = \"file\"")
+                })?;
+                let path = self.resolve(&path);
+                self.readable(&format!("{key}.path"), &path)?;
+                SourceKind::File { path }
+            }
+            "apiserver" | "kubeconfig" | "in-cluster" | "url" => {
+                return Err(self.err(
+                    format!("{key}.kind"),
+                    format!(
+                        "{:?} sources are not available in this build yet; use kind = \"file\"",
+                        raw.kind
+                    ),
+                ));
+            }
+            other => {
+                return Err(self.err(
+                    format!("{key}.kind"),
+                    format!("{other:?} is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\""),
+                ));
+            }
+        };
+        Ok(SourceConfig {
+            kind,
+            refresh_interval,
+            timeout,
+        })
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        raw: Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(text) = raw else {
+            return Ok(default);
+        };
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => Err(self.err(key, "must be longer than zero")),
+            Ok(d) => Ok(d),
+            Err(e) => Err(self.err(
+                key,
+                format!("{text:?} is not a duration like \"60s\" or \"24h\": {e}"),
+            )),
+        }
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn readable(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        std::fs::File::open(path)
+            .map(drop)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))
+    }
+
+    /// Two issuers must never answer the same host and path: a relying party would get the
+    /// other cluster's keys.
+    fn routes_are_unique(&self, issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, cfg) in issuers.iter().enumerate() {
+            for path in [&cfg.discovery_path, &cfg.jwks_path] {
+                if let Some(other) = seen.insert((cfg.issuer.host(), path), i)
+                    && other != i
+                {
+                    return Err(self.err(
+                        format!("issuers[{i}]"),
+                        format!(
+                            "https://{}{path} is also served by issuers[{other}] ({})",
+                            cfg.issuer.host(),
+                            issuers[other].issuer
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// === summary for check-config ===
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "config {}: ok", self.file.display())?;
+        for cfg in &self.issuers {
+            writeln!(f, "issuer {}", cfg.issuer)?;
+            writeln!(
+                f,
+                "  discovery  {}",
+                cfg.issuer.url_for(&cfg.discovery_path)
+            )?;
+            let content_type = match cfg.jwks_content_type {
+                JwksContentType::Json => "application/json",
+                JwksContentType::JwkSetJson => "application/jwk-set+json",
+            };
+            writeln!(f, "  jwks       {} ({content_type})", cfg.jwks_uri)?;
+            writeln!(
+                f,
+                "  cache      max-age {}s; key retention {}; max keys {}",
+                cfg.cache_max_age.as_secs(),
+                humantime::format_duration(cfg.key_retention),
+                cfg.max_keys
+            )?;
+            for (i, s) in cfg.sources.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  source[{i}]  {} every {}",
+                    s.kind,
+                    humantime::format_duration(s.refresh_interval)
+                )?;
+            }
+        }
+        if let Some(http) = &self.http {
+            writeln!(f, "http   listen {}", http.listen)?;
+        }
+        writeln!(f, "state  {}", self.state_dir.display())?;
+        let format = match self.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        write!(f, "log    {format} {}", self.log.level)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jwks.json"), "{}").expect("write");
+        Config::from_toml_str(text, &dir.path().join("config.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        [[issuers]]
+        issuer = "https://oidc.example.com"
+          [[issuers.sources]]
+          kind = "file"
+          path = "jwks.json"
+        [http]
+        listen = "127.0.0.1:8080"
+    "#;
+
+    #[test]
+    fn defaults_are_applied() {
+        let cfg = load(MINIMAL).expect("valid");
+        let issuer = &cfg.issuers[0];
+        assert_eq!(issuer.jwks_uri, "https://oidc.example.com/openid/v1/jwks");
+        assert_eq!(issuer.discovery_path, "/.well-known/openid-configuration");
+        assert_eq!(issuer.cache_max_age, Duration::from_secs(300));
+        assert_eq!(issuer.key_retention, Duration::from_secs(3600));
+        assert_eq!(issuer.max_keys, 100);
+        assert_eq!(issuer.jwks_content_type, JwksContentType::Json);
+        assert_eq!(issuer.sources[0].refresh_interval, Duration::from_secs(60));
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/oidc-edge"));
+        assert_eq!(cfg.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let cfg = load(MINIMAL).expect("valid");
+        let SourceKind::File { path } = &cfg.issuers[0].sources[0].kind;
+        assert!(path.is_absolute() && path.ends_with("jwks.json"));
+    }
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        assert_eq!(line_and_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,110 @@
+//! The one public handler. It reads a pre-rendered snapshot and copies out reference-counted
+//! bytes: no lock, no document rendering, no waiting on a refresh. The request body is never
+//! read.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use http::header::{
+    ACCESS_CONTROL_ALLOW_ORIGIN, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST,
+    IF_NONE_MATCH, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS,
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+
+use super::headers::{self, none_match};
+use super::{App, Doc};
+
+/// Sent with 503 before an issuer's first good key set: a short wait, then ask again.
+const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("5");
+
+pub async fn serve_document(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    req_headers: HeaderMap,
+) -> Response {
+    let host = uri.host().or_else(|| {
+        req_headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+    });
+    let Some(route) = app.site.route(host, uri.path()) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response.headers_mut().insert(ALLOW, headers::ALLOW);
+        return response;
+    }
+    let Some(snapshot) = app.store.get(route.issuer) else {
+        // Never an empty key set: a relying party would cache "no keys" (DESIGN §3).
+        let mut response = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no key set has been published yet\n",
+        );
+        response.headers_mut().insert(RETRY_AFTER, RETRY_AFTER_SECS);
+        return response;
+    };
+    let issuer_headers = app.site.headers(route.issuer);
+    let (doc, content_type) = match route.doc {
+        Doc::Discovery => (&snapshot.discovery, headers::APPLICATION_JSON),
+        Doc::Jwks => (&snapshot.jwks, issuer_headers.jwks_content_type.clone()),
+    };
+
+    let not_modified = req_headers
+        .get(IF_NONE_MATCH)
+        .is_some_and(|inm| none_match(inm.as_bytes(), &doc.etag));
+    let (status, body) = if not_modified {
+        (StatusCode::NOT_MODIFIED, Body::empty())
+    } else if method == Method::HEAD {
+        (StatusCode::OK, Body::empty())
+    } else {
+        (StatusCode::OK, Body::from(doc.body.clone()))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, content_type);
+    if status == StatusCode::OK {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(doc.body.len()));
+    }
+    h.insert(CACHE_CONTROL, issuer_headers.cache_control.clone());
+    h.insert(ETAG, doc.etag.clone());
+    h.insert(X_CONTENT_TYPE_OPTIONS, headers::NOSNIFF);
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, headers::ANY_ORIGIN);
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    let mut response = Response::new(Body::from(text));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, headers::TEXT_PLAIN);
+    h.insert(CACHE_CONTROL, headers::NO_STORE);
+    h.insert(X_CONTENT_TYPE_OPTIONS, headers::NOSNIFF);
+    response
+}
+
+/// `host:port` → `host`; `[v6]:port` → `[v6]`.
+fn strip_port(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("oidc.example.com"), "oidc.example.com");
+        assert_eq!(strip_port("oidc.example.com:8080"), "oidc.example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

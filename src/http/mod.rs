@@ -1,0 +1,115 @@
+//! The public HTTP surface (DESIGN §3): for each issuer, its discovery document and its JWKS,
+//! routed by host and then by path, and nothing else.
+//!
+//! [`router`] is the test seam: it needs no socket.
+
+pub mod handlers;
+pub mod headers;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use http::HeaderValue;
+
+use crate::config::{IssuerConfig, JwksContentType};
+use crate::jwks::store::DocumentStore;
+
+/// Which document a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doc {
+    Discovery,
+    Jwks,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub issuer: usize,
+    pub doc: Doc,
+}
+
+/// The routing table, built once from the configuration.
+#[derive(Debug)]
+pub struct Site {
+    by_path: HashMap<Box<str>, PathRoutes>,
+    issuers: Vec<IssuerHeaders>,
+}
+
+#[derive(Debug, Default)]
+struct PathRoutes {
+    /// Lowercase host → route.
+    hosts: Vec<(Box<str>, Route)>,
+}
+
+/// Pre-rendered per-issuer header values.
+#[derive(Debug)]
+pub struct IssuerHeaders {
+    pub jwks_content_type: HeaderValue,
+    pub cache_control: HeaderValue,
+}
+
+impl Site {
+    pub fn new(issuers: &[IssuerConfig]) -> Self {
+        let mut by_path: HashMap<Box<str>, PathRoutes> = HashMap::new();
+        for (issuer, cfg) in issuers.iter().enumerate() {
+            for (path, doc) in [
+                (&cfg.discovery_path, Doc::Discovery),
+                (&cfg.jwks_path, Doc::Jwks),
+            ] {
+                by_path
+                    .entry(path.as_str().into())
+                    .or_default()
+                    .hosts
+                    .push((cfg.issuer.host().into(), Route { issuer, doc }));
+            }
+        }
+        let issuers = issuers
+            .iter()
+            .map(|cfg| IssuerHeaders {
+                jwks_content_type: match cfg.jwks_content_type {
+                    JwksContentType::Json => headers::APPLICATION_JSON,
+                    JwksContentType::JwkSetJson => headers::JWK_SET_JSON,
+                },
+                cache_control: headers::cache_control(cfg.cache_max_age.as_secs()),
+            })
+            .collect();
+        Self { by_path, issuers }
+    }
+
+    /// The document for `host` (port stripped) and `path`. When no issuer has that host (a
+    /// reverse proxy that rewrites Host, a local test), a path that only one issuer serves still
+    /// answers: what is served never depends on the Host header, only on the configuration.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<Route> {
+        let routes = self.by_path.get(path)?;
+        if let Some(host) = host
+            && let Some((_, route)) = routes
+                .hosts
+                .iter()
+                .find(|(h, _)| h.eq_ignore_ascii_case(host))
+        {
+            return Some(*route);
+        }
+        match routes.hosts.as_slice() {
+            [(_, only)] => Some(*only),
+            _ => None,
+        }
+    }
+
+    pub fn headers(&self, issuer: usize) -> &IssuerHeaders {
+        &self.issuers[issuer]
+    }
+}
+
+/// Shared state of the public handlers.
+#[derive(Debug)]
+pub struct App {
+    pub site: Site,
+    pub store: Arc<DocumentStore>,
+}
+
+/// The public router: every request goes to one handler that looks up the route table.
+pub fn router(site: Site, store: Arc<DocumentStore>) -> Router {
+    Router::new()
+        .fallback(handlers::serve_document)
+        .with_state(Arc::new(App { site, store }))
+}

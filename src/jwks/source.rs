@@ -1,0 +1,146 @@
+//! Where key sets come from. Each source yields raw bytes; validation happens once, downstream.
+
+use std::fs;
+use std::io::{self, Read as _};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+/// No JWK set of a real cluster comes near this; a bigger answer is refused unread (DESIGN §4).
+pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
+
+/// What one fetch produced.
+#[derive(Debug)]
+pub enum Fetched {
+    /// A new body to validate.
+    Body(Bytes),
+    /// The source is unchanged since the last fetch: keep its last result.
+    Unchanged,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+    #[error("{what} is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge { what: String },
+}
+
+/// A source of key sets, driven by the refresher.
+pub trait KeySource: Send {
+    /// What the logs call this source (a path or a URL).
+    fn describe(&self) -> String;
+
+    fn fetch_key_set(&mut self) -> impl Future<Output = Result<Fetched, FetchError>> + Send;
+}
+
+/// `kind = "file"`: a JWKS file, re-read when its length, mtime or inode change.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    seen: Option<FileStamp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileSource {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, seen: None }
+    }
+
+    fn read(&mut self) -> Result<Fetched, FetchError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let err = |source| FetchError::File {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = fs::File::open(&self.path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let stamp = FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        };
+        if self.seen == Some(stamp) {
+            return Ok(Fetched::Unchanged);
+        }
+        let mut body = Vec::new();
+        file.by_ref()
+            .take(MAX_BODY_BYTES + 1)
+            .read_to_end(&mut body)
+            .map_err(err)?;
+        if body.len() as u64 > MAX_BODY_BYTES {
+            return Err(FetchError::TooLarge {
+                what: self.path.display().to_string(),
+            });
+        }
+        self.seen = Some(stamp);
+        Ok(Fetched::Body(Bytes::from(body)))
+    }
+}
+
+impl KeySource for FileSource {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn fetch_key_set(&mut self) -> Result<Fetched, FetchError> {
+        // A JWKS file is small and local; reading it inline is cheaper than a blocking-pool hop.
+        self.read()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_is_reread_only_when_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        fs::write(&path, b"{\"keys\":[]}").expect("write");
+        let mut source = FileSource::new(path.clone());
+        assert!(
+            matches!(source.fetch_key_set().await, Ok(Fetched::Body(b)) if b.as_ref() == b"{\"keys\":[]}")
+        );
+        assert!(matches!(
+            source.fetch_key_set().await,
+            Ok(Fetched::Unchanged)
+        ));
+        // A replacement by rename (what editors and config managers do) has a new inode.
+        let next = dir.path().join("next.json");
+        fs::write(&next, b"{\"keys\":[1]}").expect("write");
+        fs::rename(&next, &path).expect("rename");
+        assert!(
+            matches!(source.fetch_key_set().await, Ok(Fetched::Body(b)) if b.as_ref() == b"{\"keys\":[1]}")
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_and_oversized_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        let mut source = FileSource::new(path.clone());
+        let err = source
+            .fetch_key_set()
+            .await
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}: No such file", path.display())),
+            "{err}"
+        );
+        fs::write(&path, vec![b' '; MAX_BODY_BYTES as usize + 1]).expect("write");
+        let err = source.fetch_key_set().await.expect_err("large").to_string();
+        assert_eq!(
+            err,
+            format!("{} is larger than 1048576 bytes", path.display())
+        );
+    }
+}

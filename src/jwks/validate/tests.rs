@@ -1,0 +1,283 @@
+use serde_json::json;
+
+use super::*;
+
+const K3S: &str = include_str!("../../../tests/fixtures/jwks/k3s.json");
+const RSA_1024: &str = include_str!("../../../tests/fixtures/jwks/rsa-1024.json");
+const PRIVATE_RSA: &str = include_str!("../../../tests/fixtures/jwks/private-rsa.json");
+const OCT: &str = include_str!("../../../tests/fixtures/jwks/oct.json");
+
+fn k3s_key(index: usize) -> Value {
+    let set: Value = serde_json::from_str(K3S).expect("fixture parses");
+    set["keys"][index].clone()
+}
+
+fn set_of(keys: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "keys": keys })).expect("serialises")
+}
+
+fn one_key_dropped_for(key: Value) -> String {
+    match validate(&set_of(vec![key, k3s_key(0)])) {
+        Ok(v) => {
+            assert_eq!(v.keys.len(), 1, "the good key stays");
+            assert_eq!(v.dropped.len(), 1, "{v:?}");
+            v.dropped[0].reason.clone()
+        }
+        Err(e) => panic!("expected a dropped key, got rejection: {e}"),
+    }
+}
+
+#[test]
+fn k3s_set_passes_and_is_sorted_by_kid_with_members_in_publish_order() {
+    let v = validate(K3S.as_bytes()).expect("valid");
+    assert!(v.dropped.is_empty());
+    assert_eq!(v.keys.len(), 2);
+    assert!(v.keys[0].kid < v.keys[1].kid);
+    let rendered = String::from_utf8(crate::jwks::render_jwks(&v.keys).to_vec()).expect("utf-8");
+    let rsa = v.keys.iter().find(|k| k.kty == "RSA").expect("rsa");
+    assert!(rendered.contains(&format!(
+        r#"{{"kty":"RSA","use":"sig","kid":"{}","alg":"RS256","n":"{}","e":"AQAB"}}"#,
+        rsa.kid,
+        rsa.n.as_deref().expect("n")
+    )));
+    let ec = v.keys.iter().find(|k| k.kty == "EC").expect("ec");
+    assert!(rendered.contains(&format!(
+        r#"{{"kty":"EC","use":"sig","kid":"{}","alg":"ES256","crv":"P-256","x":"{}","y":"{}"}}"#,
+        ec.kid,
+        ec.x.as_deref().expect("x"),
+        ec.y.as_deref().expect("y")
+    )));
+}
+
+#[test]
+fn key_order_in_the_source_does_not_change_the_output() {
+    let forward = validate(&set_of(vec![k3s_key(0), k3s_key(1)])).expect("valid");
+    let backward = validate(&set_of(vec![k3s_key(1), k3s_key(0)])).expect("valid");
+    assert_eq!(forward, backward);
+}
+
+#[test]
+fn any_private_member_rejects_the_whole_set() {
+    let err = validate(PRIVATE_RSA.as_bytes()).expect_err("private key");
+    assert!(
+        matches!(
+            err,
+            Rejected::PrivateMember {
+                index: 1,
+                member: "d",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("PRIVATE KEY MATERIAL: key 1 (kid "),
+        "{err}"
+    );
+    for member in PRIVATE_MEMBERS {
+        let mut key = k3s_key(1);
+        key[member] = json!("AQAB");
+        let err = validate(&set_of(vec![k3s_key(0), key])).expect_err(member);
+        assert_eq!(
+            err,
+            Rejected::PrivateMember {
+                index: 1,
+                kid: k3s_key(1)["kid"].as_str().map(str::to_owned),
+                member
+            }
+        );
+    }
+}
+
+#[test]
+fn private_member_on_a_key_that_would_be_dropped_still_rejects() {
+    let key = json!({ "kty": "weird", "d": "AQAB" });
+    let err = validate(&set_of(vec![k3s_key(0), key])).expect_err("private");
+    assert!(matches!(
+        err,
+        Rejected::PrivateMember {
+            index: 1,
+            kid: None,
+            member: "d"
+        }
+    ));
+}
+
+#[test]
+fn weak_rsa_key_is_dropped_with_its_size() {
+    let v = validate(RSA_1024.as_bytes()).expect("the 2048-bit key remains");
+    assert_eq!(v.keys.len(), 1);
+    assert_eq!(v.dropped.len(), 1);
+    assert_eq!(
+        v.dropped[0].reason,
+        "RSA modulus is 1024 bits; relying parties need at least 2048 (D-12)"
+    );
+    assert_eq!(v.dropped[0].index, 0);
+}
+
+#[test]
+fn oct_key_without_secret_is_dropped_and_with_secret_rejects() {
+    let v = validate(OCT.as_bytes()).expect("the RSA key remains");
+    assert_eq!(v.keys.len(), 1);
+    assert_eq!(
+        v.dropped[0].reason,
+        "symmetric (\"oct\") keys are never published (D-5)"
+    );
+    let with_secret = json!({ "kty": "oct", "kid": "hmac-1", "k": "c2VjcmV0" });
+    let err = validate(&set_of(vec![k3s_key(0), with_secret])).expect_err("secret");
+    assert!(matches!(err, Rejected::PrivateMember { member: "k", .. }));
+}
+
+#[test]
+fn malformed_sets_are_rejected() {
+    assert!(matches!(validate(b""), Err(Rejected::NotJson(_))));
+    assert!(matches!(
+        validate(b"{\"keys\":["),
+        Err(Rejected::NotJson(_))
+    ));
+    assert_eq!(validate(b"[]"), Err(Rejected::NotAnObject));
+    assert_eq!(validate(b"{}"), Err(Rejected::NoKeysArray));
+    assert_eq!(validate(b"{\"keys\":{}}"), Err(Rejected::NoKeysArray));
+    assert_eq!(
+        validate(b"{\"keys\":[]}").expect_err("empty").to_string(),
+        "no usable public key: the set is empty"
+    );
+}
+
+#[test]
+fn a_set_of_only_bad_keys_is_rejected_with_every_reason() {
+    let err = validate(&set_of(vec![json!({"kty": "RSA"}), json!(7)])).expect_err("none usable");
+    assert_eq!(
+        err.to_string(),
+        "no usable public key: key 0: has no \"kid\" (A-11); key 1: not a JSON object"
+    );
+}
+
+#[test]
+fn malformed_keys_are_dropped_with_a_reason() {
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"kty": "RSA", "kid": ""}), "has an empty \"kid\""),
+        (json!({"kid": "a"}), "has no \"kty\""),
+        (json!({"kty": 1, "kid": "a"}), "\"kty\" is not a string"),
+        (json!({"kty": "RSA", "kid": 5}), "\"kid\" is not a string"),
+        (
+            {
+                let mut k = k3s_key(0);
+                k["kid"] = json!("x");
+                k["use"] = json!("enc");
+                k
+            },
+            "\"use\" is \"enc\", not \"sig\" (A-11)",
+        ),
+        (
+            {
+                let mut k = k3s_key(0);
+                k["kid"] = json!("x");
+                k["alg"] = json!("ES256");
+                k
+            },
+            "\"alg\" \"ES256\" does not fit a RSA key (expected one of RS256, RS384, RS512, PS256, PS384, PS512)",
+        ),
+        (
+            {
+                let mut k = k3s_key(0);
+                k["kid"] = json!("x");
+                k["n"] = json!("abc=");
+                k
+            },
+            "\"n\" is not unpadded base64url: Invalid padding",
+        ),
+        (
+            {
+                let mut k = k3s_key(0);
+                k["kid"] = json!("x");
+                k["e"] = json!("AAE");
+                k
+            },
+            "RSA exponent \"e\" must be an odd number from 3 to 2^64",
+        ),
+        (
+            {
+                let mut k = k3s_key(1);
+                k["kid"] = json!("x");
+                k["x"] = json!("AQAB");
+                k
+            },
+            "EC P-256 \"x\" is 3 bytes, must be 32 (RFC 7518 §6.2.1)",
+        ),
+        (
+            {
+                let mut k = k3s_key(1);
+                k["kid"] = json!("x");
+                k["crv"] = json!("secp256k1");
+                k
+            },
+            "EC curve \"secp256k1\" is not supported",
+        ),
+        (
+            {
+                let mut k = k3s_key(1);
+                k["kid"] = json!("x");
+                k["crv"] = json!("P-384");
+                k
+            },
+            "EC P-384 \"x\" is 32 bytes, must be 48 (RFC 7518 §6.2.1)",
+        ),
+        (
+            json!({"kty": "OKP", "kid": "x", "crv": "X25519", "x": "AQAB"}),
+            "OKP curve \"X25519\" is not a signing curve we publish",
+        ),
+        (
+            json!({"kty": "RSA", "kid": "x", "e": "AQAB"}),
+            "has no \"n\"",
+        ),
+        (
+            json!({"kty": "DSA", "kid": "x"}),
+            "key type \"DSA\" is not supported",
+        ),
+    ];
+    for (key, expected) in cases {
+        assert_eq!(one_key_dropped_for(key.clone()), expected, "{key}");
+    }
+}
+
+#[test]
+fn use_sig_is_added_and_unknown_members_are_stripped() {
+    let mut key = k3s_key(0);
+    let map = key.as_object_mut().expect("object");
+    map.remove("use");
+    map.insert("x5c".into(), json!(["MIIB"]));
+    map.insert("key_ops".into(), json!(["verify"]));
+    let v = validate(&set_of(vec![key])).expect("valid");
+    let rendered = String::from_utf8(crate::jwks::render_jwks(&v.keys).to_vec()).expect("utf-8");
+    assert!(rendered.contains(r#""use":"sig""#));
+    assert!(!rendered.contains("x5c") && !rendered.contains("key_ops"));
+}
+
+#[test]
+fn ed25519_keys_are_published() {
+    let key = json!({"kty": "OKP", "kid": "ed", "crv": "Ed25519",
+        "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+    let v = validate(&set_of(vec![key])).expect("valid");
+    assert_eq!(v.keys[0].signing_alg(), "EdDSA");
+}
+
+#[test]
+fn duplicate_kids_are_merged_when_identical_and_rejected_when_not() {
+    let v = validate(&set_of(vec![k3s_key(0), k3s_key(0)])).expect("same key twice");
+    assert_eq!(v.keys.len(), 1);
+    let mut other = k3s_key(1);
+    other["kid"] = k3s_key(0)["kid"].clone();
+    let err = validate(&set_of(vec![k3s_key(0), other])).expect_err("conflict");
+    assert!(matches!(err, Rejected::ConflictingKid(_)));
+}
+
+#[test]
+fn bit_length_counts_from_the_first_set_bit() {
+    assert_eq!(bit_length(&[]), 0);
+    assert_eq!(bit_length(&[0, 0]), 0);
+    assert_eq!(bit_length(&[0, 1]), 1);
+    assert_eq!(bit_length(&[0x80, 0]), 16);
+    assert_eq!(bit_length(&[0, 0x7f, 0]), 15);
+}

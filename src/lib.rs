@@ -1,0 +1,24 @@
+//! oidc-edge publishes a Kubernetes cluster's service-account issuer to the internet: the
+//! OIDC discovery document and the JWKS that AWS IAM, GCP, Azure and Vault fetch to verify
+//! projected service-account tokens.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line; [`config`]: the file format and its validation;
+//! - [`issuer`]: the issuer URL and the generated discovery document;
+//! - [`jwks`]: the pipeline fetch → validate → merge → publish → persist;
+//! - [`http`]: the public router (host + path routing, caching headers);
+//! - [`server`]: binds listeners and spawns every task; [`shutdown`]: signals;
+//!   [`telemetry`]: logging.
+//!
+//! The two published documents live in one immutable snapshot per issuer behind an `ArcSwap`
+//! ([`jwks::store`]): requests never lock or render.
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod issuer;
+pub mod jwks;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,281 @@
+//! `check-config`: bad configurations exit 64 with one line naming the key; good ones exit 0.
+
+use crate::support::{Scratch, repo_path, run};
+
+const ISSUER: &str = "[[issuers]]\nissuer = \"https://oidc.example.com\"\n";
+const SOURCE: &str = "  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n";
+const HTTP: &str = "[http]\nlisten = \"127.0.0.1:8080\"\n";
+
+fn valid_with(issuer_extra: &str, source_extra: &str, rest: &str) -> String {
+    format!("{ISSUER}{issuer_extra}\n{SOURCE}{source_extra}\n{HTTP}{rest}")
+}
+
+/// (what, config text, expected message after "<file>: ").
+fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
+    vec![
+        (
+            "toml syntax",
+            "[[issuers]\n".to_owned(),
+            "unclosed array table, expected `]` (line 1, column 11)",
+        ),
+        (
+            "unknown top-level key",
+            valid_with("", "", "[admn]\nlisten = \"x\"\n"),
+            "admn: unknown field `admn`, expected one of `issuers`, `http`, `state`, `log` (line 10, column 2)",
+        ),
+        (
+            "unknown issuer key",
+            valid_with("jwks_pth = \"/keys\"", "", ""),
+            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources` (line 3, column 1)",
+        ),
+        (
+            "wrong type",
+            valid_with("max_keys = \"ten\"", "", ""),
+            "issuers[0].max_keys: invalid type: string \"ten\", expected usize (line 3, column 12)",
+        ),
+        (
+            "no issuers",
+            HTTP.to_owned(),
+            "issuers: at least one [[issuers]] table is required",
+        ),
+        (
+            "http issuer",
+            valid_with("", "", "").replace("https://", "http://"),
+            "issuers[0].issuer: \"http://oidc.example.com\" must use https (A-1, D-1)",
+        ),
+        (
+            "issuer with port",
+            valid_with("", "", "").replace("example.com\"", "example.com:8443\""),
+            "issuers[0].issuer: \"https://oidc.example.com:8443\" must not contain a port, not even :443 (A-1)",
+        ),
+        (
+            "issuer with default port",
+            valid_with("", "", "").replace("example.com\"", "example.com:443\""),
+            "issuers[0].issuer: \"https://oidc.example.com:443\" must not contain a port, not even :443 (A-1)",
+        ),
+        (
+            "issuer with query",
+            valid_with("", "", "").replace("example.com\"", "example.com/?cluster=a\""),
+            "issuers[0].issuer: \"https://oidc.example.com/?cluster=a\" must not contain a query (A-1, D-1)",
+        ),
+        (
+            "issuer with fragment",
+            valid_with("", "", "").replace("example.com\"", "example.com/#a\""),
+            "issuers[0].issuer: \"https://oidc.example.com/#a\" must not contain a fragment (D-1)",
+        ),
+        (
+            "issuer not canonical",
+            valid_with("", "", "").replace("oidc.example", "OIDC.example"),
+            "issuers[0].issuer: \"https://OIDC.example.com\" is not in canonical form; write it as \"https://oidc.example.com/\" (lowercase host, no dot segments or needless escapes)",
+        ),
+        (
+            "two issuers on one URL",
+            format!(
+                "{}{ISSUER}{SOURCE}",
+                valid_with("", "", "")
+                    .replace("https://oidc.example.com", "https://oidc.example.com/")
+            ),
+            "issuers[1]: https://oidc.example.com/.well-known/openid-configuration is also served by issuers[0] (https://oidc.example.com/)",
+        ),
+        (
+            "jwks_path on another issuer's discovery path",
+            format!(
+                "{}[[issuers]]\nissuer = \"https://oidc.example.com/b\"\njwks_path = \"/.well-known/openid-configuration\"\n{SOURCE}",
+                valid_with("", "", "")
+            ),
+            "issuers[1]: https://oidc.example.com/.well-known/openid-configuration is also served by issuers[0] (https://oidc.example.com)",
+        ),
+        (
+            "relative jwks_path",
+            valid_with("jwks_path = \"keys\"", "", ""),
+            "issuers[0].jwks_path: \"keys\" must start with '/'",
+        ),
+        (
+            "bad duration",
+            valid_with("key_retention = \"soon\"", "", ""),
+            "issuers[0].key_retention: \"soon\" is not a duration like \"60s\" or \"24h\": expected number at 0",
+        ),
+        (
+            "zero refresh interval",
+            valid_with("", "  refresh_interval = \"0s\"", ""),
+            "issuers[0].sources[0].refresh_interval: must be longer than zero",
+        ),
+        (
+            "max_keys over the AWS limit",
+            valid_with("max_keys = 101", "", ""),
+            "issuers[0].max_keys: 101 is not from 1 to 100 (AWS and Azure use at most 100 keys, A-9, Z-4)",
+        ),
+        (
+            "cache max-age too long",
+            valid_with("cache_max_age = \"2h\"", "", ""),
+            "issuers[0].cache_max_age: must be at most 1h (X-3)",
+        ),
+        (
+            "bad jwks content type",
+            valid_with("jwks_content_type = \"text/json\"", "", ""),
+            "issuers[0].jwks_content_type: \"text/json\" is not \"application/json\" or \"application/jwk-set+json\"",
+        ),
+        (
+            "no sources",
+            format!("{ISSUER}{HTTP}"),
+            "issuers[0].sources: at least one [[issuers.sources]] table is required",
+        ),
+        (
+            "unknown source kind",
+            valid_with("", "", "").replace("kind = \"file\"", "kind = \"s3\""),
+            "issuers[0].sources[0].kind: \"s3\" is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\"",
+        ),
+        (
+            "file source without path",
+            valid_with("", "", "").replace("  path = \"jwks.json\"\n", ""),
+            "issuers[0].sources[0].path: is required for kind = \"file\"",
+        ),
+        (
+            "unknown source key",
+            valid_with("", "  intervall = \"5s\"", ""),
+            "issuers[0].sources[0].intervall: unknown field `intervall`, expected one of `kind`, `path`, `refresh_interval`, `timeout` (line 7, column 3)",
+        ),
+        (
+            "bad listen address",
+            valid_with("", "", "").replace("127.0.0.1:8080", "localhost"),
+            "http.listen: \"localhost\" is not an address like 127.0.0.1:8080: invalid socket address syntax",
+        ),
+        (
+            "no listener",
+            format!("{ISSUER}{SOURCE}"),
+            "http: no listener is configured: add [http] with listen = \"…\"",
+        ),
+        (
+            "bad log format",
+            valid_with("", "", "[log]\nformat = \"xml\"\n"),
+            "log.format: \"xml\" is not \"text\" or \"json\"",
+        ),
+    ]
+}
+
+#[test]
+fn every_bad_config_exits_64_with_its_one_line_message() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", crate::support::K3S);
+    let cases = bad_configs();
+    assert!(cases.len() >= 15);
+    let mut wrong = Vec::new();
+    for (what, text, expected) in cases {
+        let path = scratch.write("config.toml", &text);
+        let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = format!("oidc-edge: {}: {expected}\n", path.display());
+        if out.status.code() != Some(64) || stderr != want || !out.stdout.is_empty() {
+            wrong.push(format!(
+                "{what}: exit {:?}\n  got:  {stderr}  want: {want}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn missing_files_are_named() {
+    let scratch = Scratch::new();
+    let config = scratch.path("absent.toml");
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: {}: cannot read the configuration file: No such file or directory (os error 2)\n",
+            config.display()
+        )
+    );
+
+    let config = scratch.write("config.toml", &valid_with("", "", ""));
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: {}: issuers[0].sources[0].path: cannot read {}: No such file or directory (os error 2)\n",
+            config.display(),
+            scratch.path("jwks.json").display()
+        )
+    );
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_64_before_binding() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", crate::support::K3S);
+    // The port is taken: had serve bound anything before validating, it would fail with 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let text = valid_with("max_keys = 0", "", "").replace(
+        "127.0.0.1:8080",
+        &taken.local_addr().expect("addr").to_string(),
+    );
+    let config = scratch.write("config.toml", &text);
+    let out = run(&["serve", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("issuers[0].max_keys: 0 is not from 1 to 100")
+    );
+}
+
+#[test]
+fn demo_and_example_configs_are_valid() {
+    for name in ["config/demo.toml", "config/example.toml"] {
+        let path = repo_path(name);
+        let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!("config {}: ok\n", path.display())),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(
+                "  jwks       https://oidc.example.com/openid/v1/jwks (application/json)\n"
+            )
+        );
+    }
+}
+
+#[test]
+fn config_path_comes_from_the_environment_when_no_flag_is_given() {
+    let path = repo_path("config/demo.toml");
+    let out = std::process::Command::new(crate::support::bin())
+        .arg("check-config")
+        .env("OIDC_EDGE_CONFIG", &path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let out = std::process::Command::new(crate::support::bin())
+        .arg("check-config")
+        .env_remove("OIDC_EDGE_CONFIG")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("oidc-edge: /etc/oidc-edge/config.toml: ")
+    );
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_and_version_exit_0() {
+    assert_eq!(run(&["serve", "--bogus"]).status.code(), Some(64));
+    assert_eq!(run(&[]).status.code(), Some(64));
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("check-config"));
+    let version = run(&["--version"]);
+    assert_eq!(version.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout),
+        format!("oidc-edge {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -1,0 +1,292 @@
+//! The real binary on 127.0.0.1:0: the demo, file refresh, refused key sets, rotation grace,
+//! and persistence across SIGKILL.
+
+use std::time::Duration;
+
+use oidc_edge::jwks::persist::StateFile;
+
+use crate::support::{
+    K3S, OCT, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, client, eventually, fixture_kids,
+    get, kids, repo_path,
+};
+
+const ISSUER: &str = "https://oidc.example.com";
+
+fn union(a: &str, b: &str) -> Vec<String> {
+    let mut all = fixture_kids(a);
+    all.extend(fixture_kids(b));
+    all.sort();
+    all.dedup();
+    all
+}
+
+#[tokio::test]
+async fn the_demo_config_serves_both_documents_as_relying_parties_expect() {
+    // The demo itself, with only its port and state directory moved into a scratch dir.
+    let scratch = Scratch::new();
+    let demo = std::fs::read_to_string(repo_path("config/demo.toml")).expect("demo config");
+    assert!(demo.contains("listen = \"127.0.0.1:8080\""));
+    scratch.write(
+        "demo-jwks.json",
+        &std::fs::read_to_string(repo_path("config/demo-jwks.json")).expect("jwks"),
+    );
+    let config = scratch.write(
+        "demo.toml",
+        &demo
+            .replace("127.0.0.1:8080", "127.0.0.1:0")
+            .replace("../target/demo-state", "state"),
+    );
+    let server = Server::start(&config);
+    let http = client();
+
+    for (path, expect_kids) in [
+        ("/.well-known/openid-configuration", false),
+        ("/openid/v1/jwks", true),
+    ] {
+        let response = http.get(server.url(path)).send().await.expect("GET");
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let etag = response.headers()["etag"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let body = response.text().await.expect("body");
+        if expect_kids {
+            assert_eq!(kids(&body), fixture_kids(K3S));
+        } else {
+            let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(doc["issuer"], ISSUER);
+            assert_eq!(doc["jwks_uri"], "https://oidc.example.com/openid/v1/jwks");
+            assert_eq!(
+                doc["authorization_endpoint"],
+                "urn:kubernetes:programmatic_authorization"
+            );
+            assert_eq!(
+                doc["response_types_supported"],
+                serde_json::json!(["id_token"])
+            );
+            assert_eq!(
+                doc["subject_types_supported"],
+                serde_json::json!(["public"])
+            );
+            assert_eq!(
+                doc["id_token_signing_alg_values_supported"],
+                serde_json::json!(["ES256", "RS256"])
+            );
+        }
+        let cached = http
+            .get(server.url(path))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(cached.status(), 304);
+        let post = http
+            .post(server.url(path))
+            .body("x")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(post.status(), 405);
+        assert_eq!(post.headers()["allow"], "GET, HEAD");
+    }
+    for path in ["/.well-known/openid-configuration/", "/nope"] {
+        assert_eq!(get(&server.url(path)).await.0, 404, "{path}");
+    }
+    // HTTP/1.1 and HTTP/2 (prior knowledge, as on a TLS connection with ALPN h2) agree.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let response = h2
+        .get(server.url("/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("h2 GET");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_private_key_in_the_file_is_never_served_and_the_log_says_why() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut server = Server::start(&scratch.config("50ms"));
+    let (status, good) = get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(status, 200);
+
+    scratch.replace("jwks.json", PRIVATE_RSA);
+    let line = server.wait_for_log("PRIVATE KEY MATERIAL");
+    assert!(
+        line.contains("key set refused; still serving the last good set"),
+        "{line}"
+    );
+    assert!(line.contains("carries the private member \"d\""), "{line}");
+    let (status, served) = get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(status, 200);
+    assert_eq!(served, good, "the last good set, byte for byte");
+    for member in ["\"d\"", "\"p\"", "\"q\"", "\"dp\"", "\"dq\"", "\"qi\""] {
+        assert!(!served.contains(member));
+    }
+}
+
+#[tokio::test]
+async fn weak_and_symmetric_keys_are_dropped_with_a_warning() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", RSA_1024);
+    let mut server = Server::start(&scratch.config("50ms"));
+    let line = server.wait_for_log("RSA modulus is 1024 bits");
+    assert!(
+        line.contains("WARN") && line.contains("key left out: key 0 (kid "),
+        "{line}"
+    );
+    let (status, served) = get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(status, 200);
+    let strong = kids(RSA_1024)[1].clone();
+    assert_eq!(kids(&served), std::slice::from_ref(&strong));
+
+    scratch.replace("jwks.json", OCT);
+    let line = server.wait_for_log("symmetric (\"oct\") keys are never published");
+    assert!(line.contains("WARN"), "{line}");
+    let (_, served) = get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(kids(&served), [strong]);
+    assert!(!served.contains("oct") && !served.contains("HS256"));
+}
+
+#[tokio::test]
+async fn an_empty_or_malformed_file_keeps_the_last_good_set() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut server = Server::start(&scratch.config("50ms"));
+    let (_, good) = get(&server.url("/openid/v1/jwks")).await;
+    for (contents, reason) in [
+        ("", "not valid JSON: EOF while parsing"),
+        ("{\"keys\":[]}", "no usable public key: the set is empty"),
+        ("{\"keys\": [{\"kty\": \"RSA\"", "not valid JSON"),
+        ("[1,2]", "not a JWK set: the top level is not a JSON object"),
+    ] {
+        scratch.replace("jwks.json", contents);
+        server.wait_for_log(reason);
+        let (status, served) = get(&server.url("/openid/v1/jwks")).await;
+        assert_eq!(
+            (status, served.as_str()),
+            (200, good.as_str()),
+            "{contents:?}"
+        );
+    }
+    // A missing file is a fetch failure too, not an outage of what is served.
+    std::fs::remove_file(scratch.path("jwks.json")).expect("remove");
+    server.wait_for_log("fetch failed; still serving the last good set");
+    assert_eq!(get(&server.url("/openid/v1/jwks")).await, (200, good));
+}
+
+#[tokio::test]
+async fn a_rotation_publishes_the_new_key_and_keeps_the_old_one_for_the_retention() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("50ms");
+    let text = std::fs::read_to_string(&config).expect("read");
+    let config = scratch.write(
+        "config.toml",
+        &text.replace(
+            "issuer = \"https://oidc.example.com\"",
+            "issuer = \"https://oidc.example.com\"\nkey_retention = \"2s\"",
+        ),
+    );
+    let server = Server::start(&config);
+    let url = server.url("/openid/v1/jwks");
+    scratch.replace("jwks.json", ROTATED);
+    let both = union(K3S, ROTATED);
+    eventually("the new key", || async { kids(&get(&url).await.1) == both }).await;
+    let discovery = get(&server.url("/.well-known/openid-configuration"))
+        .await
+        .1;
+    assert!(discovery.contains(r#""id_token_signing_alg_values_supported":["ES256","RS256"]"#));
+    eventually("the old key to drop after 2 s", || async {
+        kids(&get(&url).await.1) == fixture_kids(ROTATED)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_no_good_set_yet_it_answers_503_and_recovers_by_itself() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", "not json");
+    let mut server = Server::start(&scratch.config("50ms"));
+    server.wait_for_log("key set refused");
+    let response = client()
+        .get(server.url("/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    scratch.replace("jwks.json", K3S);
+    let url = server.url("/openid/v1/jwks");
+    eventually("recovery", || async { get(&url).await.0 == 200 }).await;
+    assert_eq!(kids(&get(&url).await.1), fixture_kids(K3S));
+}
+
+#[tokio::test]
+async fn sigkill_while_persisting_never_loses_the_last_good_set() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("5ms");
+    let both = union(K3S, ROTATED);
+    for round in 0..6 {
+        let server = Server::start(&config);
+        // Each flip changes the ledger (a key vanishes or returns), so each one is persisted.
+        let flips = 20 + round * 7;
+        for i in 0..flips {
+            scratch.replace("jwks.json", if i % 2 == 0 { ROTATED } else { K3S });
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        server.kill();
+
+        // The source is broken now: only the persisted state can answer.
+        scratch.replace("jwks.json", "garbage");
+        let mut restarted = Server::start(&config);
+        let (status, body) = get(&restarted.url("/openid/v1/jwks")).await;
+        assert_eq!(
+            status, 200,
+            "round {round}: served at once after the restart"
+        );
+        let served = kids(&body);
+        assert!(
+            !served.is_empty() && served.iter().all(|k| both.contains(k)),
+            "round {round}: {served:?}"
+        );
+        restarted.wait_for_log("serving the persisted key set");
+        assert_eq!(restarted.count_log("corrupt"), 0, "{:?}", restarted.log());
+        restarted.kill();
+        scratch.replace("jwks.json", K3S);
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_reported_and_ignored() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", "garbage");
+    let state = scratch.path("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let file = StateFile::new(&state, ISSUER);
+    let private_state = format!(
+        r#"{{"format":1,"issuer":"{ISSUER}","keys":[{{"vanished_at":null,"jwk":{}}}]}}"#,
+        serde_json::to_string(
+            &serde_json::from_str::<serde_json::Value>(PRIVATE_RSA).expect("json")["keys"][1]
+        )
+        .expect("json")
+    );
+    for (contents, reason) in [
+        ("{\"format\":1,", "EOF while parsing"),
+        (private_state.as_str(), "PRIVATE KEY MATERIAL"),
+    ] {
+        std::fs::write(file.path(), contents).expect("write state");
+        let mut server = Server::start(&scratch.config("50ms"));
+        let line = server.wait_for_log("is corrupt and is ignored");
+        assert!(line.contains("ERROR") && line.contains(reason), "{line}");
+        assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 503);
+        server.kill();
+    }
+}

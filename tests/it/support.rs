@@ -1,0 +1,223 @@
+//! Test harness: temporary directories with config files, and the real `oidc-edge` binary
+//! started on 127.0.0.1:0 with its stderr captured. Every process is killed by its PID when its
+//! handle drops.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const K3S: &str = include_str!("../fixtures/jwks/k3s.json");
+pub const ROTATED: &str = include_str!("../fixtures/jwks/rotated.json");
+pub const RSA_1024: &str = include_str!("../fixtures/jwks/rsa-1024.json");
+pub const PRIVATE_RSA: &str = include_str!("../fixtures/jwks/private-rsa.json");
+pub const OCT: &str = include_str!("../fixtures/jwks/oct.json");
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_oidc-edge")
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Runs `oidc-edge ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("OIDC_EDGE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run oidc-edge")
+}
+
+/// A scratch directory holding a config, its JWKS file and the state directory.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, contents).expect("write");
+        path
+    }
+
+    /// Replaces `name` atomically, as a config manager would, so that the server never reads
+    /// a half-written file.
+    pub fn replace(&self, name: &str, contents: &str) {
+        let tmp = self.path(&format!(".{name}.new"));
+        std::fs::write(&tmp, contents).expect("write");
+        std::fs::rename(&tmp, self.path(name)).expect("rename");
+    }
+
+    /// A one-issuer config on 127.0.0.1:0 reading `jwks.json` every `interval`.
+    pub fn config(&self, interval: &str) -> PathBuf {
+        self.write(
+            "config.toml",
+            &format!(
+                r#"
+[[issuers]]
+issuer = "https://oidc.example.com"
+  [[issuers.sources]]
+  kind = "file"
+  path = "jwks.json"
+  refresh_interval = "{interval}"
+[http]
+listen = "127.0.0.1:0"
+[state]
+dir = "state"
+[log]
+level = "info"
+"#
+            ),
+        )
+    }
+}
+
+/// A running `oidc-edge serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn oidc-edge");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut server = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let line = server.wait_for_log("listening listener=\"http\"");
+        let addr = line.split("addr=").nth(1).expect("addr=").trim();
+        server.addr = addr.parse().expect("socket address");
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits up to 10 s for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "oidc-edge exited with {status} before logging {needle:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {needle:?} in:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Counts log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// SIGKILL by PID, as a crash or the OOM killer would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP client with redirects off, as relying parties fetch.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+}
+
+/// GET `url` and return status and body.
+pub async fn get(url: &str) -> (u16, String) {
+    let response = client().get(url).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// Polls `check` every 20 ms for up to 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The kids of a served JWKS body, in order.
+pub fn kids(body: &str) -> Vec<String> {
+    let set: serde_json::Value = serde_json::from_str(body).expect("JWKS is JSON");
+    set["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["kid"].as_str().expect("kid").to_owned())
+        .collect()
+}
+
+/// The kids of a fixture, sorted as we publish them.
+pub fn fixture_kids(fixture: &str) -> Vec<String> {
+    let mut kids = kids(fixture);
+    kids.sort();
+    kids
+}

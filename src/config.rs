@@ -69,16 +69,102 @@ pub struct SourceConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceKind {
+    /// A JWKS file, re-read when it changes.
     File { path: PathBuf },
+    /// A kube-apiserver, configured directly, from a kubeconfig, or from the pod environment.
+    Apiserver(ApiserverSource),
+    /// Any https JWKS URL; trusted by `ca_file` when given, else by the system roots.
+    Url {
+        url: url::Url,
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl fmt::Display for SourceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceKind::File { path } => write!(f, "file {}", path.display()),
+            SourceKind::Apiserver(api) => {
+                write!(f, "{} {} ({})", api.origin, api.server, api.auth.describe())
+            }
+            SourceKind::Url { url, .. } => write!(f, "url {url}"),
         }
     }
 }
+
+/// How to reach one apiserver. Its CA is always pinned: it is private (K3-3), and trusting
+/// system roots would let any public certificate for that name serve us keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiserverSource {
+    /// What logs call it: `apiserver`, `kubeconfig <path> (context …)`, `in-cluster`.
+    pub origin: String,
+    pub server: url::Url,
+    pub ca: Pem,
+    pub auth: ApiAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAuth {
+    /// Anonymous discovery (needs `system:unauthenticated` bound to the discovery role, K-7).
+    Anonymous,
+    /// A bearer token file, re-read on every fetch: projected tokens rotate (K-8).
+    TokenFile(PathBuf),
+    /// A bearer token written in a kubeconfig.
+    Token(Secret),
+    /// A client certificate and key (k3s admin kubeconfig style).
+    ClientCert { cert: Pem, key: Pem },
+}
+
+impl ApiAuth {
+    fn describe(&self) -> String {
+        match self {
+            ApiAuth::Anonymous => "anonymous".to_owned(),
+            ApiAuth::TokenFile(path) => format!("token file {}", path.display()),
+            ApiAuth::Token(_) => "kubeconfig token".to_owned(),
+            ApiAuth::ClientCert { .. } => "client certificate".to_owned(),
+        }
+    }
+}
+
+/// PEM from a file, or inline (kubeconfig `*-data`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Pem {
+    File(PathBuf),
+    Inline(Vec<u8>),
+}
+
+impl Pem {
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Pem::File(path) => std::fs::read(path),
+            Pem::Inline(bytes) => Ok(bytes.clone()),
+        }
+    }
+}
+
+impl fmt::Debug for Pem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pem::File(path) => write!(f, "Pem::File({})", path.display()),
+            // May be a private key: never in a log line.
+            Pem::Inline(bytes) => write!(f, "Pem::Inline({} bytes)", bytes.len()),
+        }
+    }
+}
+
+/// A secret string whose Debug form is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Where Kubernetes mounts a pod's service-account credentials.
+pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -139,8 +225,34 @@ struct RawIssuer {
 struct RawSource {
     kind: String,
     path: Option<PathBuf>,
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
     refresh_interval: Option<String>,
     timeout: Option<String>,
+}
+
+impl RawSource {
+    /// The kind-specific keys that are set, for "not used by this kind" errors.
+    fn set_keys(&self) -> Vec<&'static str> {
+        [
+            ("path", self.path.is_some()),
+            ("url", self.url.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("token_file", self.token_file.is_some()),
+            ("client_cert_file", self.client_cert_file.is_some()),
+            ("client_key_file", self.client_key_file.is_some()),
+            ("kubeconfig", self.kubeconfig.is_some()),
+            ("context", self.context.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -371,37 +483,164 @@ impl Validator<'_> {
     fn source(&self, key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
         let refresh_interval = self.duration(
             &format!("{key}.refresh_interval"),
-            raw.refresh_interval,
+            raw.refresh_interval.clone(),
             DEFAULT_REFRESH_INTERVAL,
         )?;
         let timeout = self.duration(
             &format!("{key}.timeout"),
-            raw.timeout,
+            raw.timeout.clone(),
             DEFAULT_FETCH_TIMEOUT,
         )?;
-        let kind = match raw.kind.as_str() {
-            "file" => {
-                let path = raw.path.ok_or_else(|| {
-                    self.err(format!("{key}.path"), "is required for kind = \"file\"")
-                })?;
-                let path = self.resolve(&path);
-                self.readable(&format!("{key}.path"), &path)?;
-                SourceKind::File { path }
-            }
-            "apiserver" | "kubeconfig" | "in-cluster" | "url" => {
-                return Err(self.err(
-                    format!("{key}.kind"),
-                    format!(
-                        "{:?} sources are not available in this build yet; use kind = \"file\"",
-                        raw.kind
-                    ),
-                ));
-            }
+        let allowed: &[&str] = match raw.kind.as_str() {
+            "file" => &["path"],
+            "apiserver" => &[
+                "url",
+                "ca_file",
+                "token_file",
+                "client_cert_file",
+                "client_key_file",
+            ],
+            "kubeconfig" => &["kubeconfig", "context"],
+            "in-cluster" => &["ca_file", "token_file"],
+            "url" => &["url", "ca_file"],
             other => {
                 return Err(self.err(
                     format!("{key}.kind"),
                     format!("{other:?} is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\""),
                 ));
+            }
+        };
+        if let Some(extra) = raw.set_keys().into_iter().find(|k| !allowed.contains(k)) {
+            return Err(self.err(
+                format!("{key}.{extra}"),
+                format!("is not used by kind = {:?}", raw.kind),
+            ));
+        }
+        let required = |name: &str, value: Option<&PathBuf>| {
+            value.cloned().ok_or_else(|| {
+                self.err(
+                    format!("{key}.{name}"),
+                    format!("is required for kind = {:?}", raw.kind),
+                )
+            })
+        };
+        let kind = match raw.kind.as_str() {
+            "file" => {
+                let path = self.resolve(&required("path", raw.path.as_ref())?);
+                self.readable(&format!("{key}.path"), &path)?;
+                SourceKind::File { path }
+            }
+            "apiserver" => {
+                let url = raw.url.as_deref().ok_or_else(|| {
+                    self.err(format!("{key}.url"), "is required for kind = \"apiserver\"")
+                })?;
+                let server = self.https_url(&format!("{key}.url"), url)?;
+                let ca = self.resolve(&required("ca_file", raw.ca_file.as_ref())?);
+                self.pem(
+                    &format!("{key}.ca_file"),
+                    &Pem::File(ca.clone()),
+                    PemKind::Certificates,
+                )?;
+                let auth = match (&raw.token_file, &raw.client_cert_file, &raw.client_key_file) {
+                    (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                        return Err(self.err(
+                            format!("{key}.token_file"),
+                            "use either token_file or client_cert_file + client_key_file, not both",
+                        ));
+                    }
+                    (Some(token), None, None) => ApiAuth::TokenFile(self.resolve(token)),
+                    (None, Some(cert), Some(private)) => ApiAuth::ClientCert {
+                        cert: Pem::File(self.resolve(cert)),
+                        key: Pem::File(self.resolve(private)),
+                    },
+                    (None, Some(_), None) => {
+                        return Err(self.err(
+                            format!("{key}.client_key_file"),
+                            "is required with client_cert_file",
+                        ));
+                    }
+                    (None, None, Some(_)) => {
+                        return Err(self.err(
+                            format!("{key}.client_cert_file"),
+                            "is required with client_key_file",
+                        ));
+                    }
+                    (None, None, None) => ApiAuth::Anonymous,
+                };
+                let (cert_key, key_key) = match auth {
+                    ApiAuth::TokenFile(_) => ("token_file", "token_file"),
+                    _ => ("client_cert_file", "client_key_file"),
+                };
+                self.auth_files(key, &auth, cert_key, key_key)?;
+                SourceKind::Apiserver(ApiserverSource {
+                    origin: "apiserver".to_owned(),
+                    server,
+                    ca: Pem::File(ca),
+                    auth,
+                })
+            }
+            "kubeconfig" => {
+                let path = self.resolve(&required("kubeconfig", raw.kubeconfig.as_ref())?);
+                let k = format!("{key}.kubeconfig");
+                let yaml = std::fs::read_to_string(&path)
+                    .map_err(|e| self.err(&k, format!("cannot read {}: {e}", path.display())))?;
+                let api = crate::kubeconfig::parse(&yaml, &path, raw.context.as_deref())
+                    .map_err(|m| self.err(&k, format!("{}: {m}", path.display())))?;
+                self.pem(&k, &api.ca, PemKind::Certificates)?;
+                self.auth_files(key, &api.auth, "kubeconfig", "kubeconfig")?;
+                SourceKind::Apiserver(api)
+            }
+            "in-cluster" => {
+                let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+                    self.err(
+                        format!("{key}.kind"),
+                        "\"in-cluster\" needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which Kubernetes sets in a pod",
+                    )
+                })?;
+                let port =
+                    std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".to_owned());
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                let server =
+                    self.https_url(&format!("{key}.kind"), &format!("https://{host}:{port}"))?;
+                let ca = raw
+                    .ca_file
+                    .as_deref()
+                    .map_or_else(|| PathBuf::from(IN_CLUSTER_CA), |p| self.resolve(p));
+                let token = raw
+                    .token_file
+                    .as_deref()
+                    .map_or_else(|| PathBuf::from(IN_CLUSTER_TOKEN), |p| self.resolve(p));
+                self.pem(
+                    &format!("{key}.ca_file"),
+                    &Pem::File(ca.clone()),
+                    PemKind::Certificates,
+                )?;
+                self.readable(&format!("{key}.token_file"), &token)?;
+                SourceKind::Apiserver(ApiserverSource {
+                    origin: "in-cluster".to_owned(),
+                    server,
+                    ca: Pem::File(ca),
+                    auth: ApiAuth::TokenFile(token),
+                })
+            }
+            _ => {
+                let url = raw.url.as_deref().ok_or_else(|| {
+                    self.err(format!("{key}.url"), "is required for kind = \"url\"")
+                })?;
+                let url = self.https_url(&format!("{key}.url"), url)?;
+                let ca_file = raw.ca_file.as_deref().map(|p| self.resolve(p));
+                if let Some(ca) = &ca_file {
+                    self.pem(
+                        &format!("{key}.ca_file"),
+                        &Pem::File(ca.clone()),
+                        PemKind::Certificates,
+                    )?;
+                }
+                SourceKind::Url { url, ca_file }
             }
         };
         Ok(SourceConfig {
@@ -427,6 +666,80 @@ impl Validator<'_> {
                 key,
                 format!("{text:?} is not a duration like \"60s\" or \"24h\": {e}"),
             )),
+        }
+    }
+
+    fn https_url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
+        let url = url::Url::parse(text)
+            .map_err(|e| self.err(key, format!("{text:?} is not a URL: {e}")))?;
+        if url.scheme() != "https" {
+            return Err(self.err(
+                key,
+                format!("{text:?} must use https: keys are fetched over TLS only"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(self.err(
+                key,
+                format!("{text:?} must not contain a query or fragment"),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// Checks that PEM material parses: CA bundles hold certificates, keys one private key.
+    fn pem(&self, key: &str, pem: &Pem, kind: PemKind) -> Result<(), ConfigError> {
+        use rustls_pki_types::pem::{PemObject as _, SectionKind};
+        let name = match pem {
+            Pem::File(path) => path.display().to_string(),
+            Pem::Inline(_) => "the inline data".to_owned(),
+        };
+        let bytes = pem
+            .read()
+            .map_err(|e| self.err(key, format!("cannot read {name}: {e}")))?;
+        let (mut certs, mut keys) = (0, 0);
+        for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes) {
+            match section {
+                Ok((SectionKind::Certificate, _)) => certs += 1,
+                Ok((
+                    SectionKind::PrivateKey
+                    | SectionKind::RsaPrivateKey
+                    | SectionKind::EcPrivateKey,
+                    _,
+                )) => {
+                    keys += 1;
+                }
+                Ok(_) => {}
+                Err(e) => return Err(self.err(key, format!("{name} is not valid PEM: {e}"))),
+            }
+        }
+        match kind {
+            PemKind::Certificates if certs == 0 => {
+                Err(self.err(key, format!("{name} contains no PEM certificate")))
+            }
+            PemKind::PrivateKey if keys != 1 => Err(self.err(
+                key,
+                format!("{name} must contain exactly one PEM private key"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the files that client-certificate or token-file authentication needs.
+    fn auth_files(
+        &self,
+        key: &str,
+        auth: &ApiAuth,
+        cert_key: &str,
+        key_key: &str,
+    ) -> Result<(), ConfigError> {
+        match auth {
+            ApiAuth::ClientCert { cert, key: private } => {
+                self.pem(&format!("{key}.{cert_key}"), cert, PemKind::Certificates)?;
+                self.pem(&format!("{key}.{key_key}"), private, PemKind::PrivateKey)
+            }
+            ApiAuth::TokenFile(path) => self.readable(&format!("{key}.{key_key}"), path),
+            ApiAuth::Anonymous | ApiAuth::Token(_) => Ok(()),
         }
     }
 
@@ -466,6 +779,12 @@ impl Validator<'_> {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Copy)]
+enum PemKind {
+    Certificates,
+    PrivateKey,
 }
 
 // === summary for check-config ===
@@ -551,7 +870,9 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let cfg = load(MINIMAL).expect("valid");
-        let SourceKind::File { path } = &cfg.issuers[0].sources[0].kind;
+        let SourceKind::File { path } = &cfg.issuers[0].sources[0].kind else {
+            panic!("a file source");
+        };
         assert!(path.is_absolute() && path.ends_with("jwks.json"));
     }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod issuer;
 pub mod jwks;
+pub mod kubeconfig;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -19,7 +19,8 @@ use crate::config::{Config, SourceKind};
 use crate::http::{self, Site};
 use crate::jwks::persist::{StateFile, create_state_dir};
 use crate::jwks::refresh::{IssuerPipeline, run_source};
-use crate::jwks::source::FileSource;
+use crate::jwks::remote::RemoteSource;
+use crate::jwks::source::{AnySource, FileSource};
 use crate::jwks::store::DocumentStore;
 
 /// How long open connections and tasks get to finish after SIGTERM.
@@ -30,6 +31,8 @@ pub struct Server {
     config: Config,
     store: Arc<DocumentStore>,
     pipelines: Vec<Arc<IssuerPipeline>>,
+    /// Per issuer, its sources ready to fetch.
+    sources: Vec<Vec<AnySource>>,
     http: Option<TcpListener>,
 }
 
@@ -45,6 +48,16 @@ impl Server {
             pipeline.restore().await;
             pipelines.push(Arc::new(pipeline));
         }
+        let sources = config
+            .issuers
+            .iter()
+            .map(|cfg| {
+                cfg.sources
+                    .iter()
+                    .map(|s| key_source(&s.kind, s.timeout))
+                    .collect()
+            })
+            .collect::<anyhow::Result<_>>()?;
         let http = match &config.http {
             Some(http) => Some(
                 TcpListener::bind(http.listen)
@@ -57,6 +70,7 @@ impl Server {
             config,
             store,
             pipelines,
+            sources,
             http,
         })
     }
@@ -76,19 +90,22 @@ impl Server {
         let tracker = TaskTracker::new();
         let (refresh_tx, refresh_rx) = watch::channel(());
 
-        for (pipeline, cfg) in self.pipelines.iter().zip(&self.config.issuers) {
-            for (index, source) in cfg.sources.iter().enumerate() {
+        for ((pipeline, cfg), fetchers) in self
+            .pipelines
+            .iter()
+            .zip(&self.config.issuers)
+            .zip(self.sources)
+        {
+            for (index, (source, fetcher)) in cfg.sources.iter().zip(fetchers).enumerate() {
                 let span = info_span!("source", index);
-                let task = match &source.kind {
-                    SourceKind::File { path } => run_source(
-                        Arc::clone(pipeline),
-                        index,
-                        FileSource::new(path.clone()),
-                        source.refresh_interval,
-                        cancel.clone(),
-                        refresh_rx.clone(),
-                    ),
-                };
+                let task = run_source(
+                    Arc::clone(pipeline),
+                    index,
+                    fetcher,
+                    source.refresh_interval,
+                    cancel.clone(),
+                    refresh_rx.clone(),
+                );
                 tracker.spawn(task.instrument(span));
             }
         }
@@ -137,4 +154,15 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Builds the fetcher of one configured source.
+fn key_source(kind: &SourceKind, timeout: Duration) -> anyhow::Result<AnySource> {
+    Ok(match kind {
+        SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
+        SourceKind::Apiserver(api) => AnySource::Remote(RemoteSource::apiserver(api, timeout)?),
+        SourceKind::Url { url, ca_file } => {
+            AnySource::Remote(RemoteSource::url(url, ca_file.as_ref(), timeout)?)
+        }
+    })
 }

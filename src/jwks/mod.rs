@@ -10,6 +10,7 @@
 pub mod merge;
 pub mod persist;
 pub mod refresh;
+pub mod remote;
 pub mod source;
 pub mod store;
 pub mod validate;

@@ -68,6 +68,8 @@ struct PipelineState {
     sources: Vec<Option<Vec<PublicJwk>>>,
     /// Last outcome of each source, kept while an unchanged source is not re-read.
     healthy: Vec<bool>,
+    /// The `issuer` each apiserver source last claimed in its own discovery document.
+    upstream_issuers: Vec<Option<String>>,
     ledger: Ledger,
 }
 
@@ -87,6 +89,7 @@ impl IssuerPipeline {
             state: Mutex::new(PipelineState {
                 sources: vec![None; count],
                 healthy: vec![false; count],
+                upstream_issuers: vec![None; count],
                 ledger: Ledger::default(),
             }),
         }
@@ -138,18 +141,24 @@ impl IssuerPipeline {
             Ok(Fetched::Unchanged) => {
                 debug!(issuer, source = %name, "key set unchanged");
             }
-            Ok(Fetched::Body(body)) => match validate(&body) {
-                Ok(valid) => {
-                    for dropped in &valid.dropped {
-                        warn!(issuer, source = %name, "key left out: {dropped}");
+            Ok(Fetched::Body {
+                body,
+                upstream_issuer,
+            }) => {
+                self.check_upstream_issuer(&mut state, i, &name, upstream_issuer);
+                match validate(&body) {
+                    Ok(valid) => {
+                        for dropped in &valid.dropped {
+                            warn!(issuer, source = %name, "key left out: {dropped}");
+                        }
+                        candidate = Some(valid.keys);
                     }
-                    candidate = Some(valid.keys);
+                    Err(rejected) => {
+                        error!(issuer, source = %name, reason = %rejected, "key set refused; still serving the last good set");
+                        state.healthy[i] = false;
+                    }
                 }
-                Err(rejected) => {
-                    error!(issuer, source = %name, reason = %rejected, "key set refused; still serving the last good set");
-                    state.healthy[i] = false;
-                }
-            },
+            }
             Err(e) => {
                 warn!(issuer, source = %name, error = %e, "fetch failed; still serving the last good set");
                 state.healthy[i] = false;
@@ -193,6 +202,50 @@ impl IssuerPipeline {
             self.persist(&state.ledger).await;
         }
         state.healthy[i]
+    }
+
+    /// F-1, the most common misconfiguration: the cluster still signs tokens for its default
+    /// issuer (`https://kubernetes.default.svc.cluster.local` on k3s, K3-1), so relying parties
+    /// refuse them whatever we publish. Logged when it starts and when it ends.
+    fn check_upstream_issuer(
+        &self,
+        state: &mut PipelineState,
+        i: usize,
+        name: &str,
+        upstream: Option<String>,
+    ) {
+        let Some(upstream) = upstream else {
+            return;
+        };
+        let configured = self.cfg.issuer.as_str();
+        let was = state.upstream_issuers[i].replace(upstream.clone());
+        if was.as_deref() == Some(upstream.as_str()) {
+            return;
+        }
+        if upstream != configured {
+            warn!(
+                issuer = configured,
+                source = %name,
+                upstream_issuer = %upstream,
+                "issuer mismatch: the cluster signs tokens for {upstream:?}, not {configured:?}; relying parties \
+                 will refuse them; set --service-account-issuer={configured} on the apiserver (F-1)"
+            );
+        } else if was.is_some() {
+            info!(issuer = configured, source = %name, "issuer mismatch resolved: the cluster signs tokens for this issuer");
+        }
+    }
+
+    /// The issuers the upstream apiservers claim, where one differs from the configured issuer.
+    pub async fn issuer_mismatches(&self) -> Vec<String> {
+        let configured = self.cfg.issuer.as_str();
+        let state = self.state.lock().await;
+        state
+            .upstream_issuers
+            .iter()
+            .flatten()
+            .filter(|u| u.as_str() != configured)
+            .cloned()
+            .collect()
     }
 
     async fn persist(&self, ledger: &Ledger) {

@@ -13,8 +13,12 @@ pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
 /// What one fetch produced.
 #[derive(Debug)]
 pub enum Fetched {
-    /// A new body to validate.
-    Body(Bytes),
+    /// A new body to validate, and the `issuer` the upstream's own discovery document claims
+    /// (apiservers only).
+    Body {
+        body: Bytes,
+        upstream_issuer: Option<String>,
+    },
     /// The source is unchanged since the last fetch: keep its last result.
     Unchanged,
 }
@@ -25,6 +29,63 @@ pub enum FetchError {
     File { path: PathBuf, source: io::Error },
     #[error("{what} is larger than {MAX_BODY_BYTES} bytes")]
     TooLarge { what: String },
+    #[error("token file {path} is empty")]
+    EmptyToken { path: PathBuf },
+    #[error("GET {url}: {}", error_chain(source))]
+    Http { url: String, source: reqwest::Error },
+    #[error(
+        "GET {url}: answered {status} with Location {location:?}; redirects are never followed"
+    )]
+    Redirect {
+        url: String,
+        status: http::StatusCode,
+        location: String,
+    },
+    #[error("GET {url}: answered {status}{hint}")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+        hint: &'static str,
+    },
+}
+
+/// An error and its causes on one line: reqwest hides the useful part ("invalid peer
+/// certificate: UnknownIssuer") in the source chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// Every kind of source, for the refresher (static dispatch, no boxing).
+#[derive(Debug)]
+pub enum AnySource {
+    File(FileSource),
+    Remote(super::remote::RemoteSource),
+}
+
+impl KeySource for AnySource {
+    fn describe(&self) -> String {
+        match self {
+            AnySource::File(s) => s.describe(),
+            AnySource::Remote(s) => s.describe(),
+        }
+    }
+
+    async fn fetch_key_set(&mut self) -> Result<Fetched, FetchError> {
+        match self {
+            AnySource::File(s) => s.fetch_key_set().await,
+            AnySource::Remote(s) => s.fetch_key_set().await,
+        }
+    }
 }
 
 /// A source of key sets, driven by the refresher.
@@ -81,7 +142,10 @@ impl FileSource {
             });
         }
         self.seen = Some(stamp);
-        Ok(Fetched::Body(Bytes::from(body)))
+        Ok(Fetched::Body {
+            body: Bytes::from(body),
+            upstream_issuer: None,
+        })
     }
 }
 
@@ -107,7 +171,7 @@ mod tests {
         fs::write(&path, b"{\"keys\":[]}").expect("write");
         let mut source = FileSource::new(path.clone());
         assert!(
-            matches!(source.fetch_key_set().await, Ok(Fetched::Body(b)) if b.as_ref() == b"{\"keys\":[]}")
+            matches!(source.fetch_key_set().await, Ok(Fetched::Body { body: b, .. }) if b.as_ref() == b"{\"keys\":[]}")
         );
         assert!(matches!(
             source.fetch_key_set().await,
@@ -118,7 +182,7 @@ mod tests {
         fs::write(&next, b"{\"keys\":[1]}").expect("write");
         fs::rename(&next, &path).expect("rename");
         assert!(
-            matches!(source.fetch_key_set().await, Ok(Fetched::Body(b)) if b.as_ref() == b"{\"keys\":[1]}")
+            matches!(source.fetch_key_set().await, Ok(Fetched::Body { body: b, .. }) if b.as_ref() == b"{\"keys\":[1]}")
         );
     }
 

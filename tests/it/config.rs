@@ -10,7 +10,13 @@ fn valid_with(issuer_extra: &str, source_extra: &str, rest: &str) -> String {
     format!("{ISSUER}{issuer_extra}\n{SOURCE}{source_extra}\n{HTTP}{rest}")
 }
 
-/// (what, config text, expected message after "<file>: ").
+/// A config whose one source is `kind = "apiserver"` with `keys`.
+fn apiserver(keys: &str) -> String {
+    format!("{ISSUER}  [[issuers.sources]]\n  kind = \"apiserver\"\n{keys}\n{HTTP}")
+}
+
+/// (what, config text, expected message after "<file>: "; `DIR` and `JWKS_PATH` stand for the
+/// scratch directory and its JWKS file).
 fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
     vec![
         (
@@ -133,7 +139,42 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown source key",
             valid_with("", "  intervall = \"5s\"", ""),
-            "issuers[0].sources[0].intervall: unknown field `intervall`, expected one of `kind`, `path`, `refresh_interval`, `timeout` (line 7, column 3)",
+            "issuers[0].sources[0].intervall: unknown field `intervall`, expected one of `kind`, `path`, `url`, `ca_file`, `token_file`, `client_cert_file`, `client_key_file`, `kubeconfig`, `context`, `refresh_interval`, `timeout` (line 7, column 3)",
+        ),
+        (
+            "a key of another kind",
+            valid_with("", "  token_file = \"token\"", ""),
+            "issuers[0].sources[0].token_file: is not used by kind = \"file\"",
+        ),
+        (
+            "apiserver without a CA",
+            apiserver("url = \"https://10.0.0.10:6443\""),
+            "issuers[0].sources[0].ca_file: is required for kind = \"apiserver\"",
+        ),
+        (
+            "apiserver over http",
+            apiserver("url = \"http://10.0.0.10:6443\"\nca_file = \"jwks.json\""),
+            "issuers[0].sources[0].url: \"http://10.0.0.10:6443\" must use https: keys are fetched over TLS only",
+        ),
+        (
+            "CA file without a certificate",
+            apiserver("url = \"https://10.0.0.10:6443\"\nca_file = \"jwks.json\""),
+            "issuers[0].sources[0].ca_file: JWKS_PATH contains no PEM certificate",
+        ),
+        (
+            "token and client certificate together",
+            apiserver(
+                "url = \"https://10.0.0.10:6443\"\nca_file = \"ca.pem\"\ntoken_file = \"t\"\nclient_cert_file = \"c\"\nclient_key_file = \"k\"",
+            ),
+            "issuers[0].sources[0].token_file: use either token_file or client_cert_file + client_key_file, not both",
+        ),
+        (
+            "missing kubeconfig",
+            apiserver("").replace(
+                "kind = \"apiserver\"",
+                "kind = \"kubeconfig\"\nkubeconfig = \"absent.yaml\"",
+            ),
+            "issuers[0].sources[0].kubeconfig: cannot read DIR/absent.yaml: No such file or directory (os error 2)",
         ),
         (
             "bad listen address",
@@ -157,6 +198,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
 fn every_bad_config_exits_64_with_its_one_line_message() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", crate::support::K3S);
+    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
     let cases = bad_configs();
     assert!(cases.len() >= 15);
     let mut wrong = Vec::new();
@@ -164,6 +206,12 @@ fn every_bad_config_exits_64_with_its_one_line_message() {
         let path = scratch.write("config.toml", &text);
         let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let expected = expected
+            .replace(
+                "JWKS_PATH",
+                &scratch.path("jwks.json").display().to_string(),
+            )
+            .replace("DIR", &scratch.dir.path().display().to_string());
         let want = format!("oidc-edge: {}: {expected}\n", path.display());
         if out.status.code() != Some(64) || stderr != want || !out.stdout.is_empty() {
             wrong.push(format!(

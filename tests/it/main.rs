@@ -1,6 +1,8 @@
 //! The integration tests: one binary, one module per area.
 
+mod apiserver; // sources over real TLS against the fake apiserver
 mod config; // check-config and the table of bad configurations
+mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod serve; // the real binary: demo, file refresh, refused sets, persistence across SIGKILL
 mod support; // harness: scratch dirs, the binary on 127.0.0.1:0, an HTTP client

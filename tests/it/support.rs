@@ -97,10 +97,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts with extra environment variables (the pod environment of `in-cluster`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -220,4 +228,9 @@ pub fn fixture_kids(fixture: &str) -> Vec<String> {
     let mut kids = kids(fixture);
     kids.sort();
     kids
+}
+
+/// rustls needs one process-wide provider before any config is built (crates-and-acme §2).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

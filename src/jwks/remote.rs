@@ -1,0 +1,283 @@
+//! Sources fetched over HTTPS: kube-apiservers (configured directly, from a kubeconfig or from
+//! the pod environment) and plain JWKS URLs. One client builder serves them all (DESIGN §4):
+//! pinned CA, no redirects, no proxy, no decompression, connect and total timeouts, a body cap,
+//! and the token file re-read on every fetch.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{ACCEPT, LOCATION};
+use url::Url;
+
+use super::source::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
+use crate::config::{ApiAuth, ApiserverSource, Pem, Secret};
+
+/// kube-apiserver answers 406 to `Accept: application/json` alone on the JWKS route (K-6).
+pub const JWKS_ACCEPT: &str = "application/jwk-set+json, application/json";
+/// Connecting never needs more than this, whatever the total timeout.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a remote source authenticates each request.
+#[derive(Debug, Clone)]
+enum Bearer {
+    None,
+    File(PathBuf),
+    Inline(Secret),
+}
+
+/// An HTTPS source: an apiserver (JWKS + discovery, for the issuer check) or a JWKS URL.
+#[derive(Debug)]
+pub struct RemoteSource {
+    client: reqwest::Client,
+    jwks_url: Url,
+    /// The apiserver's own discovery document, read only to compare its `issuer` (F-1).
+    discovery_url: Option<Url>,
+    bearer: Bearer,
+    describe: String,
+}
+
+/// Why a remote source could not be set up (bad PEM that passed config validation, a file
+/// that went away between validation and start).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct SetupError {
+    what: String,
+    reason: String,
+}
+
+impl RemoteSource {
+    /// An apiserver: `<server>/openid/v1/jwks`, trusting only its pinned CA.
+    pub fn apiserver(api: &ApiserverSource, timeout: Duration) -> Result<Self, SetupError> {
+        let setup = |reason: String| SetupError {
+            what: format!("{} {}", api.origin, api.server),
+            reason,
+        };
+        let ca = read_pem(&api.ca).map_err(setup)?;
+        let cas =
+            reqwest::Certificate::from_pem_bundle(&ca).map_err(|e| setup(format!("CA: {e}")))?;
+        let mut builder = base_client(timeout).tls_certs_only(cas);
+        let bearer = match &api.auth {
+            ApiAuth::Anonymous => Bearer::None,
+            ApiAuth::TokenFile(path) => Bearer::File(path.clone()),
+            ApiAuth::Token(secret) => Bearer::Inline(secret.clone()),
+            ApiAuth::ClientCert { cert, key } => {
+                let mut pem = read_pem(cert).map_err(setup)?;
+                pem.push(b'\n');
+                pem.extend(read_pem(key).map_err(setup)?);
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| setup(format!("client certificate: {e}")))?;
+                builder = builder.identity(identity);
+                Bearer::None
+            }
+        };
+        let client = builder.build().map_err(|e| setup(e.to_string()))?;
+        Ok(Self {
+            client,
+            jwks_url: join(&api.server, "openid/v1/jwks"),
+            discovery_url: Some(join(&api.server, ".well-known/openid-configuration")),
+            bearer,
+            describe: format!("{} {}", api.origin, api.server),
+        })
+    }
+
+    /// A JWKS URL, trusting `ca_file` when given, else the system roots.
+    pub fn url(
+        url: &Url,
+        ca_file: Option<&PathBuf>,
+        timeout: Duration,
+    ) -> Result<Self, SetupError> {
+        let setup = |reason: String| SetupError {
+            what: url.to_string(),
+            reason,
+        };
+        let mut builder = base_client(timeout);
+        if let Some(ca) = ca_file {
+            let pem = read_pem(&Pem::File(ca.clone())).map_err(setup)?;
+            let cas = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| setup(format!("CA: {e}")))?;
+            builder = builder.tls_certs_only(cas);
+        }
+        Ok(Self {
+            client: builder.build().map_err(|e| setup(e.to_string()))?,
+            jwks_url: url.clone(),
+            discovery_url: None,
+            bearer: Bearer::None,
+            describe: url.to_string(),
+        })
+    }
+
+    fn token(&self) -> Result<Option<String>, FetchError> {
+        match &self.bearer {
+            Bearer::None => Ok(None),
+            Bearer::Inline(secret) => Ok(Some(secret.0.clone())),
+            Bearer::File(path) => {
+                // Re-read on every fetch: kubelet rotates projected tokens in place (K-8).
+                let text = std::fs::read_to_string(path).map_err(|source| FetchError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(FetchError::EmptyToken { path: path.clone() });
+                }
+                Ok(Some(token.to_owned()))
+            }
+        }
+    }
+
+    /// One GET with the body capped at [`MAX_BODY_BYTES`].
+    async fn get(&self, url: &Url, accept: &'static str) -> Result<Bytes, FetchError> {
+        let mut request = self.client.get(url.clone()).header(ACCEPT, accept);
+        if let Some(token) = self.token()? {
+            request = request.bearer_auth(token);
+        }
+        let http = |source: reqwest::Error| FetchError::Http {
+            url: url.to_string(),
+            source: source.without_url(),
+        };
+        let mut response = request.send().await.map_err(http)?;
+        let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere")
+                .to_owned();
+            return Err(FetchError::Redirect {
+                url: url.to_string(),
+                status,
+                location,
+            });
+        }
+        if status != StatusCode::OK {
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status,
+                hint: status_hint(status),
+            });
+        }
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_BODY_BYTES)
+        {
+            return Err(FetchError::TooLarge {
+                what: url.to_string(),
+            });
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(http)? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES as usize {
+                return Err(FetchError::TooLarge {
+                    what: url.to_string(),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The `issuer` of the apiserver's discovery document, when it can be read.
+    async fn upstream_issuer(&self) -> Option<Result<String, String>> {
+        let url = self.discovery_url.as_ref()?;
+        let body = match self.get(url, "application/json").await {
+            Ok(body) => body,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let doc: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(doc) => doc,
+            Err(e) => return Some(Err(format!("{url}: not JSON: {e}"))),
+        };
+        Some(
+            doc.get("issuer")
+                .and_then(|i| i.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{url}: no \"issuer\"")),
+        )
+    }
+}
+
+impl KeySource for RemoteSource {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn fetch_key_set(&mut self) -> Result<Fetched, FetchError> {
+        let body = self.get(&self.jwks_url, JWKS_ACCEPT).await?;
+        let upstream_issuer = match self.upstream_issuer().await {
+            Some(Ok(issuer)) => Some(issuer),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "apiserver discovery document not read");
+                None
+            }
+            None => None,
+        };
+        Ok(Fetched::Body {
+            body,
+            upstream_issuer,
+        })
+    }
+}
+
+/// The settings every remote source shares.
+fn base_client(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        // HTTP(S)_PROXY must not silently route key fetches elsewhere.
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
+        .user_agent(concat!("oidc-edge/", env!("CARGO_PKG_VERSION")))
+}
+
+fn read_pem(pem: &Pem) -> Result<Vec<u8>, String> {
+    pem.read().map_err(|e| match pem {
+        Pem::File(path) => format!("{}: {e}", path.display()),
+        Pem::Inline(_) => e.to_string(),
+    })
+}
+
+/// `base` + `rel`, keeping a path prefix of `base` (apiservers behind Rancher-style proxies).
+fn join(base: &Url, rel: &str) -> Url {
+    let mut url = base.clone();
+    let path = format!("{}/{rel}", base.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url
+}
+
+fn status_hint(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            "; the apiserver refused the credentials (token or client certificate)"
+        }
+        StatusCode::FORBIDDEN => {
+            "; the identity may not read the discovery endpoints: bind it to the ClusterRole system:service-account-issuer-discovery (K-7)"
+        }
+        StatusCode::NOT_FOUND => {
+            "; the apiserver serves no discovery endpoints: is --service-account-issuer an https URL? (K-9)"
+        }
+        StatusCode::NOT_ACCEPTABLE => "; the server refused the Accept header",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_keeps_a_path_prefix() {
+        let base = Url::parse("https://10.0.0.10:6443").expect("url");
+        assert_eq!(
+            join(&base, "openid/v1/jwks").as_str(),
+            "https://10.0.0.10:6443/openid/v1/jwks"
+        );
+        let proxied = Url::parse("https://rancher.example.com/k8s/clusters/c-1/").expect("url");
+        assert_eq!(
+            join(&proxied, ".well-known/openid-configuration").as_str(),
+            "https://rancher.example.com/k8s/clusters/c-1/.well-known/openid-configuration"
+        );
+    }
+}

@@ -1,0 +1,504 @@
+//! The apiserver, kubeconfig, in-cluster and url sources against the fake apiserver over real
+//! TLS: keys follow the cluster, outages and bad answers never change what is served.
+//!
+//! The fake runs on the test's runtime while the harness blocks on log lines, so these tests
+//! use a multi-threaded runtime: the fake keeps answering on the other worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode, Pki};
+use crate::support::{
+    K3S, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, client, eventually, fixture_kids, get,
+    kids, run,
+};
+
+const ISSUER: &str = "https://oidc.example.com";
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.token-a.sig";
+
+/// A scratch dir with the fake's CA in `ca.pem` and the token in `token`, and a config that
+/// reads the fake every 100 ms.
+fn setup(fake: &FakeApiserver, issuer_extra: &str) -> (Scratch, std::path::PathBuf) {
+    let scratch = Scratch::new();
+    scratch.write("ca.pem", &fake.pki.ca_pem);
+    scratch.write("token", &format!("{TOKEN}\n"));
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            r#"
+[[issuers]]
+issuer = "{ISSUER}"
+{issuer_extra}
+  [[issuers.sources]]
+  kind = "apiserver"
+  url = "{}"
+  ca_file = "ca.pem"
+  token_file = "token"
+  refresh_interval = "100ms"
+  timeout = "500ms"
+[http]
+listen = "127.0.0.1:0"
+[state]
+dir = "state"
+"#,
+            fake.url()
+        ),
+    );
+    (scratch, config)
+}
+
+async fn served_kids(server: &Server) -> Vec<String> {
+    let (status, body) = get(&server.url("/openid/v1/jwks")).await;
+    if status == 200 {
+        kids(&body)
+    } else {
+        Vec::new()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_speaks_like_the_apiserver() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let cas = reqwest::Certificate::from_pem_bundle(fake.pki.ca_pem.as_bytes()).expect("ca");
+    let http = reqwest::Client::builder()
+        .tls_certs_only(cas)
+        .no_proxy()
+        .build()
+        .expect("client");
+    let jwks = format!("{}/openid/v1/jwks", fake.url());
+    let anonymous = http.get(&jwks).send().await.expect("GET");
+    assert_eq!(anonymous.status(), 401);
+    let json_only = http
+        .get(&jwks)
+        .bearer_auth(TOKEN)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(json_only.status(), 406);
+    let ok = http
+        .get(&jwks)
+        .bearer_auth(TOKEN)
+        .header("accept", "application/jwk-set+json, application/json")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["content-type"], "application/jwk-set+json");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_appear_at_start_and_follow_a_rotation_with_grace() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (_scratch, config) = setup(&fake, "key_retention = \"1s\"");
+    let server = Server::start(&config);
+    eventually("the cluster's keys", || async {
+        served_kids(&server).await == fixture_kids(K3S)
+    })
+    .await;
+    {
+        let s = fake.state.lock().expect("state");
+        assert_eq!(
+            s.jwks_auth[0].as_deref(),
+            Some(format!("Bearer {TOKEN}").as_str())
+        );
+        assert_eq!(
+            s.jwks_accept[0].as_deref(),
+            Some("application/jwk-set+json, application/json")
+        );
+    }
+
+    fake.set(|s| s.jwks = ROTATED.to_owned());
+    let mut both = fixture_kids(K3S);
+    both.extend(fixture_kids(ROTATED));
+    both.sort();
+    both.dedup();
+    eventually("new and old keys", || async {
+        served_kids(&server).await == both
+    })
+    .await;
+    eventually("the old key to drop after 1 s", || async {
+        served_kids(&server).await == fixture_kids(ROTATED)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_never_change_what_is_served_and_no_request_fails() {
+    let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (_scratch, config) = setup(&fake, "");
+    let mut server = Server::start(&config);
+    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (_, good) = get(&server.url("/openid/v1/jwks")).await;
+
+    // A client polls all along; every answer must be the good set, byte for byte.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (requests, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let poller = tokio::spawn({
+        let (stop, requests, bad) = (Arc::clone(&stop), Arc::clone(&requests), Arc::clone(&bad));
+        let (url, good, http) = (server.url("/openid/v1/jwks"), good.clone(), client());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let ok = match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|b| b == good),
+                    _ => false,
+                };
+                requests.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+
+    for (mode, log) in [
+        (Mode::Status(500), "answered 500 Internal Server Error"),
+        (Mode::Hang, "operation timed out"),
+        (Mode::Status(401), "the apiserver refused the credentials"),
+    ] {
+        fake.set(|s| s.mode = mode.clone());
+        server.wait_for_log(log);
+        fake.set(|s| s.mode = Mode::Normal);
+    }
+    fake.stop();
+    server.wait_for_log("Connection refused");
+    fake.restart().await;
+    let failures_before = server.count_log("fetch failed; still serving the last good set");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.count_log("fetch failed; still serving the last good set"),
+        failures_before,
+        "the restarted upstream is fetched without error"
+    );
+    stop.store(true, Ordering::Relaxed);
+    poller.await.expect("poller");
+    let (requests, bad) = (
+        requests.load(Ordering::Relaxed),
+        bad.load(Ordering::Relaxed),
+    );
+    assert!(requests > 50, "{requests} requests");
+    assert_eq!(bad, 0, "{bad} of {requests} requests failed or differed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upstream_answers_are_never_published() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (_scratch, config) = setup(&fake, "");
+    let mut server = Server::start(&config);
+    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (_, good) = get(&server.url("/openid/v1/jwks")).await;
+
+    let weak_only = {
+        let set: serde_json::Value = serde_json::from_str(RSA_1024).expect("json");
+        serde_json::json!({ "keys": [set["keys"][0].clone()] }).to_string()
+    };
+    let cases = [
+        (Mode::Body(PRIVATE_RSA.to_owned()), "PRIVATE KEY MATERIAL"),
+        (Mode::Body(weak_only), "RSA modulus is 1024 bits"),
+        (
+            Mode::Body("<html>gateway</html>".to_owned()),
+            "not valid JSON",
+        ),
+        (
+            Mode::Body("x".repeat(2 << 20)),
+            "is larger than 1048576 bytes",
+        ),
+        (
+            Mode::Redirect("https://evil.example/jwks".to_owned()),
+            "answered 302 Found with Location \"https://evil.example/jwks\"; redirects are never followed",
+        ),
+        (Mode::Drip, "operation timed out"),
+    ];
+    for (mode, reason) in cases {
+        fake.set(|s| s.mode = mode);
+        let line = server.wait_for_log(reason);
+        assert!(
+            line.contains("still serving the last good set") || line.contains("key left out"),
+            "{line}"
+        );
+        let (status, body) = get(&server.url("/openid/v1/jwks")).await;
+        assert_eq!((status, body.as_str()), (200, good.as_str()), "{reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_file_is_read_again_for_every_fetch() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (scratch, config) = setup(&fake, "");
+    let server = Server::start(&config);
+    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let rotated = "eyJhbGciOiJSUzI1NiJ9.token-b.sig";
+    fake.set(|s| s.tokens = vec![rotated.to_owned()]);
+    scratch.replace("token", rotated);
+    let expected = format!("Bearer {rotated}");
+    eventually("a fetch with the new token", || async {
+        fake.state
+            .lock()
+            .expect("state")
+            .jwks_auth
+            .last()
+            .cloned()
+            .flatten()
+            .as_deref()
+            == Some(expected.as_str())
+    })
+    .await;
+    assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_is_a_clear_error_naming_the_url() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (scratch, config) = setup(&fake, "");
+    scratch.write("ca.pem", &Pki::new("some-other-ca").ca_pem);
+    let mut server = Server::start(&config);
+    let line = server.wait_for_log("fetch failed");
+    assert!(
+        line.contains(&format!("GET {}/openid/v1/jwks: ", fake.url())),
+        "{line}"
+    );
+    assert!(
+        line.contains("invalid peer certificate: UnknownIssuer"),
+        "{line}"
+    );
+    assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 503);
+    assert_eq!(
+        fake.jwks_requests(),
+        0,
+        "nothing was sent to an unverified server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_at_start_with_no_state_is_503_and_recovers_by_itself() {
+    let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    fake.stop();
+    let (_scratch, config) = setup(&fake, "");
+    let mut server = Server::start(&config);
+    server.wait_for_log("Connection refused");
+    let response = client()
+        .get(server.url("/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    fake.restart().await;
+    eventually("recovery", || async {
+        served_kids(&server).await == fixture_kids(K3S)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_at_start_with_persisted_state_serves_at_once() {
+    let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (_scratch, config) = setup(&fake, "");
+    let server = Server::start(&config);
+    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (_, good) = get(&server.url("/openid/v1/jwks")).await;
+    server.kill();
+    fake.stop();
+    let restarted = Server::start(&config);
+    assert_eq!(get(&restarted.url("/openid/v1/jwks")).await, (200, good));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_mismatch_upstream_is_reported_with_both_values() {
+    let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
+    let (_scratch, config) = setup(&fake, "");
+    let mut server = Server::start(&config);
+    let line = server.wait_for_log("issuer mismatch");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "the cluster signs tokens for \"{K3S_DEFAULT_ISSUER}\", not \"{ISSUER}\""
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("--service-account-issuer={ISSUER}")),
+        "{line}"
+    );
+    // Reported once, not on every refresh; and the keys are still published.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(server.count_log("issuer mismatch"), 1);
+    assert_eq!(served_kids(&server).await, fixture_kids(K3S));
+    fake.set(|s| s.issuer = ISSUER.to_owned());
+    server.wait_for_log("issuer mismatch resolved");
+}
+
+fn kubeconfig(server: &str, ca_pem: &str, user: &str) -> String {
+    format!(
+        "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {}
+    server: {server}
+  name: default
+contexts:
+- context:
+    cluster: default
+    user: default
+  name: default
+current-context: default
+kind: Config
+preferences: {{}}
+users:
+- name: default
+  user:
+{user}",
+        STANDARD.encode(ca_pem)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_k3s_kubeconfig_with_client_certificate_data_works() {
+    let fake = FakeApiserver::start(K3S, ISSUER, "no-token-accepted").await;
+    let scratch = Scratch::new();
+    let admin = fake.pki.client("system:admin");
+    let user = format!(
+        "    client-certificate-data: {}\n    client-key-data: {}\n",
+        STANDARD.encode(&admin.cert_pem),
+        STANDARD.encode(&admin.key_pem)
+    );
+    scratch.write(
+        "k3s.yaml",
+        &kubeconfig(&fake.url(), &fake.pki.ca_pem, &user),
+    );
+    let config = scratch.write(
+        "config.toml",
+        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"k3s.yaml\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+    );
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("(context \"default\")") && summary.contains("(client certificate)"),
+        "{summary}"
+    );
+    let server = Server::start(&config);
+    eventually("keys over the client certificate", || async {
+        served_kids(&server).await == fixture_kids(K3S)
+    })
+    .await;
+    assert_eq!(
+        fake.state.lock().expect("state").jwks_auth[0],
+        None,
+        "no bearer token sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_with_an_exec_plugin_is_refused_with_a_clear_message() {
+    let scratch = Scratch::new();
+    let user = "    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: aws\n      args: [eks, get-token]\n";
+    let ca = Pki::new("ca").ca_pem;
+    let kubeconfig_path = scratch.write(
+        "kubeconfig",
+        &kubeconfig("https://127.0.0.1:6443", &ca, user),
+    );
+    let config = scratch.write(
+        "config.toml",
+        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"kubeconfig\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: {}: issuers[0].sources[0].kubeconfig: {}: user \"default\" uses an exec plugin, which oidc-edge does not run; use a kubeconfig with a token, tokenFile or client certificate, or kind = \"apiserver\" with token_file\n",
+            config.display(),
+            kubeconfig_path.display()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_uses_the_pod_environment() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    scratch.write("ca.crt", &fake.pki.ca_pem);
+    scratch.write("token", TOKEN);
+    let config = scratch.write(
+        "config.toml",
+        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"in-cluster\"\n  ca_file = \"ca.crt\"\n  token_file = \"token\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+    );
+    let port = fake.addr.port().to_string();
+    let server = Server::start_with_env(
+        &config,
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", &port),
+        ],
+    );
+    eventually("in-cluster keys", || async {
+        served_kids(&server).await == fixture_kids(K3S)
+    })
+    .await;
+
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64), "no pod environment");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("\"in-cluster\" needs KUBERNETES_SERVICE_HOST")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_apiservers_and_a_url_source_are_unioned() {
+    let a = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let b = FakeApiserver::start(ROTATED, ISSUER, "token-b").await;
+    let extra = serde_json::json!({ "keys": [{
+        "kty": "OKP", "kid": "ed25519-1", "crv": "Ed25519",
+        "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+    }]});
+    let public = FakeApiserver::start(&extra.to_string(), ISSUER, "unused").await;
+    public.set(|s| s.anonymous = true);
+    let scratch = Scratch::new();
+    scratch.write("a.pem", &a.pki.ca_pem);
+    scratch.write("b.pem", &b.pki.ca_pem);
+    scratch.write("public.pem", &public.pki.ca_pem);
+    scratch.write("token-a", TOKEN);
+    scratch.write("token-b", "token-b");
+    let source = |kind: &str, url: String, ca: &str, token: &str| {
+        format!(
+            "  [[issuers.sources]]\n  kind = \"{kind}\"\n  url = \"{url}\"\n  ca_file = \"{ca}\"\n{token}  refresh_interval = \"100ms\"\n"
+        )
+    };
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n{}{}{}[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+            source("apiserver", a.url(), "a.pem", "  token_file = \"token-a\"\n"),
+            source("apiserver", b.url(), "b.pem", "  token_file = \"token-b\"\n"),
+            source("url", format!("{}/openid/v1/jwks", public.url()), "public.pem", ""),
+        ),
+    );
+    let server = Server::start(&config);
+    let mut all = fixture_kids(K3S);
+    all.extend(fixture_kids(ROTATED));
+    all.push("ed25519-1".to_owned());
+    all.sort();
+    all.dedup();
+    eventually("the union of three sources", || async {
+        served_kids(&server).await == all
+    })
+    .await;
+    let discovery = get(&server.url("/.well-known/openid-configuration"))
+        .await
+        .1;
+    assert!(
+        discovery.contains(r#""id_token_signing_alg_values_supported":["ES256","EdDSA","RS256"]"#),
+        "{discovery}"
+    );
+    assert_eq!(
+        public.state.lock().expect("state").jwks_auth[0],
+        None,
+        "the url source sends no token"
+    );
+}

@@ -1,0 +1,366 @@
+//! A fake kube-apiserver that speaks the real one's formats and failure modes, over real TLS
+//! with its own CA generated at test time (k3s style: an EC P-256 `k3s-server-ca@…` CA, a
+//! serving certificate for `kubernetes.default.svc`, `localhost` and `127.0.0.1`).
+//!
+//! - `GET /openid/v1/jwks` → `application/jwk-set+json`; `406` when `Accept` does not admit it
+//!   (the real apiserver refuses `Accept: application/json` alone);
+//! - `GET /.well-known/openid-configuration` → `application/json` with a settable `issuer`;
+//! - `401` with a `Status` object unless a known bearer token or a client certificate signed by
+//!   the CA is presented;
+//! - [`Mode`] makes it fail: a status, a hang, a slow drip, any body, a redirect; [`stop`]
+//!   closes the port (connection refused) and [`restart`] opens it again.
+//!
+//! [`stop`]: FakeApiserver::stop
+//! [`restart`]: FakeApiserver::restart
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// A CA and the certificates it signs.
+pub struct Pki {
+    pub ca_pem: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+/// A certificate chain and its private key, both PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pki {
+    pub fn new(common_name: &str) -> Self {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("CA cert");
+        Self {
+            ca_pem: cert.pem(),
+            params,
+            key,
+        }
+    }
+
+    fn leaf(&self, common_name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let mut params = CertificateParams::new(sans).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// The apiserver's serving certificate, with the SANs k3s gives it.
+    pub fn server(&self) -> Leaf {
+        self.leaf(
+            "kube-apiserver",
+            &["kubernetes.default.svc", "localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A client certificate, as in k3s's admin kubeconfig (`CN=system:admin`).
+    pub fn client(&self, common_name: &str) -> Leaf {
+        self.leaf(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+}
+
+/// How the fake answers the next requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Every request gets this status.
+    Status(u16),
+    /// Requests are read and never answered.
+    Hang,
+    /// The JWKS arrives one byte every 100 ms.
+    Drip,
+    /// The JWKS route answers 200 `application/jwk-set+json` with this body.
+    Body(String),
+    /// Every request is redirected there.
+    Redirect(String),
+}
+
+#[derive(Debug)]
+pub struct FakeState {
+    pub jwks: String,
+    pub issuer: String,
+    pub mode: Mode,
+    /// Bearer tokens that authenticate.
+    pub tokens: Vec<String>,
+    /// Whether requests without credentials are let in (`system:unauthenticated` bound, K-7).
+    pub anonymous: bool,
+    /// The `Authorization` header of every JWKS request, in order.
+    pub jwks_auth: Vec<Option<String>>,
+    /// The `Accept` header of every JWKS request, in order.
+    pub jwks_accept: Vec<Option<String>>,
+}
+
+pub struct FakeApiserver {
+    pub addr: SocketAddr,
+    pub pki: Pki,
+    pub state: Arc<Mutex<FakeState>>,
+    acceptor: TlsAcceptor,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The k3s default issuer (K3-1): what a cluster claims before `--service-account-issuer` is set.
+pub const K3S_DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+impl FakeApiserver {
+    /// Serves `jwks` on 127.0.0.1:0, accepting `token` and client certificates of its CA.
+    pub async fn start(jwks: &str, issuer: &str, token: &str) -> Self {
+        crate::support::install_crypto_provider();
+        let pki = Pki::new("k3s-server-ca@1700000000");
+        let leaf = pki.server();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).expect("CA der"))
+            .expect("root");
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+            .allow_unauthenticated()
+            .build()
+            .expect("client verifier");
+        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+        let mut tls = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .expect("server config");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let state = Arc::new(Mutex::new(FakeState {
+            jwks: jwks.to_owned(),
+            issuer: issuer.to_owned(),
+            mode: Mode::Normal,
+            tokens: vec![token.to_owned()],
+            anonymous: false,
+            jwks_auth: Vec::new(),
+            jwks_accept: Vec::new(),
+        }));
+        let mut fake = Self {
+            addr: listener.local_addr().expect("addr"),
+            pki,
+            state,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            task: None,
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn set(&self, change: impl FnOnce(&mut FakeState)) {
+        change(&mut self.state.lock().expect("fake state"));
+    }
+
+    pub fn jwks_requests(&self) -> usize {
+        self.state.lock().expect("fake state").jwks_auth.len()
+    }
+
+    /// Closes the port: new connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Opens the same port again.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let acceptor = self.acceptor.clone();
+        let state = Arc::clone(&self.state);
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let state = Arc::clone(&state);
+                // Dropping the set when this task is aborted closes every open connection too.
+                connections.spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let client_cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(answer(&state, client_cert, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for FakeApiserver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("response")
+}
+
+/// The apiserver's `Status` object for an error.
+fn status_object(code: StatusCode, reason: &str) -> Response<Body> {
+    let body = format!(
+        r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"{reason}","reason":"{reason}","code":{}}}"#,
+        code.as_u16()
+    );
+    full(code, "application/json", body)
+}
+
+async fn answer(
+    state: &Mutex<FakeState>,
+    client_cert: bool,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (auth, accept) = (header("authorization"), header("accept"));
+    let path = req.uri().path().to_owned();
+    let (mode, authenticated, jwks, issuer) = {
+        let mut s = state.lock().expect("fake state");
+        if path == "/openid/v1/jwks" {
+            s.jwks_auth.push(auth.clone());
+            s.jwks_accept.push(accept.clone());
+        }
+        let token_ok = auth
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| s.tokens.iter().any(|known| known == t));
+        let authenticated = client_cert || token_ok || (s.anonymous && auth.is_none());
+        (
+            s.mode.clone(),
+            authenticated,
+            s.jwks.clone(),
+            s.issuer.clone(),
+        )
+    };
+    match &mode {
+        Mode::Status(code) => {
+            let code = StatusCode::from_u16(*code).expect("status");
+            return status_object(code, code.canonical_reason().unwrap_or("Error"));
+        }
+        Mode::Hang => std::future::pending::<()>().await,
+        Mode::Redirect(to) => {
+            return Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", to)
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("response");
+        }
+        _ => {}
+    }
+    if !authenticated {
+        return status_object(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    match path.as_str() {
+        "/openid/v1/jwks" => {
+            let acceptable = accept
+                .as_deref()
+                .is_none_or(|a| a.contains("application/jwk-set+json") || a.contains("*/*"));
+            if !acceptable {
+                return status_object(StatusCode::NOT_ACCEPTABLE, "NotAcceptable");
+            }
+            match mode {
+                Mode::Body(body) => full(StatusCode::OK, "application/jwk-set+json", body),
+                Mode::Drip => {
+                    let bytes = Bytes::from(jwks);
+                    let stream = futures_util::stream::unfold(0, move |i| {
+                        let bytes = bytes.clone();
+                        async move {
+                            if i >= bytes.len() {
+                                return None;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Some((
+                                Ok::<_, Infallible>(Frame::data(bytes.slice(i..i + 1))),
+                                i + 1,
+                            ))
+                        }
+                    });
+                    Response::builder()
+                        .header("content-type", "application/jwk-set+json")
+                        .body(StreamBody::new(stream).boxed())
+                        .expect("response")
+                }
+                _ => full(StatusCode::OK, "application/jwk-set+json", jwks),
+            }
+        }
+        "/.well-known/openid-configuration" => {
+            let doc = format!(
+                r#"{{"issuer":"{issuer}","jwks_uri":"https://10.43.0.1:443/openid/v1/jwks","response_types_supported":["id_token"],"subject_types_supported":["public"],"id_token_signing_alg_values_supported":["ES256","RS256"]}}"#
+            );
+            full(StatusCode::OK, "application/json", doc)
+        }
+        _ => status_object(StatusCode::NOT_FOUND, "NotFound"),
+    }
+}

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area.
 
 mod apiserver; // sources over real TLS against the fake apiserver
+mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod config; // check-config and the table of bad configurations
 mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 mod http; // the public router without sockets: routing, headers, conditional requests

@@ -34,6 +34,7 @@ pub struct Config {
     pub file: PathBuf,
     pub issuers: Vec<IssuerConfig>,
     pub http: Option<HttpConfig>,
+    pub admin: AdminConfig,
     pub state_dir: PathBuf,
     pub log: LogConfig,
 }
@@ -171,6 +172,16 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
 }
 
+/// The admin listener: `/livez`, `/readyz`, `/metrics`, `/status`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// When set, an issuer whose key set no source confirmed for this long is not ready.
+    pub max_staleness: Option<Duration>,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -203,6 +214,7 @@ struct RawConfig {
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     http: Option<RawHttp>,
+    admin: Option<RawAdmin>,
     state: Option<RawState>,
     log: Option<RawLog>,
 }
@@ -259,6 +271,14 @@ impl RawSource {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    allow_remote: Option<bool>,
+    max_staleness: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +392,32 @@ impl Validator<'_> {
             ));
         }
 
+        let raw_admin = raw.admin.unwrap_or_default();
+        let admin_listen = raw_admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let listen: SocketAddr = admin_listen.parse().map_err(|e| {
+            self.err(
+                "admin.listen",
+                format!("{admin_listen:?} is not an address like 127.0.0.1:9090: {e}"),
+            )
+        })?;
+        if !listen.ip().is_loopback() && raw_admin.allow_remote != Some(true) {
+            return Err(self.err(
+                "admin.listen",
+                format!(
+                    "{listen} is not a loopback address; the admin endpoints are not for the internet \
+                     (set allow_remote = true to bind it anyway, e.g. inside a container)"
+                ),
+            ));
+        }
+        let max_staleness = raw_admin
+            .max_staleness
+            .map(|text| self.duration("admin.max_staleness", Some(text), Duration::ZERO))
+            .transpose()?;
+        let admin = AdminConfig {
+            listen,
+            max_staleness,
+        };
+
         let state_dir = raw
             .state
             .map(|s| self.resolve(&s.dir))
@@ -400,6 +446,7 @@ impl Validator<'_> {
             file: self.file.to_owned(),
             issuers,
             http,
+            admin,
             state_dir,
             log: LogConfig { format, level },
         })
@@ -823,6 +870,7 @@ impl fmt::Display for Config {
         if let Some(http) = &self.http {
             writeln!(f, "http   listen {}", http.listen)?;
         }
+        writeln!(f, "admin  listen {}", self.admin.listen)?;
         writeln!(f, "state  {}", self.state_dir.display())?;
         let format = match self.log.format {
             LogFormat::Text => "text",

@@ -14,12 +14,14 @@
 //! The two published documents live in one immutable snapshot per issuer behind an `ArcSwap`
 //! ([`jwks::store`]): requests never lock or render.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod issuer;
 pub mod jwks;
 pub mod kubeconfig;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -15,13 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, info, info_span, warn};
 
+use crate::admin::{self, Admin};
 use crate::config::{Config, SourceKind};
 use crate::http::{self, Site};
 use crate::jwks::persist::{StateFile, create_state_dir};
 use crate::jwks::refresh::{IssuerPipeline, run_source};
 use crate::jwks::remote::RemoteSource;
-use crate::jwks::source::{AnySource, FileSource};
+use crate::jwks::source::{AnySource, FileSource, KeySource as _};
 use crate::jwks::store::DocumentStore;
+use crate::metrics::Metrics;
 
 /// How long open connections and tasks get to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -30,25 +33,19 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Server {
     config: Config,
     store: Arc<DocumentStore>,
+    metrics: Arc<Metrics>,
     pipelines: Vec<Arc<IssuerPipeline>>,
     /// Per issuer, its sources ready to fetch.
     sources: Vec<Vec<AnySource>>,
     http: Option<TcpListener>,
+    admin: TcpListener,
 }
 
 impl Server {
     /// Restores persisted key sets (served from the first request on) and binds the listeners.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         create_state_dir(&config.state_dir)?;
-        let store = Arc::new(DocumentStore::new(config.issuers.len()));
-        let mut pipelines = Vec::with_capacity(config.issuers.len());
-        for (index, cfg) in config.issuers.iter().enumerate() {
-            let state_file = StateFile::new(&config.state_dir, cfg.issuer.as_str());
-            let pipeline = IssuerPipeline::new(index, cfg.clone(), Arc::clone(&store), state_file);
-            pipeline.restore().await;
-            pipelines.push(Arc::new(pipeline));
-        }
-        let sources = config
+        let sources: Vec<Vec<AnySource>> = config
             .issuers
             .iter()
             .map(|cfg| {
@@ -58,20 +55,36 @@ impl Server {
                     .collect()
             })
             .collect::<anyhow::Result<_>>()?;
+        let store = Arc::new(DocumentStore::new(config.issuers.len()));
+        let metrics = Arc::new(Metrics::new());
+        let mut pipelines = Vec::with_capacity(config.issuers.len());
+        for (index, (cfg, fetchers)) in config.issuers.iter().zip(&sources).enumerate() {
+            let state_file = StateFile::new(&config.state_dir, cfg.issuer.as_str());
+            let names = fetchers.iter().map(|f| f.describe()).collect();
+            let pipeline = IssuerPipeline::new(
+                index,
+                cfg.clone(),
+                Arc::clone(&store),
+                state_file,
+                Arc::clone(&metrics),
+                names,
+            );
+            pipeline.restore().await;
+            pipelines.push(Arc::new(pipeline));
+        }
         let http = match &config.http {
-            Some(http) => Some(
-                TcpListener::bind(http.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?,
-            ),
+            Some(http) => Some(listen(http.listen, "http.listen").await?),
             None => None,
         };
+        let admin = listen(config.admin.listen, "admin.listen").await?;
         Ok(Self {
             config,
             store,
+            metrics,
             pipelines,
             sources,
             http,
+            admin,
         })
     }
 
@@ -97,7 +110,6 @@ impl Server {
             .zip(self.sources)
         {
             for (index, (source, fetcher)) in cfg.sources.iter().zip(fetchers).enumerate() {
-                let span = info_span!("source", index);
                 let task = run_source(
                     Arc::clone(pipeline),
                     index,
@@ -106,27 +118,26 @@ impl Server {
                     cancel.clone(),
                     refresh_rx.clone(),
                 );
-                tracker.spawn(task.instrument(span));
+                tracker.spawn(task.instrument(info_span!("source", index)));
             }
         }
 
         if let Some(listener) = self.http {
-            let addr = listener.local_addr()?;
-            info!(listener = "http", %addr, "listening");
-            let router = http::router(Site::new(&self.config.issuers), Arc::clone(&self.store));
-            let stop = cancel.clone();
-            tracker.spawn(
-                async move {
-                    let served = axum::serve(listener, router)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        warn!(error = %e, "http listener stopped");
-                    }
-                }
-                .instrument(info_span!("http")),
-            );
+            let site = Site::new(&self.config.issuers, &self.metrics);
+            let router = http::router(site, Arc::clone(&self.store));
+            tracker.spawn(serve("http", listener, router, cancel.clone())?);
         }
+        let admin = Arc::new(Admin {
+            pipelines: self.pipelines.clone(),
+            metrics: Arc::clone(&self.metrics),
+            max_staleness: self.config.admin.max_staleness,
+        });
+        tracker.spawn(serve(
+            "admin",
+            self.admin,
+            admin::router(admin),
+            cancel.clone(),
+        )?);
 
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
@@ -154,6 +165,32 @@ impl Server {
         }
         Ok(())
     }
+}
+
+async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({key})"))
+}
+
+/// One listener's serve loop, stopping gracefully on `cancel`.
+fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    router: Router,
+    cancel: CancellationToken,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    let addr = listener.local_addr()?;
+    info!(listener = name, %addr, "listening");
+    Ok(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            warn!(listener = name, error = %e, "listener stopped");
+        }
+    }
+    .instrument(info_span!("listener", name)))
 }
 
 /// Builds the fetcher of one configured source.

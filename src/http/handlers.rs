@@ -14,7 +14,7 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::headers::{self, none_match};
-use super::{App, Doc};
+use super::{App, Doc, Route};
 
 /// Sent with 503 before an issuer's first good key set: a short wait, then ask again.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("5");
@@ -25,6 +25,17 @@ pub async fn serve_document(
     uri: Uri,
     req_headers: HeaderMap,
 ) -> Response {
+    let (route, response) = answer(&app, &method, &uri, &req_headers);
+    app.site.count(route, response.status());
+    response
+}
+
+fn answer(
+    app: &App,
+    method: &Method,
+    uri: &Uri,
+    req_headers: &HeaderMap,
+) -> (Option<Route>, Response) {
     let host = uri.host().or_else(|| {
         req_headers
             .get(HOST)
@@ -32,12 +43,12 @@ pub async fn serve_document(
             .map(strip_port)
     });
     let Some(route) = app.site.route(host, uri.path()) else {
-        return plain(StatusCode::NOT_FOUND, "not found\n");
+        return (None, plain(StatusCode::NOT_FOUND, "not found\n"));
     };
     if method != Method::GET && method != Method::HEAD {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         response.headers_mut().insert(ALLOW, headers::ALLOW);
-        return response;
+        return (Some(route), response);
     }
     let Some(snapshot) = app.store.get(route.issuer) else {
         // Never an empty key set: a relying party would cache "no keys" (DESIGN §3).
@@ -46,7 +57,7 @@ pub async fn serve_document(
             "no key set has been published yet\n",
         );
         response.headers_mut().insert(RETRY_AFTER, RETRY_AFTER_SECS);
-        return response;
+        return (Some(route), response);
     };
     let issuer_headers = app.site.headers(route.issuer);
     let (doc, content_type) = match route.doc {
@@ -75,7 +86,7 @@ pub async fn serve_document(
     h.insert(ETAG, doc.etag.clone());
     h.insert(X_CONTENT_TYPE_OPTIONS, headers::NOSNIFF);
     h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, headers::ANY_ORIGIN);
-    response
+    (Some(route), response)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response {

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use http::HeaderValue;
+use http::{HeaderValue, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{IssuerConfig, JwksContentType};
 use crate::jwks::store::DocumentStore;
+use crate::metrics::Metrics;
 
 /// Which document a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +35,16 @@ pub struct Route {
 pub struct Site {
     by_path: HashMap<Box<str>, PathRoutes>,
     issuers: Vec<IssuerHeaders>,
+    not_found: Counter,
 }
+
+/// The status codes a document route answers, each with its counter.
+const DOCUMENT_CODES: [StatusCode; 4] = [
+    StatusCode::OK,
+    StatusCode::NOT_MODIFIED,
+    StatusCode::METHOD_NOT_ALLOWED,
+    StatusCode::SERVICE_UNAVAILABLE,
+];
 
 #[derive(Debug, Default)]
 struct PathRoutes {
@@ -46,10 +57,12 @@ struct PathRoutes {
 pub struct IssuerHeaders {
     pub jwks_content_type: HeaderValue,
     pub cache_control: HeaderValue,
+    /// Request counters by `DOCUMENT_CODES`: `[discovery, jwks]`.
+    counters: [[Counter; 4]; 2],
 }
 
 impl Site {
-    pub fn new(issuers: &[IssuerConfig]) -> Self {
+    pub fn new(issuers: &[IssuerConfig], metrics: &Metrics) -> Self {
         let mut by_path: HashMap<Box<str>, PathRoutes> = HashMap::new();
         for (issuer, cfg) in issuers.iter().enumerate() {
             for (path, doc) in [
@@ -71,9 +84,33 @@ impl Site {
                     JwksContentType::JwkSetJson => headers::JWK_SET_JSON,
                 },
                 cache_control: headers::cache_control(cfg.cache_max_age.as_secs()),
+                counters: ["discovery", "jwks"].map(|document| {
+                    DOCUMENT_CODES.map(|code| {
+                        metrics.request_counter(cfg.issuer.as_str(), document, code.as_u16())
+                    })
+                }),
             })
             .collect();
-        Self { by_path, issuers }
+        Self {
+            by_path,
+            issuers,
+            not_found: metrics.request_counter("", "none", 404),
+        }
+    }
+
+    /// Counts one answer: an atomic increment on a counter made at start.
+    pub fn count(&self, route: Option<Route>, status: StatusCode) {
+        let Some(route) = route else {
+            self.not_found.inc();
+            return;
+        };
+        let document = match route.doc {
+            Doc::Discovery => 0,
+            Doc::Jwks => 1,
+        };
+        if let Some(code) = DOCUMENT_CODES.iter().position(|c| *c == status) {
+            self.issuers[route.issuer].counters[document][code].inc();
+        }
     }
 
     /// The document for `host` (port stripped) and `path`. When no issuer has that host (a

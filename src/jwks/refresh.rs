@@ -7,6 +7,7 @@ use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -18,6 +19,7 @@ use super::source::{Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use crate::config::IssuerConfig;
+use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
 
 /// The first retry after a failure; each further failure doubles it.
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -59,18 +61,47 @@ pub struct IssuerPipeline {
     cfg: IssuerConfig,
     store: Arc<DocumentStore>,
     state_file: StateFile,
+    metrics: Arc<Metrics>,
     state: Mutex<PipelineState>,
 }
 
 #[derive(Debug)]
 struct PipelineState {
     /// Last good set of each source; `None` until it first succeeds.
-    sources: Vec<Option<Vec<PublicJwk>>>,
-    /// Last outcome of each source, kept while an unchanged source is not re-read.
-    healthy: Vec<bool>,
-    /// The `issuer` each apiserver source last claimed in its own discovery document.
-    upstream_issuers: Vec<Option<String>>,
+    sets: Vec<Option<Vec<PublicJwk>>>,
+    sources: Vec<SourceStatus>,
     ledger: Ledger,
+    /// When a source last confirmed the published set (or the state file was written).
+    confirmed_at: Option<SystemTime>,
+}
+
+/// What `/status` shows of one source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStatus {
+    pub source: String,
+    /// The last fetch succeeded (an unchanged file counts as its last result).
+    pub healthy: bool,
+    /// Unix seconds of the last successful fetch.
+    pub last_success: Option<u64>,
+    /// Unix seconds and text of the last failure.
+    pub last_error_at: Option<u64>,
+    pub last_error: Option<String>,
+    /// The issuer the apiserver's own discovery document claims (apiserver sources).
+    pub upstream_issuer: Option<String>,
+    pub issuer_mismatch: bool,
+}
+
+/// What `/status` and `/readyz` know of one issuer.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuerStatus {
+    pub issuer: String,
+    pub discovery_url: String,
+    pub jwks_uri: String,
+    pub published: bool,
+    pub kids: Vec<String>,
+    /// Unix seconds at which the served key set was last confirmed by a source.
+    pub confirmed_at: Option<u64>,
+    pub sources: Vec<SourceStatus>,
 }
 
 impl IssuerPipeline {
@@ -79,6 +110,8 @@ impl IssuerPipeline {
         cfg: IssuerConfig,
         store: Arc<DocumentStore>,
         state_file: StateFile,
+        metrics: Arc<Metrics>,
+        names: Vec<String>,
     ) -> Self {
         let count = cfg.sources.len();
         Self {
@@ -86,11 +119,18 @@ impl IssuerPipeline {
             cfg,
             store,
             state_file,
+            metrics,
             state: Mutex::new(PipelineState {
-                sources: vec![None; count],
-                healthy: vec![false; count],
-                upstream_issuers: vec![None; count],
+                sets: vec![None; count],
+                sources: names
+                    .into_iter()
+                    .map(|source| SourceStatus {
+                        source,
+                        ..SourceStatus::default()
+                    })
+                    .collect(),
                 ledger: Ledger::default(),
+                confirmed_at: None,
             }),
         }
     }
@@ -115,6 +155,10 @@ impl IssuerPipeline {
         ledger.expire(unix_now(), self.cfg.key_retention);
         if !ledger.is_empty() {
             self.publish(&ledger);
+            // The file is written right after a source confirmed a change.
+            state.confirmed_at = std::fs::metadata(self.state_file.path())
+                .and_then(|m| m.modified())
+                .ok();
             info!(
                 issuer = self.issuer(),
                 kids = ?ledger.kids(),
@@ -128,6 +172,16 @@ impl IssuerPipeline {
     fn publish(&self, ledger: &Ledger) {
         let snapshot = Snapshot::render(self.cfg.issuer.as_str(), &self.cfg.jwks_uri, ledger);
         self.store.publish(self.index, snapshot);
+        self.metrics
+            .keys
+            .get_or_create(&self.issuer_labels())
+            .set(i64::try_from(ledger.keys.len()).unwrap_or(i64::MAX));
+    }
+
+    fn issuer_labels(&self) -> IssuerLabels {
+        IssuerLabels {
+            issuer: self.issuer().to_owned(),
+        }
     }
 
     /// One fetch of source `i`; returns whether the source is healthy.
@@ -136,16 +190,20 @@ impl IssuerPipeline {
         let mut state = self.state.lock().await;
         let issuer = self.cfg.issuer.as_str();
         let name = source.describe();
+        let now = unix_now();
         let mut candidate = None;
+        let mut failure = None;
+        let mut result = RefreshResult::ok;
         match fetched {
             Ok(Fetched::Unchanged) => {
                 debug!(issuer, source = %name, "key set unchanged");
+                result = RefreshResult::unchanged;
             }
             Ok(Fetched::Body {
                 body,
                 upstream_issuer,
             }) => {
-                self.check_upstream_issuer(&mut state, i, &name, upstream_issuer);
+                self.check_upstream_issuer(&mut state.sources[i], i, upstream_issuer);
                 match validate(&body) {
                     Ok(valid) => {
                         for dropped in &valid.dropped {
@@ -155,74 +213,98 @@ impl IssuerPipeline {
                     }
                     Err(rejected) => {
                         error!(issuer, source = %name, reason = %rejected, "key set refused; still serving the last good set");
-                        state.healthy[i] = false;
+                        failure = Some(rejected.to_string());
+                        result = RefreshResult::rejected;
                     }
                 }
             }
             Err(e) => {
                 warn!(issuer, source = %name, error = %e, "fetch failed; still serving the last good set");
-                state.healthy[i] = false;
+                failure = Some(e.to_string());
+                result = RefreshResult::fetch_error;
             }
         }
 
         // Merge even when nothing new arrived: rotation grace runs out on the clock.
-        let mut sources = state.sources.clone();
+        let mut sets = state.sets.clone();
         if let Some(keys) = &candidate {
-            sources[i] = Some(keys.clone());
+            sets[i] = Some(keys.clone());
         }
-        let sets: Vec<Option<&[PublicJwk]>> = sources.iter().map(Option::as_deref).collect();
-        let merged = merge(
-            &sets,
+        let views: Vec<Option<&[PublicJwk]>> = sets.iter().map(Option::as_deref).collect();
+        match merge(
+            &views,
             &state.ledger,
-            unix_now(),
+            now,
             self.cfg.key_retention,
             self.cfg.max_keys,
-        );
-        let next = match merged {
-            Ok(next) => next,
+        ) {
+            Ok(next) => {
+                if let Some(keys) = candidate {
+                    state.sets[i] = Some(keys);
+                }
+                if next != state.ledger {
+                    let keys_changed = !next.jwks().eq(state.ledger.jwks());
+                    if keys_changed || self.store.get(self.index).is_none() {
+                        self.publish(&next);
+                        info!(issuer, source = %name, kids = ?next.kids(), "published key set");
+                    }
+                    state.ledger = next;
+                    self.persist(&state.ledger).await;
+                }
+            }
             Err(e) => {
                 error!(issuer, source = %name, reason = %e, "merged key set refused; still serving the last good set");
                 if candidate.is_some() {
-                    state.healthy[i] = false;
+                    failure = Some(e.to_string());
+                    result = RefreshResult::merge_rejected;
                 }
-                return state.healthy[i];
             }
-        };
-        if let Some(keys) = candidate {
-            state.sources[i] = Some(keys);
-            state.healthy[i] = true;
         }
-        if next != state.ledger {
-            let keys_changed = !next.jwks().eq(state.ledger.jwks());
-            if keys_changed || self.store.get(self.index).is_none() {
-                self.publish(&next);
-                info!(issuer, source = %name, kids = ?next.kids(), "published key set");
+
+        self.metrics.count_refresh(issuer, i, result);
+        let status = &mut state.sources[i];
+        match (result, failure) {
+            (RefreshResult::unchanged, _) => {}
+            (_, Some(reason)) => {
+                status.healthy = false;
+                status.last_error_at = Some(now);
+                status.last_error = Some(reason);
             }
-            state.ledger = next;
-            self.persist(&state.ledger).await;
+            (_, None) => {
+                status.healthy = true;
+                status.last_success = Some(now);
+            }
         }
-        state.healthy[i]
+        let healthy = status.healthy;
+        if healthy && result == RefreshResult::ok {
+            state.confirmed_at = Some(SystemTime::now());
+        }
+        healthy
     }
 
     /// F-1, the most common misconfiguration: the cluster still signs tokens for its default
     /// issuer (`https://kubernetes.default.svc.cluster.local` on k3s, K3-1), so relying parties
     /// refuse them whatever we publish. Logged when it starts and when it ends.
-    fn check_upstream_issuer(
-        &self,
-        state: &mut PipelineState,
-        i: usize,
-        name: &str,
-        upstream: Option<String>,
-    ) {
+    fn check_upstream_issuer(&self, status: &mut SourceStatus, i: usize, upstream: Option<String>) {
         let Some(upstream) = upstream else {
             return;
         };
         let configured = self.cfg.issuer.as_str();
-        let was = state.upstream_issuers[i].replace(upstream.clone());
+        let mismatch = upstream != configured;
+        self.metrics
+            .issuer_mismatch
+            .get_or_create(&SourceLabels {
+                issuer: configured.to_owned(),
+                source: i.to_string(),
+            })
+            .set(i64::from(mismatch));
+        let was = status.upstream_issuer.replace(upstream.clone());
+        status.issuer_mismatch = mismatch;
         if was.as_deref() == Some(upstream.as_str()) {
             return;
         }
-        if upstream != configured {
+        let name = &status.source;
+        if mismatch {
             warn!(
                 issuer = configured,
                 source = %name,
@@ -235,17 +317,31 @@ impl IssuerPipeline {
         }
     }
 
-    /// The issuers the upstream apiservers claim, where one differs from the configured issuer.
-    pub async fn issuer_mismatches(&self) -> Vec<String> {
-        let configured = self.cfg.issuer.as_str();
+    /// The issuer's state for `/status` and `/readyz`; also refreshes the age gauge.
+    pub async fn status(&self) -> IssuerStatus {
         let state = self.state.lock().await;
-        state
-            .upstream_issuers
-            .iter()
-            .flatten()
-            .filter(|u| u.as_str() != configured)
-            .cloned()
-            .collect()
+        let confirmed_at = state
+            .confirmed_at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        if let Some(at) = confirmed_at {
+            let age = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |now| now.saturating_sub(at).as_secs_f64());
+            self.metrics
+                .jwks_age
+                .get_or_create(&self.issuer_labels())
+                .set(age);
+        }
+        let snapshot = self.store.get(self.index);
+        IssuerStatus {
+            issuer: self.issuer().to_owned(),
+            discovery_url: self.cfg.issuer.url_for(&self.cfg.discovery_path),
+            jwks_uri: self.cfg.jwks_uri.clone(),
+            published: snapshot.is_some(),
+            kids: snapshot.map(|s| s.kids.clone()).unwrap_or_default(),
+            confirmed_at: confirmed_at.map(|d| d.as_secs()),
+            sources: state.sources.clone(),
+        }
     }
 
     async fn persist(&self, ledger: &Ledger) {

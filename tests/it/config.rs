@@ -27,7 +27,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown top-level key",
             valid_with("", "", "[admn]\nlisten = \"x\"\n"),
-            "admn: unknown field `admn`, expected one of `issuers`, `http`, `state`, `log` (line 10, column 2)",
+            "admn: unknown field `admn`, expected one of `issuers`, `http`, `admin`, `state`, `log` (line 10, column 2)",
         ),
         (
             "unknown issuer key",
@@ -185,6 +185,11 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "no listener",
             format!("{ISSUER}{SOURCE}"),
             "http: no listener is configured: add [http] with listen = \"…\"",
+        ),
+        (
+            "public admin listener",
+            valid_with("", "", "[admin]\nlisten = \"0.0.0.0:9090\"\n"),
+            "admin.listen: 0.0.0.0:9090 is not a loopback address; the admin endpoints are not for the internet (set allow_remote = true to bind it anyway, e.g. inside a container)",
         ),
         (
             "bad log format",

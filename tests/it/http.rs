@@ -77,7 +77,10 @@ fn fixture() -> Fixture {
             Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(jwks)),
         );
     }
-    let app = router(Site::new(&config.issuers), Arc::clone(&store));
+    let app = router(
+        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        Arc::clone(&store),
+    );
     Fixture { config, store, app }
 }
 

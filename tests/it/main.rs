@@ -1,5 +1,6 @@
 //! The integration tests: one binary, one module per area.
 
+mod admin; // admin endpoints, metrics, status, SIGHUP and SIGTERM
 mod apiserver; // sources over real TLS against the fake apiserver
 mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod config; // check-config and the table of bad configurations

@@ -92,6 +92,7 @@ level = "info"
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -101,7 +102,16 @@ impl Server {
     }
 
     /// Starts with extra environment variables (the pod environment of `in-cluster`).
+    /// A config without `[admin]` gets one on 127.0.0.1:0, so that tests never share a port.
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
+        let text = std::fs::read_to_string(config).expect("config");
+        if !text.contains("[admin]") {
+            std::fs::write(
+                config,
+                format!("{text}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+            )
+            .expect("config");
+        }
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(config)
@@ -122,15 +132,52 @@ impl Server {
                 sink.lock().expect("log lock").push(line);
             }
         });
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut server = Self {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: unbound,
+            admin: unbound,
             log,
         };
-        let line = server.wait_for_log("listening listener=\"http\"");
-        let addr = line.split("addr=").nth(1).expect("addr=").trim();
-        server.addr = addr.parse().expect("socket address");
+        server.addr = server.listening("http");
+        server.admin = server.listening("admin");
         server
+    }
+
+    fn listening(&mut self, listener: &str) -> SocketAddr {
+        let line = self.wait_for_log(&format!("listening listener=\"{listener}\""));
+        let addr = line.split("addr=").nth(1).expect("addr=").trim();
+        addr.parse().expect("socket address")
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "HUP") to the server by its PID.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,167 @@
+//! The admin listener (loopback by default, never public): `/livez`, `/readyz`, `/metrics`,
+//! `/status`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
+use crate::metrics::Metrics;
+
+const OPENMETRICS: HeaderValue =
+    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+
+#[derive(Debug)]
+pub struct Admin {
+    pub pipelines: Vec<Arc<IssuerPipeline>>,
+    pub metrics: Arc<Metrics>,
+    pub max_staleness: Option<Duration>,
+}
+
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(admin)
+}
+
+async fn statuses(admin: &Admin) -> Vec<IssuerStatus> {
+    let mut all = Vec::with_capacity(admin.pipelines.len());
+    for pipeline in &admin.pipelines {
+        all.push(pipeline.status().await);
+    }
+    all
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The readiness rule, in one place: every issuer has a published key set, and, when
+/// `max_staleness` is set, a source confirmed it within that time. Returns why not.
+pub fn not_ready_reasons(
+    issuers: &[IssuerStatus],
+    max_staleness: Option<Duration>,
+    now: u64,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for issuer in issuers {
+        if !issuer.published {
+            reasons.push(format!("{}: no key set published yet", issuer.issuer));
+            continue;
+        }
+        let Some(max) = max_staleness else {
+            continue;
+        };
+        match issuer.confirmed_at {
+            Some(at) if now.saturating_sub(at) <= max.as_secs() => {}
+            Some(at) => reasons.push(format!(
+                "{}: key set last confirmed {} s ago, more than max_staleness ({} s)",
+                issuer.issuer,
+                now.saturating_sub(at),
+                max.as_secs()
+            )),
+            None => reasons.push(format!(
+                "{}: key set never confirmed by a source",
+                issuer.issuer
+            )),
+        }
+    }
+    reasons
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+    let reasons = not_ready_reasons(&statuses(&admin).await, admin.max_staleness, unix_now());
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    // Refreshes the gauges computed at scrape time (JWKS age).
+    statuses(&admin).await;
+    ([(CONTENT_TYPE, OPENMETRICS)], admin.metrics.render()).into_response()
+}
+
+#[derive(Serialize)]
+struct StatusDoc {
+    version: &'static str,
+    ready: bool,
+    issuers: Vec<IssuerStatus>,
+}
+
+async fn status(State(admin): State<Arc<Admin>>) -> Response {
+    let issuers = statuses(&admin).await;
+    let ready = not_ready_reasons(&issuers, admin.max_staleness, unix_now()).is_empty();
+    let doc = StatusDoc {
+        version: env!("CARGO_PKG_VERSION"),
+        ready,
+        issuers,
+    };
+    let mut body = serde_json::to_vec_pretty(&doc).expect("status serialises");
+    body.push(b'\n');
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer(published: bool, confirmed_at: Option<u64>) -> IssuerStatus {
+        IssuerStatus {
+            issuer: "https://oidc.example.com".into(),
+            discovery_url: String::new(),
+            jwks_uri: String::new(),
+            published,
+            kids: Vec::new(),
+            confirmed_at,
+            sources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ready_when_every_issuer_is_published() {
+        assert!(not_ready_reasons(&[issuer(true, None)], None, 100).is_empty());
+        assert_eq!(
+            not_ready_reasons(&[issuer(true, None), issuer(false, None)], None, 100),
+            ["https://oidc.example.com: no key set published yet"]
+        );
+    }
+
+    #[test]
+    fn max_staleness_turns_an_old_confirmation_into_not_ready() {
+        let max = Some(Duration::from_secs(60));
+        assert!(not_ready_reasons(&[issuer(true, Some(40))], max, 100).is_empty());
+        assert_eq!(
+            not_ready_reasons(&[issuer(true, Some(39))], max, 100),
+            [
+                "https://oidc.example.com: key set last confirmed 61 s ago, more than max_staleness (60 s)"
+            ]
+        );
+        assert_eq!(
+            not_ready_reasons(&[issuer(true, None)], max, 100),
+            ["https://oidc.example.com: key set never confirmed by a source"]
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! Prometheus metrics, served only on the admin listener. One registry, no global state.
+//!
+//! Request counters are created up front for every route and status we answer, so that the
+//! public handler only increments an atomic: no lock, no label lookup on the hot path.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The issuer URL, or "" for requests that matched no document.
+    pub issuer: String,
+    /// `discovery`, `jwks`, or `none`.
+    pub document: &'static str,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub issuer: String,
+    /// The source's index in `issuers[].sources`.
+    pub source: String,
+    pub result: RefreshResult,
+}
+
+/// Outcome of one refresh of one source.
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue,
+)]
+#[allow(non_camel_case_types)]
+pub enum RefreshResult {
+    /// A new body, validated and merged.
+    ok,
+    /// The source did not change (file sources).
+    unchanged,
+    /// The fetch failed: network, TLS, status, size, token file.
+    fetch_error,
+    /// The body was refused by validation (private key, not a JWK set, nothing usable).
+    rejected,
+    /// The merged set was refused (conflicting kids, over max_keys).
+    merge_rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub issuer: String,
+    pub source: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub refreshes: Family<RefreshLabels, Counter>,
+    pub keys: Family<IssuerLabels, Gauge>,
+    pub jwks_age: Family<IssuerLabels, Gauge<f64, AtomicU64>>,
+    pub issuer_mismatch: Family<SourceLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("oidc_edge");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Public requests answered, by issuer, document and status code",
+            requests.clone(),
+        );
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "refreshes",
+            "Key-set refreshes by issuer, source and result",
+            refreshes.clone(),
+        );
+        let keys = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "keys",
+            "Keys published per issuer, retained ones included",
+            keys.clone(),
+        );
+        let jwks_age = Family::<IssuerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "jwks_age_seconds",
+            "Seconds since a source last confirmed the published key set",
+            jwks_age.clone(),
+        );
+        let issuer_mismatch = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "upstream_issuer_mismatch",
+            "1 when the apiserver signs tokens for another issuer than the configured one (F-1)",
+            issuer_mismatch.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            refreshes,
+            keys,
+            jwks_age,
+            issuer_mismatch,
+        }
+    }
+
+    /// The counter for one (issuer, document, code), created now so that serving only increments.
+    pub fn request_counter(&self, issuer: &str, document: &'static str, code: u16) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
+                issuer: issuer.to_owned(),
+                document,
+                code,
+            })
+            .clone()
+    }
+
+    pub fn count_refresh(&self, issuer: &str, source: usize, result: RefreshResult) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                issuer: issuer.to_owned(),
+                source: source.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// The text exposition (OpenMetrics 1.0, which Prometheus scrapes natively).
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}

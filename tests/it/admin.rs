@@ -1,0 +1,227 @@
+//! The admin listener and the signals: readiness, metrics that move, status that explains,
+//! SIGHUP refreshes now, SIGTERM drains and exits 0.
+
+use std::time::Duration;
+
+use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
+use crate::support::{K3S, Scratch, Server, eventually, get};
+
+const ISSUER: &str = "https://oidc.example.com";
+const TOKEN: &str = "admin-test-token";
+
+/// Samples of the scrape, parsed as a Prometheus scraper would.
+async fn scrape(server: &Server) -> prometheus_parse::Scrape {
+    let response = reqwest::get(server.admin_url("/metrics"))
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("application/openmetrics-text; version=1.0.0")
+    );
+    let text = response.text().await.expect("body");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text")
+}
+
+/// The value of `name` whose labels include all of `labels`, or 0.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn apiserver_config(scratch: &Scratch, fake: &FakeApiserver, interval: &str) -> std::path::PathBuf {
+    scratch.write("ca.pem", &fake.pki.ca_pem);
+    scratch.write("token", TOKEN);
+    scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"{interval}\"\n  timeout = \"500ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+            fake.url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_before_the_first_key_set_and_200_after() {
+    let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    fake.stop();
+    let scratch = Scratch::new();
+    let mut server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    assert_eq!(
+        get(&server.admin_url("/livez")).await,
+        (200, "ok\n".to_owned())
+    );
+    server.wait_for_log("Connection refused");
+    assert_eq!(
+        get(&server.admin_url("/readyz")).await,
+        (
+            503,
+            format!("not ready: {ISSUER}: no key set published yet\n")
+        )
+    );
+    fake.restart().await;
+    let url = server.admin_url("/readyz");
+    eventually("ready", || async { get(&url).await.0 == 200 }).await;
+    assert_eq!(get(&url).await.1, "ready\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_and_refreshes() {
+    let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    let server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let jwks = server.url("/openid/v1/jwks");
+    eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
+    let before = scrape(&server).await;
+    for _ in 0..3 {
+        assert_eq!(get(&jwks).await.0, 200);
+    }
+    assert_eq!(get(&server.url("/nope")).await.0, 404);
+    let after = scrape(&server).await;
+    let jwks_200 = [("issuer", ISSUER), ("document", "jwks"), ("code", "200")];
+    assert_eq!(
+        value(&after, "oidc_edge_http_requests_total", &jwks_200)
+            - value(&before, "oidc_edge_http_requests_total", &jwks_200),
+        3.0
+    );
+    let not_found = [("document", "none"), ("code", "404")];
+    assert!(value(&after, "oidc_edge_http_requests_total", &not_found) >= 1.0);
+    assert_eq!(value(&after, "oidc_edge_keys", &[("issuer", ISSUER)]), 2.0);
+    assert_eq!(
+        value(
+            &after,
+            "oidc_edge_upstream_issuer_mismatch",
+            &[("issuer", ISSUER), ("source", "0")]
+        ),
+        1.0
+    );
+    let ok = [("issuer", ISSUER), ("source", "0"), ("result", "ok")];
+    assert!(value(&after, "oidc_edge_refreshes_total", &ok) >= 1.0);
+    assert!(value(&after, "oidc_edge_jwks_age_seconds", &[("issuer", ISSUER)]) < 5.0);
+
+    fake.set(|s| s.mode = Mode::Status(500));
+    let failed = [
+        ("issuer", ISSUER),
+        ("source", "0"),
+        ("result", "fetch_error"),
+    ];
+    let mut last = 0.0;
+    for _ in 0..200 {
+        last = value(&scrape(&server).await, "oidc_edge_refreshes_total", &failed);
+        if last >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last >= 2.0, "failed refreshes are counted: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_keys_and_a_failing_sources_error() {
+    let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    let mut server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let jwks = server.url("/openid/v1/jwks");
+    eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
+    fake.set(|s| s.mode = Mode::Status(403));
+    server.wait_for_log("answered 403 Forbidden");
+    let (code, body) = get(&server.admin_url("/status")).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(status["ready"], true);
+    let issuer = &status["issuers"][0];
+    assert_eq!(issuer["issuer"], ISSUER);
+    assert_eq!(issuer["published"], true);
+    assert_eq!(issuer["kids"].as_array().expect("kids").len(), 2);
+    let source = &issuer["sources"][0];
+    assert_eq!(source["healthy"], false);
+    assert_eq!(source["upstream_issuer"], K3S_DEFAULT_ISSUER);
+    assert_eq!(source["issuer_mismatch"], true);
+    let error = source["last_error"].as_str().expect("last_error");
+    assert!(
+        error.contains("answered 403 Forbidden")
+            && error.contains("system:service-account-issuer-discovery"),
+        "{error}"
+    );
+    assert!(!body.contains(TOKEN), "no secret in /status");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refreshes_now() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    // An hour between refreshes: only SIGHUP can cause the second one.
+    let mut server = Server::start(&apiserver_config(&scratch, &fake, "1h"));
+    let jwks = server.url("/openid/v1/jwks");
+    eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
+    let ok = [("issuer", ISSUER), ("source", "0"), ("result", "ok")];
+    assert_eq!(
+        value(&scrape(&server).await, "oidc_edge_refreshes_total", &ok),
+        1.0
+    );
+    server.signal("HUP");
+    server.wait_for_log("refreshing every source now");
+    let mut refreshed = 0.0;
+    for _ in 0..200 {
+        refreshed = value(&scrape(&server).await, "oidc_edge_refreshes_total", &ok);
+        if refreshed >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refreshed, 2.0);
+    assert_eq!(fake.jwks_requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_keep_alive_connections_exits_0_within_the_deadline() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut server = Server::start(&scratch.config("1s"));
+    // Keep-alive connections that stay open and idle.
+    let clients: Vec<reqwest::Client> = (0..5)
+        .map(|_| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client")
+        })
+        .collect();
+    for client in &clients {
+        let response = client
+            .get(server.url("/openid/v1/jwks"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    let started = std::time::Instant::now();
+    server.signal("TERM");
+    let code = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "drained within the 10 s grace: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        server
+            .log()
+            .iter()
+            .any(|l| l.contains("shutting down signal=\"SIGTERM\""))
+    );
+}

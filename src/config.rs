@@ -34,6 +34,8 @@ pub struct Config {
     pub file: PathBuf,
     pub issuers: Vec<IssuerConfig>,
     pub http: Option<HttpConfig>,
+    pub https: Option<HttpsConfig>,
+    pub limits: Limits,
     pub admin: AdminConfig,
     pub state_dir: PathBuf,
     pub log: LogConfig,
@@ -170,6 +172,45 @@ pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/c
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// 301 every request to https, except ACME HTTP-01 challenges.
+    pub redirect_to_https: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsSource,
+    /// `Strict-Transport-Security` on HTTPS answers (default on).
+    pub hsts: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    Acme(AcmeSettings),
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    pub domains: Vec<String>,
+    pub contact: Vec<String>,
+    /// The directory URL.
+    pub directory: String,
+    pub directory_ca_file: Option<PathBuf>,
+    pub challenge: Challenge,
+    /// `state.dir/acme`.
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// On the HTTPS port itself: no port 80 needed.
+    TlsAlpn01,
+    /// On the plain listener, which must then be reachable on port 80.
+    Http01,
 }
 
 /// The admin listener: `/livez`, `/readyz`, `/metrics`, `/status`.
@@ -181,6 +222,31 @@ pub struct AdminConfig {
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+/// Limits of the public listeners (DESIGN §3): what a hostile client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A TLS client must finish its handshake within this.
+    pub handshake_timeout: Duration,
+    /// A request's headers must arrive within this; also the HTTP/1.1 keep-alive idle time.
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Larger request headers get 431 (HTTP/1.1) or a stream reset (HTTP/2).
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            h2_max_concurrent_streams: 64,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -214,6 +280,8 @@ struct RawConfig {
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     http: Option<RawHttp>,
+    https: Option<RawHttps>,
+    limits: Option<RawLimits>,
     admin: Option<RawAdmin>,
     state: Option<RawState>,
     log: Option<RawLog>,
@@ -271,6 +339,44 @@ impl RawSource {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: String,
+    redirect_to_https: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttps {
+    listen: String,
+    hsts: Option<bool>,
+    acme: Option<RawAcme>,
+    files: Option<RawFiles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    domains: Option<Vec<String>>,
+    #[serde(default)]
+    contact: Vec<String>,
+    directory: Option<String>,
+    directory_ca_file: Option<PathBuf>,
+    challenge: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
+    h2_max_concurrent_streams: Option<u32>,
+    max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -373,24 +479,51 @@ impl Validator<'_> {
             .collect::<Result<Vec<_>, _>>()?;
         self.routes_are_unique(&issuers)?;
 
+        let state_dir = raw
+            .state
+            .as_ref()
+            .map(|s| self.resolve(&s.dir))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let https = raw
+            .https
+            .map(|h| self.https(h, &issuers, &state_dir))
+            .transpose()?;
         let http = raw
             .http
             .map(|h| {
-                let listen = h.listen.parse().map_err(|e| {
-                    self.err(
-                        "http.listen",
-                        format!("{:?} is not an address like 127.0.0.1:8080: {e}", h.listen),
-                    )
-                })?;
-                Ok(HttpConfig { listen })
+                let listen = self.address("http.listen", &h.listen, "127.0.0.1:8080")?;
+                let redirect_to_https = h.redirect_to_https.unwrap_or(false);
+                if redirect_to_https && https.is_none() {
+                    return Err(self.err(
+                        "http.redirect_to_https",
+                        "needs an [https] listener to redirect to",
+                    ));
+                }
+                Ok(HttpConfig {
+                    listen,
+                    redirect_to_https,
+                })
             })
             .transpose()?;
-        if http.is_none() {
+        if http.is_none() && https.is_none() {
             return Err(self.err(
                 "http",
-                "no listener is configured: add [http] with listen = \"…\"",
+                "no listener is configured: add [http] with listen = \"…\", or [https]",
             ));
         }
+        if let Some(HttpsConfig {
+            tls: TlsSource::Acme(acme),
+            ..
+        }) = &https
+            && acme.challenge == Challenge::Http01
+            && http.is_none()
+        {
+            return Err(self.err(
+                "https.acme.challenge",
+                "\"http-01\" is answered on the [http] listener, which is not configured (it must be reachable on port 80)",
+            ));
+        }
+        let limits = self.limits(raw.limits.unwrap_or_default())?;
 
         let raw_admin = raw.admin.unwrap_or_default();
         let admin_listen = raw_admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
@@ -418,11 +551,6 @@ impl Validator<'_> {
             max_staleness,
         };
 
-        let state_dir = raw
-            .state
-            .map(|s| self.resolve(&s.dir))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-
         let raw_log = raw.log.unwrap_or(RawLog {
             format: None,
             level: None,
@@ -446,6 +574,8 @@ impl Validator<'_> {
             file: self.file.to_owned(),
             issuers,
             http,
+            https,
+            limits,
             admin,
             state_dir,
             log: LogConfig { format, level },
@@ -716,6 +846,180 @@ impl Validator<'_> {
         }
     }
 
+    fn address(&self, key: &str, text: &str, example: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|e| {
+            self.err(
+                key,
+                format!("{text:?} is not an address like {example}: {e}"),
+            )
+        })
+    }
+
+    fn https(
+        &self,
+        raw: RawHttps,
+        issuers: &[IssuerConfig],
+        state_dir: &Path,
+    ) -> Result<HttpsConfig, ConfigError> {
+        let listen = self.address("https.listen", &raw.listen, "[::]:443")?;
+        let tls = match (raw.acme, raw.files) {
+            (Some(_), Some(_)) => {
+                return Err(self.err("https", "set [https.acme] or [https.files], not both"));
+            }
+            (None, None) => {
+                return Err(self.err(
+                    "https",
+                    "needs [https.acme] (Let's Encrypt) or [https.files] (certificate files)",
+                ));
+            }
+            (None, Some(files)) => {
+                let cert_file = self.resolve(&files.cert_file);
+                let key_file = self.resolve(&files.key_file);
+                crate::tls::files::load(&cert_file, &key_file)
+                    .map_err(|e| self.err("https.files", e.to_string()))?;
+                TlsSource::Files {
+                    cert_file,
+                    key_file,
+                }
+            }
+            (Some(acme), None) => TlsSource::Acme(self.acme(acme, issuers, state_dir)?),
+        };
+        Ok(HttpsConfig {
+            listen,
+            tls,
+            hsts: raw.hsts.unwrap_or(true),
+        })
+    }
+
+    fn acme(
+        &self,
+        raw: RawAcme,
+        issuers: &[IssuerConfig],
+        state_dir: &Path,
+    ) -> Result<AcmeSettings, ConfigError> {
+        let domains = match raw.domains {
+            Some(domains) => domains,
+            None => {
+                let mut hosts: Vec<String> = Vec::new();
+                for issuer in issuers {
+                    if !hosts.iter().any(|h| h == issuer.issuer.host()) {
+                        hosts.push(issuer.issuer.host().to_owned());
+                    }
+                }
+                hosts
+            }
+        };
+        if domains.is_empty() {
+            return Err(self.err("https.acme.domains", "must name at least one domain"));
+        }
+        for domain in &domains {
+            let valid = !domain.is_empty()
+                && domain.parse::<std::net::IpAddr>().is_err()
+                && !domain.starts_with('[')
+                && domain.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                });
+            if !valid {
+                return Err(self.err(
+                    "https.acme.domains",
+                    format!(
+                        "{domain:?} is not a lowercase DNS name (punycode for international names)"
+                    ),
+                ));
+            }
+        }
+        for address in &raw.contact {
+            if !address.starts_with("mailto:") {
+                return Err(self.err(
+                    "https.acme.contact",
+                    format!("{address:?} must be a mailto: URL, like \"mailto:ops@example.com\""),
+                ));
+            }
+        }
+        let directory = match raw.directory.as_deref() {
+            None | Some("letsencrypt") => {
+                rustls_acme::acme::LETS_ENCRYPT_PRODUCTION_DIRECTORY.to_owned()
+            }
+            Some("letsencrypt-staging") => {
+                rustls_acme::acme::LETS_ENCRYPT_STAGING_DIRECTORY.to_owned()
+            }
+            Some(url) => self.https_url("https.acme.directory", url)?.to_string(),
+        };
+        let directory_ca_file = raw.directory_ca_file.as_deref().map(|p| self.resolve(p));
+        if let Some(ca) = &directory_ca_file {
+            self.pem(
+                "https.acme.directory_ca_file",
+                &Pem::File(ca.clone()),
+                PemKind::Certificates,
+            )?;
+        }
+        let challenge = match raw.challenge.as_deref() {
+            None | Some("tls-alpn-01") => Challenge::TlsAlpn01,
+            Some("http-01") => Challenge::Http01,
+            Some(other) => {
+                return Err(self.err(
+                    "https.acme.challenge",
+                    format!("{other:?} is not \"tls-alpn-01\" or \"http-01\" (rustls-acme has no dns-01)"),
+                ));
+            }
+        };
+        Ok(AcmeSettings {
+            domains,
+            contact: raw.contact,
+            directory,
+            directory_ca_file,
+            challenge,
+            cache_dir: state_dir.join("acme"),
+        })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        let defaults = Limits::default();
+        let positive = |key: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(self.err(key, "must be at least 1")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let max_header_bytes = positive(
+            "limits.max_header_bytes",
+            raw.max_header_bytes,
+            defaults.max_header_bytes,
+        )?;
+        if max_header_bytes < 8192 {
+            return Err(self.err(
+                "limits.max_header_bytes",
+                "must be at least 8192 (hyper's smallest buffer)",
+            ));
+        }
+        Ok(Limits {
+            handshake_timeout: self.duration(
+                "limits.handshake_timeout",
+                raw.handshake_timeout,
+                defaults.handshake_timeout,
+            )?,
+            header_read_timeout: self.duration(
+                "limits.header_read_timeout",
+                raw.header_read_timeout,
+                defaults.header_read_timeout,
+            )?,
+            max_connections: positive(
+                "limits.max_connections",
+                raw.max_connections,
+                defaults.max_connections,
+            )?,
+            h2_max_concurrent_streams: u32::try_from(positive(
+                "limits.h2_max_concurrent_streams",
+                raw.h2_max_concurrent_streams.map(|v| v as usize),
+                defaults.h2_max_concurrent_streams as usize,
+            )?)
+            .unwrap_or(u32::MAX),
+            max_header_bytes,
+        })
+    }
+
     fn https_url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
         let url = url::Url::parse(text)
             .map_err(|e| self.err(key, format!("{text:?} is not a URL: {e}")))?;
@@ -868,7 +1172,24 @@ impl fmt::Display for Config {
             }
         }
         if let Some(http) = &self.http {
-            writeln!(f, "http   listen {}", http.listen)?;
+            let redirect = if http.redirect_to_https {
+                " (redirects to https)"
+            } else {
+                ""
+            };
+            writeln!(f, "http   listen {}{redirect}", http.listen)?;
+        }
+        if let Some(https) = &self.https {
+            let tls = match &https.tls {
+                TlsSource::Acme(acme) => format!(
+                    "acme {} for {} ({:?})",
+                    acme.directory,
+                    acme.domains.join(", "),
+                    acme.challenge
+                ),
+                TlsSource::Files { cert_file, .. } => format!("files {}", cert_file.display()),
+            };
+            writeln!(f, "https  listen {} {tls}", https.listen)?;
         }
         writeln!(f, "admin  listen {}", self.admin.listen)?;
         writeln!(f, "state  {}", self.state_dir.display())?;

@@ -65,6 +65,20 @@ pub struct Metrics {
     pub keys: Family<IssuerLabels, Gauge>,
     pub jwks_age: Family<IssuerLabels, Gauge<f64, AtomicU64>>,
     pub issuer_mismatch: Family<SourceLabels, Gauge>,
+    pub cert_not_after: Family<ListenerLabels, Gauge>,
+    pub acme_events: Family<AcmeEventLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeEventLabels {
+    /// `deployed_cached_cert`, `deployed_new_cert`, `cert_cache_store`, `account_cache_store`,
+    /// or `error`.
+    pub event: &'static str,
 }
 
 impl Default for Metrics {
@@ -106,6 +120,14 @@ impl Metrics {
             "1 when the apiserver signs tokens for another issuer than the configured one (F-1)",
             issuer_mismatch.clone(),
         );
+        let cert_not_after = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "certificate_not_after_seconds",
+            "Unix time at which the served certificate expires",
+            cert_not_after.clone(),
+        );
+        let acme_events = Family::<AcmeEventLabels, Counter>::default();
+        registry.register("acme_events", "ACME events by kind", acme_events.clone());
         Self {
             registry,
             requests,
@@ -113,6 +135,8 @@ impl Metrics {
             keys,
             jwks_age,
             issuer_mismatch,
+            cert_not_after,
+            acme_events,
         }
     }
 
@@ -134,6 +158,21 @@ impl Metrics {
                 source: source.to_string(),
                 result,
             })
+            .inc();
+    }
+
+    pub fn set_cert_not_after(&self, listener: &'static str, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.cert_not_after
+            .get_or_create(&ListenerLabels { listener })
+            .set(secs);
+    }
+
+    pub fn count_acme_event(&self, event: &'static str) {
+        self.acme_events
+            .get_or_create(&AcmeEventLabels { event })
             .inc();
     }
 

@@ -14,17 +14,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, SourceKind, TlsSource};
 use crate::http::{self, Site};
 use crate::jwks::persist::{StateFile, create_state_dir};
 use crate::jwks::refresh::{IssuerPipeline, run_source};
 use crate::jwks::remote::RemoteSource;
 use crate::jwks::source::{AnySource, FileSource, KeySource as _};
 use crate::jwks::store::DocumentStore;
+use crate::listener::{self, TlsTransport, Transport};
 use crate::metrics::Metrics;
+use crate::tls::{self, acme, acme::Acme, cache::AcmeCache, files::FileCerts};
 
 /// How long open connections and tasks get to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -38,7 +40,15 @@ pub struct Server {
     /// Per issuer, its sources ready to fetch.
     sources: Vec<Vec<AnySource>>,
     http: Option<TcpListener>,
+    https: Option<(TcpListener, Tls)>,
     admin: TcpListener,
+}
+
+/// The certificate side of the HTTPS listener.
+#[derive(Debug)]
+enum Tls {
+    Files(Arc<FileCerts>),
+    Acme(Acme),
 }
 
 impl Server {
@@ -76,6 +86,30 @@ impl Server {
             Some(http) => Some(listen(http.listen, "http.listen").await?),
             None => None,
         };
+        let https = match &config.https {
+            Some(https) => {
+                let tls = match &https.tls {
+                    TlsSource::Files {
+                        cert_file,
+                        key_file,
+                    } => {
+                        let certs = FileCerts::load(cert_file, key_file)?;
+                        observe_cert(&metrics, &certs);
+                        Tls::Files(Arc::new(certs))
+                    }
+                    TlsSource::Acme(settings) => {
+                        let cache =
+                            AcmeCache::new(settings.cache_dir.clone(), Arc::clone(&metrics))
+                                .with_context(|| {
+                                    format!("ACME cache {}", settings.cache_dir.display())
+                                })?;
+                        Tls::Acme(acme::start(settings, cache, Arc::clone(&metrics))?)
+                    }
+                };
+                Some((listen(https.listen, "https.listen").await?, tls))
+            }
+            None => None,
+        };
         let admin = listen(config.admin.listen, "admin.listen").await?;
         Ok(Self {
             config,
@@ -84,6 +118,7 @@ impl Server {
             pipelines,
             sources,
             http,
+            https,
             admin,
         })
     }
@@ -122,10 +157,94 @@ impl Server {
             }
         }
 
-        if let Some(listener) = self.http {
+        let limits = self.config.limits;
+        let mut file_certs = None;
+        let mut http01 = None;
+        if let Some((listener, tls)) = self.https {
+            let https = self
+                .config
+                .https
+                .as_ref()
+                .expect("an https listener has its config");
+            let (resolver, acme_challenge): (Arc<dyn rustls::server::ResolvesServerCert>, _) =
+                match tls {
+                    Tls::Files(certs) => {
+                        file_certs = Some(Arc::clone(&certs));
+                        (certs, None)
+                    }
+                    Tls::Acme(acme) => {
+                        if acme.challenge_config.is_none() {
+                            http01 = Some(Arc::clone(&acme.resolver));
+                        }
+                        let stop = cancel.clone();
+                        let driver = acme.driver;
+                        tracker.spawn(
+                            async move {
+                                tokio::select! {
+                                    _ = stop.cancelled() => {}
+                                    () = driver => {}
+                                }
+                            }
+                            .instrument(info_span!("acme")),
+                        );
+                        (acme.resolver, acme.challenge_config)
+                    }
+                };
+            let transport = Transport::Tls(Arc::new(TlsTransport {
+                config: tls::server_config(resolver),
+                acme_challenge,
+            }));
             let site = Site::new(&self.config.issuers, &self.metrics);
-            let router = http::router(site, Arc::clone(&self.store));
-            tracker.spawn(serve("http", listener, router, cancel.clone())?);
+            let router = http::router(site, Arc::clone(&self.store))
+                .layer(axum::middleware::map_response(hsts_layer(https.hsts)));
+            info!(listener = "https", addr = %listener.local_addr()?, "listening");
+            tracker.spawn(listener::serve(
+                "https",
+                listener,
+                router,
+                transport,
+                limits,
+                cancel.clone(),
+                SHUTDOWN_GRACE,
+            ));
+        }
+        if let Some(listener) = self.http {
+            let plain = self
+                .config
+                .http
+                .as_ref()
+                .expect("an http listener has its config");
+            let mut router = if plain.redirect_to_https {
+                http::redirect_router(
+                    &self.config.issuers,
+                    self.config.https.as_ref().map(|h| h.listen.port()),
+                )
+            } else {
+                http::router(
+                    Site::new(&self.config.issuers, &self.metrics),
+                    Arc::clone(&self.store),
+                )
+            };
+            if let Some(resolver) = http01 {
+                router = http::with_http01(router, resolver);
+            }
+            info!(listener = "http", addr = %listener.local_addr()?, "listening");
+            tracker.spawn(listener::serve(
+                "http",
+                listener,
+                router,
+                Transport::Plain,
+                limits,
+                cancel.clone(),
+                SHUTDOWN_GRACE,
+            ));
+        }
+        if let Some(certs) = file_certs.clone() {
+            tracker.spawn(watch_cert_files(
+                certs,
+                Arc::clone(&self.metrics),
+                cancel.clone(),
+            ));
         }
         let admin = Arc::new(Admin {
             pipelines: self.pipelines.clone(),
@@ -142,13 +261,17 @@ impl Server {
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let stop = cancel.clone();
+        let metrics = Arc::clone(&self.metrics);
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    Some(()) = hangup.recv() => {
+                                        Some(()) = hangup.recv() => {
                         info!(signal = "SIGHUP", "refreshing every source now");
                         refresh_tx.send_replace(());
+                        if let Some(certs) = &file_certs {
+                            reload_certs(certs, &metrics, true);
+                        }
                     }
                 }
             }
@@ -191,6 +314,57 @@ fn serve(
         }
     }
     .instrument(info_span!("listener", name)))
+}
+
+/// How often certificate files are checked for changes.
+const CERT_FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Reloads the certificate files when they change, until `cancel` fires.
+async fn watch_cert_files(certs: Arc<FileCerts>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(CERT_FILE_POLL) => reload_certs(&certs, &metrics, false),
+        }
+    }
+}
+
+fn reload_certs(certs: &FileCerts, metrics: &Metrics, force: bool) {
+    match certs.reload(force) {
+        Ok(true) => {
+            observe_cert(metrics, certs);
+            info!("certificate files reloaded");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            error!(error = %e, "certificate files not reloaded; still serving the previous certificate")
+        }
+    }
+}
+
+fn observe_cert(metrics: &Metrics, certs: &FileCerts) {
+    if let Some(not_after) = certs.current().cert.first().and_then(tls::not_after) {
+        metrics.set_cert_not_after("https", not_after);
+    }
+}
+
+/// HSTS on every HTTPS answer: once a browser has used https, it never falls back.
+fn hsts_layer(
+    enabled: bool,
+) -> impl Fn(axum::response::Response) -> std::future::Ready<axum::response::Response>
++ Clone
++ Send
++ Sync
++ 'static {
+    const HSTS: ::http::HeaderValue = ::http::HeaderValue::from_static("max-age=31536000");
+    move |mut response: axum::response::Response| {
+        if enabled {
+            response
+                .headers_mut()
+                .insert(::http::header::STRICT_TRANSPORT_SECURITY, HSTS);
+        }
+        std::future::ready(response)
+    }
 }
 
 /// Builds the fetcher of one configured source.

@@ -107,6 +107,48 @@ fn strip_port(authority: &str) -> &str {
     }
 }
 
+/// `301` to `https://<host><path>` for a configured host; 404 otherwise.
+pub fn redirect(
+    hosts: &[String],
+    https_port: Option<u16>,
+    uri: &Uri,
+    req_headers: &HeaderMap,
+) -> Response {
+    let host = req_headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(strip_port)
+        .map(str::to_ascii_lowercase);
+    let Some(host) = host.filter(|h| hosts.iter().any(|known| known == h)) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = match https_port {
+        Some(port) => format!("https://{host}:{port}{path}"),
+        None => format!("https://{host}{path}"),
+    };
+    let mut response = plain(StatusCode::MOVED_PERMANENTLY, "moved to https\n");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(http::header::LOCATION, value);
+    }
+    response
+}
+
+/// The key authorization of a pending HTTP-01 challenge (RFC 8555 §8.3).
+pub fn http01(resolver: &rustls_acme::ResolvesServerCertAcme, token: &str) -> Response {
+    match resolver.get_http_01_key_auth(token) {
+        Some(key_auth) => {
+            let mut response = Response::new(Body::from(key_auth));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::strip_port;

@@ -150,3 +150,30 @@ pub fn router(site: Site, store: Arc<DocumentStore>) -> Router {
         .fallback(handlers::serve_document)
         .with_state(Arc::new(App { site, store }))
 }
+
+/// The plain listener with `redirect_to_https`: every request for a configured issuer host is
+/// answered `301` to the same path on https; other hosts get 404, so the redirect never points
+/// anywhere the configuration does not name.
+pub fn redirect_router(issuers: &[IssuerConfig], https_port: Option<u16>) -> Router {
+    let hosts: Arc<Vec<String>> =
+        Arc::new(issuers.iter().map(|i| i.issuer.host().to_owned()).collect());
+    let port = https_port.filter(|p| *p != 443);
+    Router::new().fallback(move |uri: http::Uri, headers: http::HeaderMap| {
+        let hosts = Arc::clone(&hosts);
+        async move { handlers::redirect(&hosts, port, &uri, &headers) }
+    })
+}
+
+/// Adds the ACME HTTP-01 challenge route (`/.well-known/acme-challenge/{token}`) in front of
+/// `router`: the one path of the plain listener that is never redirected.
+pub fn with_http01(router: Router, resolver: Arc<rustls_acme::ResolvesServerCertAcme>) -> Router {
+    router.route(
+        "/.well-known/acme-challenge/{token}",
+        axum::routing::get(
+            move |axum::extract::Path(token): axum::extract::Path<String>| {
+                let resolver = Arc::clone(&resolver);
+                async move { handlers::http01(&resolver, &token) }
+            },
+        ),
+    )
+}

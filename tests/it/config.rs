@@ -27,7 +27,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown top-level key",
             valid_with("", "", "[admn]\nlisten = \"x\"\n"),
-            "admn: unknown field `admn`, expected one of `issuers`, `http`, `admin`, `state`, `log` (line 10, column 2)",
+            "admn: unknown field `admn`, expected one of `issuers`, `http`, `https`, `limits`, `admin`, `state`, `log` (line 10, column 2)",
         ),
         (
             "unknown issuer key",
@@ -184,7 +184,56 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "no listener",
             format!("{ISSUER}{SOURCE}"),
-            "http: no listener is configured: add [http] with listen = \"…\"",
+            "http: no listener is configured: add [http] with listen = \"…\", or [https]",
+        ),
+        (
+            "https without certificates",
+            valid_with("", "", "[https]\nlisten = \"127.0.0.1:8443\"\n"),
+            "https: needs [https.acme] (Let's Encrypt) or [https.files] (certificate files)",
+        ),
+        (
+            "acme contact that is not mailto",
+            valid_with(
+                "",
+                "",
+                "[https]\nlisten = \"127.0.0.1:8443\"\n[https.acme]\ncontact = [\"ops@example.com\"]\n",
+            ),
+            "https.acme.contact: \"ops@example.com\" must be a mailto: URL, like \"mailto:ops@example.com\"",
+        ),
+        (
+            "acme dns-01",
+            valid_with(
+                "",
+                "",
+                "[https]\nlisten = \"127.0.0.1:8443\"\n[https.acme]\nchallenge = \"dns-01\"\n",
+            ),
+            "https.acme.challenge: \"dns-01\" is not \"tls-alpn-01\" or \"http-01\" (rustls-acme has no dns-01)",
+        ),
+        (
+            "acme for an IP address",
+            valid_with(
+                "",
+                "",
+                "[https]\nlisten = \"127.0.0.1:8443\"\n[https.acme]\ndomains = [\"10.0.0.1\"]\n",
+            ),
+            "https.acme.domains: \"10.0.0.1\" is not a lowercase DNS name (punycode for international names)",
+        ),
+        (
+            "certificate file that is not PEM",
+            valid_with(
+                "",
+                "",
+                "[https]\nlisten = \"127.0.0.1:8443\"\n[https.files]\ncert_file = \"jwks.json\"\nkey_file = \"jwks.json\"\n",
+            ),
+            "https.files: JWKS_PATH: no PEM certificate",
+        ),
+        (
+            "redirect without https",
+            valid_with("", "", "").replace(
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"127.0.0.1:8080\"\nredirect_to_https = true",
+            ),
+            "http.redirect_to_https: needs an [https] listener to redirect to",
         ),
         (
             "public admin listener",

@@ -1,0 +1,159 @@
+//! The public accept loop, for plain HTTP and for TLS: our own, because a server facing the
+//! internet needs limits that `axum::serve` does not set (crates-and-acme §4, gotcha 7):
+//!
+//! - a TLS handshake deadline, so a client that connects and sends nothing is dropped;
+//! - a header deadline, which hyper also applies while an HTTP/1.1 keep-alive connection idles;
+//! - a cap on open connections, so a flood of stalled clients cannot exhaust the process;
+//! - a cap on concurrent HTTP/2 streams and on header size (431 beyond it).
+//!
+//! TLS-ALPN-01 validation handshakes (`acme-tls/1`) are answered with the challenge
+//! certificate and closed; every other handshake gets the serving configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Limits;
+
+/// How connections on one listener are wrapped.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Plain,
+    Tls(Arc<TlsTransport>),
+}
+
+#[derive(Debug)]
+pub struct TlsTransport {
+    /// The serving configuration: ALPN h2 and http/1.1, TLS 1.2 and 1.3.
+    pub config: Arc<ServerConfig>,
+    /// Answers TLS-ALPN-01 validation handshakes when ACME is on.
+    pub acme_challenge: Option<Arc<ServerConfig>>,
+}
+
+/// Serves `router` on `listener` until `cancel` fires, then lets open connections finish
+/// their requests for at most `grace`.
+pub async fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    router: Router,
+    transport: Transport,
+    limits: Limits,
+    cancel: CancellationToken,
+    grace: Duration,
+) {
+    let builder = Arc::new(http_builder(&limits));
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        // Waiting for a permit first means a full server stops accepting instead of
+        // accepting and dropping: the kernel backlog holds the rest.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (builder, router, transport, watcher) = (
+            Arc::clone(&builder),
+            router.clone(),
+            transport.clone(),
+            graceful.watcher(),
+        );
+        let handshake_timeout = limits.handshake_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = TowerToHyperService::new(router);
+            match transport {
+                Transport::Plain => {
+                    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Transport::Tls(tls) => {
+                    let Some(stream) = tls_handshake(tcp, &tls, handshake_timeout).await else {
+                        debug!(%peer, "TLS handshake not completed");
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    info!(listener = name, "draining open connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            listener = name,
+            ?grace,
+            "connections still open at the end of the grace period"
+        );
+    }
+}
+
+/// The handshake, bounded by `limit` from the first byte on. `None`: dropped (timeout,
+/// protocol error, or a completed ACME validation).
+async fn tls_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    tls: &TlsTransport,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<IO>> {
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+            .await
+            .ok()?;
+        if let Some(challenge) = &tls.acme_challenge
+            && rustls_acme::is_tls_alpn_challenge(&start.client_hello())
+        {
+            // The validation server only needs the handshake; no HTTP follows.
+            let _ = start.into_stream(Arc::clone(challenge)).await;
+            return None;
+        }
+        start.into_stream(Arc::clone(&tls.config)).await.ok()
+    };
+    tokio::time::timeout(limit, handshake).await.ok().flatten()
+}
+
+fn http_builder(limits: &Limits) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset floods (CVE-2023-44487) end the connection.
+        .max_pending_accept_reset_streams(Some(20))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}

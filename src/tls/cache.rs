@@ -1,0 +1,186 @@
+//! The ACME cache under `state.dir/acme`: the account key and the certificate (with its private
+//! key). Unlike rustls-acme's `DirCache`, which writes 0644 files in place (crates-and-acme
+//! gotcha 6), the directory is 0700 and every file is written 0600, atomically, so a crash
+//! mid-write never leaves a file that breaks the next start.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_lc_rs::digest;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rustls_acme::{AccountCache, CertCache};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+
+use crate::jwks::persist::{create_state_dir, write_atomic};
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+pub struct AcmeCache {
+    dir: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+impl AcmeCache {
+    /// Creates `dir` 0700 when missing.
+    pub fn new(dir: PathBuf, metrics: Arc<Metrics>) -> io::Result<Self> {
+        create_state_dir(&dir).map_err(io::Error::other)?;
+        Ok(Self { dir, metrics })
+    }
+
+    /// Names depend on the directory URL, so staging and production never mix.
+    fn file_name(prefix: &str, parts: &[String], directory_url: &str) -> String {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        for part in parts {
+            ctx.update(part.as_bytes());
+            ctx.update(&[0]);
+        }
+        ctx.update(directory_url.as_bytes());
+        let mut name = String::from(prefix);
+        let _ = write!(name, "{}", URL_SAFE_NO_PAD.encode(ctx.finish().as_ref()));
+        name
+    }
+
+    async fn read(&self, name: String) -> io::Result<Option<Vec<u8>>> {
+        let path = self.dir.join(name);
+        tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    async fn write(&self, name: String, bytes: &[u8]) -> io::Result<()> {
+        let path = self.dir.join(name);
+        let bytes = bytes.to_owned();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Records the expiry of the certificate in `pem` (leaf first) for `/metrics`.
+    fn observe(&self, pem: &[u8]) {
+        let leaf = CertificateDer::pem_slice_iter(pem)
+            .next()
+            .and_then(Result::ok);
+        if let Some(not_after) = leaf.as_ref().and_then(super::not_after) {
+            self.metrics.set_cert_not_after("https", not_after);
+        }
+    }
+}
+
+#[async_trait]
+impl CertCache for AcmeCache {
+    type EC = io::Error;
+
+    async fn load_cert(
+        &self,
+        domains: &[String],
+        directory_url: &str,
+    ) -> Result<Option<Vec<u8>>, io::Error> {
+        let cert = self
+            .read(Self::file_name("cert-", domains, directory_url))
+            .await?;
+        if let Some(pem) = &cert {
+            self.observe(pem);
+        }
+        Ok(cert)
+    }
+
+    async fn store_cert(
+        &self,
+        domains: &[String],
+        directory_url: &str,
+        cert: &[u8],
+    ) -> Result<(), io::Error> {
+        self.write(Self::file_name("cert-", domains, directory_url), cert)
+            .await?;
+        self.observe(cert);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AccountCache for AcmeCache {
+    type EA = io::Error;
+
+    async fn load_account(
+        &self,
+        contact: &[String],
+        directory_url: &str,
+    ) -> Result<Option<Vec<u8>>, io::Error> {
+        self.read(Self::file_name("account-", contact, directory_url))
+            .await
+    }
+
+    async fn store_account(
+        &self,
+        contact: &[String],
+        directory_url: &str,
+        account: &[u8],
+    ) -> Result<(), io::Error> {
+        self.write(Self::file_name("account-", contact, directory_url), account)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn files_are_0600_in_a_0700_directory_and_round_trip() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = state.path().join("acme");
+        let cache = AcmeCache::new(dir.clone(), Arc::new(Metrics::new())).expect("cache");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let domains = vec!["oidc.example.com".to_owned()];
+        let url = "https://acme.example/dir";
+        assert_eq!(cache.load_cert(&domains, url).await.expect("load"), None);
+        cache
+            .store_cert(&domains, url, b"pem")
+            .await
+            .expect("store");
+        cache
+            .store_account(&domains, url, b"key")
+            .await
+            .expect("store");
+        assert_eq!(
+            cache
+                .load_cert(&domains, url)
+                .await
+                .expect("load")
+                .as_deref(),
+            Some(&b"pem"[..])
+        );
+        assert_eq!(
+            cache
+                .load_account(&domains, url)
+                .await
+                .expect("load")
+                .as_deref(),
+            Some(&b"key"[..])
+        );
+        assert_eq!(
+            cache
+                .load_cert(&domains, "https://other/dir")
+                .await
+                .expect("load"),
+            None
+        );
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+}

@@ -158,6 +158,11 @@ impl Server {
         }
 
         let limits = self.config.limits;
+        // The bound port, not the configured one (which may be 0).
+        let https_port = match &self.https {
+            Some((listener, _)) => Some(listener.local_addr()?.port()),
+            None => None,
+        };
         let mut file_certs = None;
         let mut http01 = None;
         if let Some((listener, tls)) = self.https {
@@ -215,10 +220,7 @@ impl Server {
                 .as_ref()
                 .expect("an http listener has its config");
             let mut router = if plain.redirect_to_https {
-                http::redirect_router(
-                    &self.config.issuers,
-                    self.config.https.as_ref().map(|h| h.listen.port()),
-                )
+                http::redirect_router(&self.config.issuers, https_port)
             } else {
                 http::router(
                     Site::new(&self.config.issuers, &self.metrics),

@@ -89,6 +89,11 @@ impl Pki {
         )
     }
 
+    /// A serving certificate for other names (a public site, an ACME server).
+    pub fn server_for(&self, sans: &[&str]) -> Leaf {
+        self.leaf(sans[0], sans, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     /// A client certificate, as in k3s's admin kubeconfig (`CN=system:admin`).
     pub fn client(&self, common_name: &str) -> Leaf {
         self.leaf(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)

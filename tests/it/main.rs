@@ -1,10 +1,13 @@
 //! The integration tests: one binary, one module per area.
 
+mod acme; // ACME against Pebble: issuance, renewal, restart, cache
 mod admin; // admin endpoints, metrics, status, SIGHUP and SIGTERM
 mod apiserver; // sources over real TLS against the fake apiserver
 mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod config; // check-config and the table of bad configurations
 mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 mod http; // the public router without sockets: routing, headers, conditional requests
+mod pebble; // harness: Pebble and challtestsrv on loopback
 mod serve; // the real binary: demo, file refresh, refused sets, persistence across SIGKILL
 mod support; // harness: scratch dirs, the binary on 127.0.0.1:0, an HTTP client
+mod tls; // HTTPS with certificate files, listener limits, redirects

@@ -144,7 +144,8 @@ impl Server {
         server
     }
 
-    fn listening(&mut self, listener: &str) -> SocketAddr {
+    /// The address a listener logged (`http`, `https`, `admin`).
+    pub fn listening(&mut self, listener: &str) -> SocketAddr {
         let line = self.wait_for_log(&format!("listening listener=\"{listener}\""));
         let addr = line.split("addr=").nth(1).expect("addr=").trim();
         addr.parse().expect("socket address")

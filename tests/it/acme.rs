@@ -1,0 +1,285 @@
+//! ACME against a real ACME server (Pebble on loopback): issuance by TLS-ALPN-01 and HTTP-01,
+//! renewal without restart, restart from the cache without a new order, the cache's file
+//! modes, and kill -9 during cache writes.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::pebble::{Pebble, free_tcp_port};
+use crate::support::{K3S, Scratch, Server, fixture_kids, kids};
+
+const DOMAIN: &str = "oidc.example.com";
+
+/// Writes a config whose HTTPS listener gets its certificate from `pebble`.
+fn config(
+    scratch: &Scratch,
+    pebble: &Pebble,
+    https_port: u16,
+    http_port: u16,
+    challenge: &str,
+) -> PathBuf {
+    scratch.write("jwks.json", K3S);
+    scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
+             [http]\nlisten = \"127.0.0.1:{http_port}\"\nredirect_to_https = true\n\
+             [https]\nlisten = \"127.0.0.1:{https_port}\"\n[https.acme]\ncontact = [\"mailto:ops@example.com\"]\n\
+             directory = \"{}\"\ndirectory_ca_file = \"{}\"\nchallenge = \"{challenge}\"\n[state]\ndir = \"state\"\n",
+            pebble.directory,
+            pebble.api_ca_file.display()
+        ),
+    )
+}
+
+fn client(root_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(root_pem.as_bytes()).expect("root"))
+        .resolve(DOMAIN, addr)
+        .no_proxy()
+        .tls_info(true)
+        .timeout(Duration::from_secs(5))
+}
+
+fn url(addr: SocketAddr, path: &str) -> String {
+    format!("https://{DOMAIN}:{}{path}", addr.port())
+}
+
+/// Both documents over TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2, trusting only Pebble's root.
+async fn assert_serves_everything(root_pem: &str, addr: SocketAddr) {
+    for tls in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        for http1 in [true, false] {
+            let mut builder = client(root_pem, addr)
+                .tls_version_min(tls)
+                .tls_version_max(tls);
+            if http1 {
+                builder = builder.http1_only();
+            }
+            let http = builder.build().expect("client");
+            for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+                let response = http
+                    .get(url(addr, path))
+                    .send()
+                    .await
+                    .expect("GET over https");
+                let version = if http1 {
+                    reqwest::Version::HTTP_11
+                } else {
+                    reqwest::Version::HTTP_2
+                };
+                assert_eq!(
+                    (response.status().as_u16(), response.version()),
+                    (200, version),
+                    "{tls:?} {path}"
+                );
+                assert_eq!(response.headers()["content-type"], "application/json");
+                let body = response.text().await.expect("body");
+                if path.ends_with("jwks") {
+                    assert_eq!(kids(&body), fixture_kids(K3S));
+                }
+            }
+        }
+    }
+}
+
+/// The serial-bearing DER of the certificate served now.
+async fn served_cert(root_pem: &str, addr: SocketAddr) -> Result<Vec<u8>, String> {
+    let http = client(root_pem, addr).build().expect("client");
+    let response = http
+        .get(url(addr, "/openid/v1/jwks"))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if response.status() != 200 {
+        return Err(format!("status {}", response.status()));
+    }
+    let info = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .expect("tls info");
+    Ok(info.peer_certificate().expect("peer certificate").to_vec())
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    let Some(pebble) = Pebble::start(https_port, http_port, 3600).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    let started = Instant::now();
+    let mut server = Server::start(&config);
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_new_cert\"");
+    let root = pebble.issuing_root_pem().await;
+    let mut first_ok = None;
+    while first_ok.is_none() {
+        if served_cert(&root, https).await.is_ok() {
+            first_ok = Some(started.elapsed());
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no https 200");
+    }
+    println!(
+        "acme tls-alpn-01: start to first HTTPS 200 in {:?}",
+        first_ok.expect("measured")
+    );
+    assert_serves_everything(&root, https).await;
+
+    // The cache: a 0700 directory of 0600 files.
+    let cache = scratch.path("state/acme");
+    assert_eq!(mode(&cache), 0o700);
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(files.len() >= 2, "account and certificate: {files:?}");
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+
+    // A restart serves the cached certificate at once, with no new order.
+    let served = served_cert(&root, https).await.expect("served");
+    let orders = pebble.orders();
+    assert!(orders >= 1, "{:?}", pebble.log());
+    server.kill();
+    let mut restarted = Server::start(&config);
+    restarted.wait_for_log("event=\"deployed_cached_cert\"");
+    assert_eq!(
+        served_cert(&root, https)
+            .await
+            .expect("served after restart"),
+        served
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pebble.orders(), orders, "no new order after a restart");
+    assert_eq!(restarted.count_log("deployed_new_cert"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_01_issues_on_the_plain_listener_which_redirects_the_rest() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    let Some(pebble) = Pebble::start(https_port, http_port, 3600).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let mut server = Server::start(&config(&scratch, &pebble, https_port, http_port, "http-01"));
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_new_cert\"");
+    let root = pebble.issuing_root_pem().await;
+    assert_serves_everything(&root, https).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(DOMAIN, server.addr)
+        .no_proxy()
+        .build()
+        .expect("client");
+    let response = plain
+        .get(format!(
+            "http://{DOMAIN}:{http_port}/.well-known/openid-configuration"
+        ))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 301);
+    assert_eq!(
+        response.headers()["location"],
+        format!("https://{DOMAIN}:{https_port}/.well-known/openid-configuration").as_str()
+    );
+    // No challenge is pending now: the challenge path answers 404, and is not redirected.
+    let challenge = plain
+        .get(format!(
+            "http://{DOMAIN}:{http_port}/.well-known/acme-challenge/nothing"
+        ))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(challenge.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_is_renewed_without_a_restart_or_a_failed_request() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    // rustls-acme renews at 2/3 of the lifetime: after about 12 s here.
+    let Some(pebble) = Pebble::start(https_port, http_port, 18).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let mut server = Server::start(&config(
+        &scratch,
+        &pebble,
+        https_port,
+        http_port,
+        "tls-alpn-01",
+    ));
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_new_cert\"");
+    let root = pebble.issuing_root_pem().await;
+    let first = served_cert(&root, https).await.expect("first certificate");
+    let started = Instant::now();
+    let (mut requests, mut failures) = (0, Vec::new());
+    loop {
+        requests += 1;
+        match served_cert(&root, https).await {
+            Ok(cert) if cert != first => break,
+            Ok(_) => {}
+            Err(e) => failures.push(e),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "no renewal: {:?}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "acme renewal after {:?}, {requests} requests, {} failed",
+        started.elapsed(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(server.count_log("event=\"deployed_new_cert\""), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_cache_writes_never_breaks_the_next_start() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    let Some(pebble) = Pebble::start(https_port, http_port, 3600).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    // Kill at moments spread over the whole first issuance, cache writes included.
+    for delay_ms in [300, 900, 1500, 2100, 2700, 3300] {
+        let server = Server::start(&config);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        server.kill();
+    }
+    let mut server = Server::start(&config);
+    let line = server.wait_for_log("event=\"deployed_");
+    assert!(
+        line.contains("deployed_cached_cert") || line.contains("deployed_new_cert"),
+        "{line}"
+    );
+    assert_eq!(server.count_log("cache load"), 0, "{:?}", server.log());
+    let root = pebble.issuing_root_pem().await;
+    let https = server.listening("https");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served_cert(&root, https).await.is_err() {
+        assert!(Instant::now() < deadline, "{:?}", server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,267 @@
+//! The HTTPS listener with certificate files, and the limits that protect both public
+//! listeners from slow and oversized clients. Real TLS, real clients.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::fake_apiserver::{Leaf, Pki};
+use crate::support::{K3S, Scratch, Server, fixture_kids, kids};
+
+const DOMAIN: &str = "oidc.example.com";
+
+/// A server with a file source, certificate files and short limits.
+fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
+    scratch.write("jwks.json", K3S);
+    scratch.write("cert.pem", &leaf.cert_pem);
+    scratch.write("key.pem", &leaf.key_pem);
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n{extra}\n[https]\nlisten = \"127.0.0.1:0\"\n[https.files]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\
+             [limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n[state]\ndir = \"state\"\n"
+        ),
+    );
+    let mut server = Server::start(&config);
+    let https = server.listening("https");
+    (server, https)
+}
+
+fn client(ca_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("ca"))
+        .resolve(DOMAIN, addr)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .tls_info(true)
+        .timeout(Duration::from_secs(5))
+}
+
+fn url(addr: SocketAddr, path: &str) -> String {
+    format!("https://{DOMAIN}:{}{path}", addr.port())
+}
+
+async fn served_cert(ca_pem: &str, addr: SocketAddr) -> Vec<u8> {
+    let response = client(ca_pem, addr)
+        .build()
+        .expect("client")
+        .get(url(addr, "/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("GET");
+    let info = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .expect("tls info");
+    info.peer_certificate().expect("peer certificate").to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_documents_over_tls_1_2_and_1_3_with_http_1_1_and_2() {
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (_server, https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    for tls in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        for http1 in [true, false] {
+            let mut builder = client(&pki.ca_pem, https)
+                .tls_version_min(tls)
+                .tls_version_max(tls);
+            if http1 {
+                builder = builder.http1_only();
+            }
+            let http = builder.build().expect("client");
+            for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+                let response = http.get(url(https, path)).send().await.expect("GET");
+                let expected = if http1 {
+                    reqwest::Version::HTTP_11
+                } else {
+                    reqwest::Version::HTTP_2
+                };
+                assert_eq!(
+                    (response.status().as_u16(), response.version()),
+                    (200, expected),
+                    "{tls:?} {path}"
+                );
+                assert_eq!(response.headers()["content-type"], "application/json");
+                assert_eq!(
+                    response.headers()["strict-transport-security"],
+                    "max-age=31536000"
+                );
+                let body = response.text().await.expect("body");
+                if path.ends_with("jwks") {
+                    assert_eq!(kids(&body), fixture_kids(K3S));
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let first = pki.server_for(&[DOMAIN]);
+    let (mut server, https) = start(&scratch, &first, "");
+    let before = served_cert(&pki.ca_pem, https).await;
+    // A connection opened before the swap keeps working after it.
+    let kept = client(&pki.ca_pem, https).build().expect("client");
+    assert_eq!(
+        kept.get(url(https, "/openid/v1/jwks"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        200
+    );
+
+    let second = pki.server_for(&[DOMAIN]);
+    scratch.replace("key.pem", &second.key_pem);
+    scratch.replace("cert.pem", &second.cert_pem);
+    server.signal("HUP");
+    server.wait_for_log("certificate files reloaded");
+    let after = served_cert(&pki.ca_pem, https).await;
+    assert_ne!(before, after, "a new certificate is served");
+    assert_eq!(
+        kept.get(url(https, "/openid/v1/jwks"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        200
+    );
+
+    // A key that does not match, then garbage: the second certificate stays.
+    scratch.replace("key.pem", &pki.server_for(&[DOMAIN]).key_pem);
+    let line = server.wait_for_log("certificate files not reloaded");
+    assert!(line.contains("does not match the certificate"), "{line}");
+    scratch.replace("cert.pem", "garbage");
+    server.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served_cert(&pki.ca_pem, https).await, after);
+}
+
+/// Reads until the peer closes (or 6 s pass); returns how long that took and what came.
+fn read_until_closed(mut stream: TcpStream) -> (Duration, Vec<u8>) {
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(6)))
+        .expect("timeout");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return (started.elapsed(), received),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (server, https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    // 50 connections that open TLS and say nothing, and 50 that drip half a request.
+    let silent: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(https).expect("connect"))
+        .collect();
+    let dripping: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).expect("connect");
+            stream
+                .write_all(b"GET /openid/v1/jwks HTTP/1.1\r\nHost: oidc.exa")
+                .expect("write");
+            stream
+        })
+        .collect();
+    // Meanwhile an ordinary client is served at once.
+    let http = client(&pki.ca_pem, https).build().expect("client");
+    let started = Instant::now();
+    assert_eq!(
+        http.get(url(https, "/openid/v1/jwks"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        200
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let handles: Vec<_> = silent
+        .into_iter()
+        .chain(dripping)
+        .map(|s| std::thread::spawn(move || read_until_closed(s)))
+        .collect();
+    for handle in handles {
+        let (waited, received) = handle.join().expect("reader");
+        // Dropped by the 1 s limits (with scheduling slack), not by the 6 s read timeout.
+        assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
+        assert!(
+            received.is_empty() || received.starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&received)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (server, _https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    let big = "a".repeat(20 * 1024);
+    stream
+        .write_all(
+            format!("GET /openid/v1/jwks HTTP/1.1\r\nHost: {DOMAIN}\r\nX-Big: {big}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("write");
+    let (_, received) = read_until_closed(stream);
+    assert!(
+        received.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&received[..received.len().min(80)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_listener_redirects_to_https_when_asked() {
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (server, https) = start(
+        &scratch,
+        &pki.server_for(&[DOMAIN]),
+        "redirect_to_https = true",
+    );
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(DOMAIN, server.addr)
+        .no_proxy()
+        .build()
+        .expect("client");
+    let response = plain
+        .get(format!(
+            "http://{DOMAIN}:{}/openid/v1/jwks?x=1",
+            server.addr.port()
+        ))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 301);
+    assert_eq!(
+        response.headers()["location"],
+        format!("https://{DOMAIN}:{}/openid/v1/jwks?x=1", https.port()).as_str()
+    );
+    // A host that is not configured is not redirected anywhere.
+    let other = plain
+        .get(format!("http://{DOMAIN}:{}/", server.addr.port()))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(other.status(), 404);
+}

@@ -25,5 +25,6 @@ pub mod listener;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;

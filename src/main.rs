@@ -53,13 +53,18 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+    // Before any thread exists: taking the sockets clears LISTEN_FDS from the environment.
+    let activated = oidc_edge::systemd::take_activated_listeners(
+        config.http.is_some(),
+        config.https.is_some(),
+    )?;
     // One process-wide crypto provider, before any TLS config is built (crates-and-acme §2).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = Server::bind(config).await?;
+        let server = Server::bind_activated(config, activated).await?;
         server.run(shutdown::terminate()).await
     })
 }

@@ -26,6 +26,7 @@ use crate::jwks::source::{AnySource, FileSource, KeySource as _};
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, TlsTransport, Transport};
 use crate::metrics::Metrics;
+use crate::systemd::{self, Activated};
 use crate::tls::{self, acme, acme::Acme, cache::AcmeCache, files::FileCerts};
 
 /// How long open connections and tasks get to finish after SIGTERM.
@@ -54,6 +55,11 @@ enum Tls {
 impl Server {
     /// Restores persisted key sets (served from the first request on) and binds the listeners.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        Self::bind_activated(config, Activated::default()).await
+    }
+
+    /// Like [`Server::bind`], with public listeners passed by the service manager.
+    pub async fn bind_activated(config: Config, activated: Activated) -> anyhow::Result<Self> {
         create_state_dir(&config.state_dir)?;
         let sources: Vec<Vec<AnySource>> = config
             .issuers
@@ -83,7 +89,7 @@ impl Server {
             pipelines.push(Arc::new(pipeline));
         }
         let http = match &config.http {
-            Some(http) => Some(listen(http.listen, "http.listen").await?),
+            Some(http) => Some(listen_or_take(activated.http, http.listen, "http.listen").await?),
             None => None,
         };
         let https = match &config.https {
@@ -106,7 +112,10 @@ impl Server {
                         Tls::Acme(acme::start(settings, cache, Arc::clone(&metrics))?)
                     }
                 };
-                Some((listen(https.listen, "https.listen").await?, tls))
+                Some((
+                    listen_or_take(activated.https, https.listen, "https.listen").await?,
+                    tls,
+                ))
             }
             None => None,
         };
@@ -279,7 +288,22 @@ impl Server {
             }
         });
 
+        if let Some(interval) = systemd::watchdog_interval() {
+            let stop = cancel.clone();
+            tracker.spawn(async move {
+                loop {
+                    systemd::watchdog_ping();
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(interval) => {}
+                    }
+                }
+            });
+        }
+        systemd::ready(&format!("serving {} issuer(s)", self.config.issuers.len()));
+
         shutdown.await;
+        systemd::stopping();
         cancel.cancel();
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
@@ -289,6 +313,22 @@ impl Server {
             warn!(grace = ?SHUTDOWN_GRACE, "tasks still running at the end of the grace period");
         }
         Ok(())
+    }
+}
+
+/// A passed socket when there is one, else a new one bound to `addr`.
+async fn listen_or_take(
+    passed: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+    key: &str,
+) -> anyhow::Result<TcpListener> {
+    match passed {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            info!(key, addr = %listener.local_addr()?, "using the socket passed by the service manager");
+            Ok(TcpListener::from_std(listener)?)
+        }
+        None => listen(addr, key).await,
     }
 }
 

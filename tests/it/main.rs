@@ -8,6 +8,8 @@ mod config; // check-config and the table of bad configurations
 mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod pebble; // harness: Pebble and challtestsrv on loopback
+mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod serve; // the real binary: demo, file refresh, refused sets, persistence across SIGKILL
 mod support; // harness: scratch dirs, the binary on 127.0.0.1:0, an HTTP client
+mod systemd; // unit files under systemd-analyze, sd_notify, socket activation
 mod tls; // HTTPS with certificate files, listener limits, redirects

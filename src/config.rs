@@ -251,6 +251,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// One line per public request (off by default: relying parties poll often).
+    pub access: bool,
     /// An `EnvFilter` directive; `RUST_LOG` overrides it.
     pub level: String,
 }
@@ -398,6 +400,7 @@ struct RawState {
 struct RawLog {
     format: Option<String>,
     level: Option<String>,
+    access: Option<bool>,
 }
 
 // === loading and validation ===
@@ -554,6 +557,7 @@ impl Validator<'_> {
         let raw_log = raw.log.unwrap_or(RawLog {
             format: None,
             level: None,
+            access: None,
         });
         let format = match raw_log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -578,7 +582,11 @@ impl Validator<'_> {
             limits,
             admin,
             state_dir,
-            log: LogConfig { format, level },
+            log: LogConfig {
+                format,
+                level,
+                access: raw_log.access.unwrap_or(false),
+            },
         })
     }
 

@@ -208,7 +208,8 @@ impl Server {
                 config: tls::server_config(resolver),
                 acme_challenge,
             }));
-            let site = Site::new(&self.config.issuers, &self.metrics);
+            let site = Site::new(&self.config.issuers, &self.metrics)
+                .with_access_log(self.config.log.access);
             let router = http::router(site, Arc::clone(&self.store))
                 .layer(axum::middleware::map_response(hsts_layer(https.hsts)));
             info!(listener = "https", addr = %listener.local_addr()?, "listening");
@@ -232,7 +233,8 @@ impl Server {
                 http::redirect_router(&self.config.issuers, https_port)
             } else {
                 http::router(
-                    Site::new(&self.config.issuers, &self.metrics),
+                    Site::new(&self.config.issuers, &self.metrics)
+                        .with_access_log(self.config.log.access),
                     Arc::clone(&self.store),
                 )
             };

@@ -27,6 +27,20 @@ pub async fn serve_document(
 ) -> Response {
     let (route, response) = answer(&app, &method, &uri, &req_headers);
     app.site.count(route, response.status());
+    if app.site.access_log() {
+        let host = req_headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            target: "oidc_edge::access",
+            %method,
+            host,
+            path = uri.path(),
+            status = response.status().as_u16(),
+            "request"
+        );
+    }
     response
 }
 

@@ -36,6 +36,7 @@ pub struct Site {
     by_path: HashMap<Box<str>, PathRoutes>,
     issuers: Vec<IssuerHeaders>,
     not_found: Counter,
+    access_log: bool,
 }
 
 /// The status codes a document route answers, each with its counter.
@@ -95,7 +96,18 @@ impl Site {
             by_path,
             issuers,
             not_found: metrics.request_counter("", "none", 404),
+            access_log: false,
         }
+    }
+
+    /// Logs one line per request (`[log] access = true`).
+    pub fn with_access_log(mut self, enabled: bool) -> Self {
+        self.access_log = enabled;
+        self
+    }
+
+    pub fn access_log(&self) -> bool {
+        self.access_log
     }
 
     /// Counts one answer: an atomic increment on a counter made at start.

@@ -290,3 +290,33 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
         server.kill();
     }
 }
+
+#[tokio::test]
+async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("1s");
+    let mut quiet = Server::start(&config);
+    assert_eq!(get(&quiet.url("/openid/v1/jwks")).await.0, 200);
+    quiet.wait_for_log("published key set");
+    assert_eq!(quiet.count_log("oidc_edge::access"), 0);
+    quiet.kill();
+
+    let text = std::fs::read_to_string(&config).expect("config");
+    let config = scratch.write(
+        "config.toml",
+        &text.replace("[log]\n", "[log]\naccess = true\n"),
+    );
+    let mut server = Server::start(&config);
+    assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 200);
+    assert_eq!(get(&server.url("/nope")).await.0, 404);
+    let line = server.wait_for_log("path=\"/nope\"");
+    assert!(
+        line.contains("oidc_edge::access")
+            && line.contains("method=GET")
+            && line.contains("status=404"),
+        "{line}"
+    );
+    let line = server.wait_for_log("path=\"/openid/v1/jwks\"");
+    assert!(line.contains("status=200"), "{line}");
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_CONFIG_PATH;
 
@@ -20,6 +20,17 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Validate the configuration, print a summary and exit (0 valid, 64 invalid).
     CheckConfig(ConfigArgs),
+    /// Fetch an issuer's documents as AWS, GCP and Azure do and check every rule they apply
+    /// (exit 0 all pass, 2 any fails).
+    Check(CheckArgs),
+    /// Fetch the configured sources once and write the static files to publish elsewhere
+    /// (Cloudflare Pages, S3), byte-identical to what `serve` answers.
+    Render(RenderArgs),
+    /// Helpers for AWS IAM.
+    Aws {
+        #[command(subcommand)]
+        command: AwsCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -27,4 +38,85 @@ pub struct ConfigArgs {
     /// Configuration file.
     #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The issuer URL, exactly as tokens carry it in `iss`.
+    pub issuer: String,
+    /// Trust this CA (PEM) instead of the public roots relying parties use.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A token to verify against the published keys ("-" reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub token: Option<String>,
+    /// The audience the token must carry.
+    #[arg(long, value_name = "AUDIENCE")]
+    pub audience: Option<String>,
+    /// The relying parties whose rules apply.
+    #[arg(long, value_delimiter = ',', default_value = "aws,gcp,azure")]
+    pub target: Vec<Target>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Connect to this address instead of resolving the hosts (a server not in DNS yet).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub connect_to: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    Aws,
+    Gcp,
+    Azure,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Configuration file (its sources are fetched once).
+    #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Directory to write the tree into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// `pages` writes a Cloudflare Pages `_headers` file; `s3` writes `s3-objects.json`.
+    #[arg(long, value_enum, default_value = "pages")]
+    pub layout: Layout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Layout {
+    Pages,
+    S3,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AwsCommand {
+    /// Print the `aws iam create-open-id-connect-provider` command, with the live thumbprint.
+    Provider {
+        /// The issuer URL.
+        issuer: String,
+        /// Trust this CA (PEM) instead of the public roots.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// The client id (audience) to register.
+        #[arg(long, default_value = "sts.amazonaws.com")]
+        audience: String,
+        /// Connect to this address instead of resolving the JWKS host.
+        #[arg(long, value_name = "ADDR:PORT")]
+        connect_to: Option<std::net::SocketAddr>,
+    },
+    /// Print an IAM role trust policy for one Kubernetes service account.
+    TrustPolicy {
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        account_id: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "sts.amazonaws.com")]
+        audience: String,
+    },
 }

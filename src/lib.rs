@@ -15,6 +15,8 @@
 //! ([`jwks::store`]): requests never lock or render.
 
 pub mod admin;
+pub mod aws;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod http;
@@ -23,6 +25,7 @@ pub mod jwks;
 pub mod kubeconfig;
 pub mod listener;
 pub mod metrics;
+pub mod render;
 pub mod server;
 pub mod shutdown;
 pub mod systemd;

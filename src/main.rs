@@ -3,12 +3,14 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use oidc_edge::cli::{Cli, Command};
+use oidc_edge::cli::{AwsCommand, Cli, Command};
 use oidc_edge::config::Config;
-use oidc_edge::{server::Server, shutdown, telemetry};
+use oidc_edge::{aws, check, render, server::Server, shutdown, telemetry};
 
 /// sysexits.h `EX_USAGE`: bad command line or configuration.
 const EX_USAGE: u8 = 64;
+/// `check` found a rule a relying party would fail.
+const EXIT_CHECK_FAILED: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -22,34 +24,118 @@ fn main() -> ExitCode {
             };
         }
     };
-    let (Command::Serve(args) | Command::CheckConfig(args)) = &cli.command;
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("oidc-edge: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
+    // One process-wide crypto provider, before any TLS config is built (crates-and-acme §2).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
-        Command::CheckConfig(_) => {
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{config}");
-            }
-            ExitCode::SUCCESS
-        }
-        Command::Serve(_) => {
+        Command::Serve(args) => {
+            let Some(config) = load(&args.config) else {
+                return ExitCode::from(EX_USAGE);
+            };
             telemetry::init(&config.log);
-            match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("oidc-edge: {e:#}");
-                    ExitCode::FAILURE
+            exit(serve(config))
+        }
+        Command::CheckConfig(args) => match load(&args.config) {
+            Some(config) => {
+                print(&format!("{config}\n"));
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(EX_USAGE),
+        },
+        Command::Render(args) => {
+            let Some(config) = load(&args.config) else {
+                return ExitCode::from(EX_USAGE);
+            };
+            telemetry::init(&config.log);
+            exit(block_on(async {
+                let objects = render::render(&config, &args.out, args.layout).await?;
+                for object in objects {
+                    print(&format!(
+                        "{} ({})\n",
+                        args.out.join(&object.key).display(),
+                        object.content_type
+                    ));
+                }
+                Ok(())
+            }))
+        }
+        Command::Check(args) => match block_on(check::run(&args)) {
+            Ok(report) => {
+                if args.json {
+                    print(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&report).expect("report serialises")
+                    ));
+                } else {
+                    print(&report.table());
+                }
+                if report.failed() {
+                    ExitCode::from(EXIT_CHECK_FAILED)
+                } else {
+                    ExitCode::SUCCESS
                 }
             }
+            Err(e) => exit(Err(e)),
+        },
+        Command::Aws { command } => exit(match command {
+            AwsCommand::Provider {
+                issuer,
+                ca_file,
+                audience,
+                connect_to,
+            } => block_on(async {
+                let ca = ca_file.as_ref().map(std::fs::read).transpose()?;
+                print(&aws::provider_command(&issuer, &audience, ca.as_deref(), connect_to).await?);
+                Ok(())
+            }),
+            AwsCommand::TrustPolicy {
+                issuer,
+                account_id,
+                namespace,
+                service_account,
+                audience,
+            } => aws::trust_policy(
+                &issuer,
+                &account_id,
+                &namespace,
+                &service_account,
+                &audience,
+            )
+            .map(|p| print(&p)),
+        }),
+    }
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            eprintln!("oidc-edge: {e}");
+            None
         }
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn print(text: &str) {
+    print!("{text}");
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("oidc-edge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
@@ -58,8 +144,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
         config.http.is_some(),
         config.https.is_some(),
     )?;
-    // One process-wide crypto provider, before any TLS config is built (crates-and-acme §2).
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

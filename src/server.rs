@@ -17,12 +17,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, SourceKind, TlsSource};
+use crate::config::{Config, TlsSource};
 use crate::http::{self, Site};
 use crate::jwks::persist::{StateFile, create_state_dir};
 use crate::jwks::refresh::{IssuerPipeline, run_source};
-use crate::jwks::remote::RemoteSource;
-use crate::jwks::source::{AnySource, FileSource, KeySource as _};
+use crate::jwks::source::{AnySource, KeySource as _};
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, TlsTransport, Transport};
 use crate::metrics::Metrics;
@@ -67,7 +66,7 @@ impl Server {
             .map(|cfg| {
                 cfg.sources
                     .iter()
-                    .map(|s| key_source(&s.kind, s.timeout))
+                    .map(|s| AnySource::from_config(&s.kind, s.timeout))
                     .collect()
             })
             .collect::<anyhow::Result<_>>()?;
@@ -409,15 +408,4 @@ fn hsts_layer(
         }
         std::future::ready(response)
     }
-}
-
-/// Builds the fetcher of one configured source.
-fn key_source(kind: &SourceKind, timeout: Duration) -> anyhow::Result<AnySource> {
-    Ok(match kind {
-        SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
-        SourceKind::Apiserver(api) => AnySource::Remote(RemoteSource::apiserver(api, timeout)?),
-        SourceKind::Url { url, ca_file } => {
-            AnySource::Remote(RemoteSource::url(url, ca_file.as_ref(), timeout)?)
-        }
-    })
 }

@@ -72,6 +72,24 @@ pub enum AnySource {
     Remote(super::remote::RemoteSource),
 }
 
+impl AnySource {
+    /// The fetcher of one configured source.
+    pub fn from_config(
+        kind: &crate::config::SourceKind,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        use super::remote::RemoteSource;
+        use crate::config::SourceKind;
+        Ok(match kind {
+            SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
+            SourceKind::Apiserver(api) => AnySource::Remote(RemoteSource::apiserver(api, timeout)?),
+            SourceKind::Url { url, ca_file } => {
+                AnySource::Remote(RemoteSource::url(url, ca_file.as_ref(), timeout)?)
+            }
+        })
+    }
+}
+
 impl KeySource for AnySource {
     fn describe(&self) -> String {
         match self {

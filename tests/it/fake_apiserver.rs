@@ -94,6 +94,22 @@ impl Pki {
         self.leaf(sans[0], sans, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A serving certificate that expired in 2022.
+    pub fn expired_server_for(&self, sans: &[&str]) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, sans[0]);
+        params.not_before = rcgen::date_time_ymd(2021, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2022, 1, 1);
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate, as in k3s's admin kubeconfig (`CN=system:admin`).
     pub fn client(&self, common_name: &str) -> Leaf {
         self.leaf(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)

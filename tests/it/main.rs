@@ -3,8 +3,10 @@
 mod acme; // ACME against Pebble: issuance, renewal, restart, cache
 mod admin; // admin endpoints, metrics, status, SIGHUP and SIGTERM
 mod apiserver; // sources over real TLS against the fake apiserver
+mod broken_site; // deliberately broken issuers for the doctor
 mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod config; // check-config and the table of bad configurations
+mod doctor; // check, tokens, render, aws provider and trust-policy
 mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod pebble; // harness: Pebble and challtestsrv on loopback

@@ -30,7 +30,13 @@ fn sets() -> [(&'static str, Vec<u8>); 2] {
             key
         })
         .collect();
-    [("2 keys", K3S.as_bytes().to_vec()), ("100 keys", serde_json::to_vec(&json!({ "keys": many })).expect("json"))]
+    [
+        ("2 keys", K3S.as_bytes().to_vec()),
+        (
+            "100 keys",
+            serde_json::to_vec(&json!({ "keys": many })).expect("json"),
+        ),
+    ]
 }
 
 fn validate_and_render(c: &mut Criterion) {
@@ -38,8 +44,19 @@ fn validate_and_render(c: &mut Criterion) {
         c.bench_function(&format!("validate+merge+render {name}"), |b| {
             b.iter(|| {
                 let keys = validate(&body).expect("valid").keys;
-                let ledger = merge(&[Some(&keys)], &Ledger::default(), 0, Duration::from_secs(3600), 100).expect("merge");
-                Snapshot::render("https://oidc.example.com", "https://oidc.example.com/openid/v1/jwks", &ledger)
+                let ledger = merge(
+                    &[Some(&keys)],
+                    &Ledger::default(),
+                    0,
+                    Duration::from_secs(3600),
+                    100,
+                )
+                .expect("merge");
+                Snapshot::render(
+                    "https://oidc.example.com",
+                    "https://oidc.example.com/openid/v1/jwks",
+                    &ledger,
+                )
             });
         });
     }
@@ -55,12 +72,34 @@ fn routes(c: &mut Criterion) {
     .expect("config");
     let store = Arc::new(DocumentStore::new(1));
     let keys = validate(K3S.as_bytes()).expect("valid").keys;
-    let ledger = merge(&[Some(&keys)], &Ledger::default(), 0, Duration::from_secs(3600), 100).expect("merge");
+    let ledger = merge(
+        &[Some(&keys)],
+        &Ledger::default(),
+        0,
+        Duration::from_secs(3600),
+        100,
+    )
+    .expect("merge");
     let cfg = &config.issuers[0];
-    store.publish(0, Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger));
-    let app = router(Site::new(&config.issuers, &Metrics::new()), Arc::clone(&store));
-    let etag = store.get(0).expect("published").jwks.etag.to_str().expect("ascii").to_owned();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    store.publish(
+        0,
+        Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger),
+    );
+    let app = router(
+        Site::new(&config.issuers, &Metrics::new()),
+        Arc::clone(&store),
+    );
+    let etag = store
+        .get(0)
+        .expect("published")
+        .jwks
+        .etag
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     for (name, path, inm) in [
         ("discovery 200", "/.well-known/openid-configuration", None),
         ("jwks 200", "/openid/v1/jwks", None),
@@ -73,7 +112,9 @@ fn routes(c: &mut Criterion) {
                     request = request.header("if-none-match", tag);
                 }
                 let request = request.body(Body::empty()).expect("request");
-                runtime.block_on(app.clone().oneshot(request)).expect("infallible")
+                runtime
+                    .block_on(app.clone().oneshot(request))
+                    .expect("infallible")
             });
         });
     }

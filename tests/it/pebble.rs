@@ -33,13 +33,29 @@ pub struct Pebble {
     management: String,
 }
 
-/// A port that was free a moment ago, for programs that must be told a port up front.
+/// Below Linux's ephemeral range (32768 and up by default): the kernel never hands these out
+/// for port-0 binds or outgoing connections, so a port picked here stays ours until used.
+const FIXED_PORTS: std::ops::Range<u16> = 20_000..32_000;
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A free port for programs that must be told one up front (Pebble validates on fixed ports).
+/// Each call in this process gets a different one; each is checked free by binding it.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::Ordering;
+    let span = FIXED_PORTS.end - FIXED_PORTS.start;
+    // Start where the PID says, so that concurrent test processes rarely meet.
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(span)) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = FIXED_PORTS.start + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % span;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn free_udp_port() -> u16 {

@@ -16,12 +16,12 @@ FROM ${BUILDER} AS build
 WORKDIR /src
 COPY . .
 # crt-static on the gnu target gives a static-pie binary that runs in an empty image.
-# The dist profile (fat LTO, one codegen unit, abort on panic) keeps it small.
+# The release profile (fat LTO, one codegen unit) keeps it small.
 RUN --mount=type=cache,target=/src/target \
     RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --locked --profile dist --target x86_64-unknown-linux-gnu \
+    cargo build --locked --release --target x86_64-unknown-linux-gnu \
  && mkdir -p /out/etc/oidc-edge /out/var/lib/oidc-edge \
- && cp target/x86_64-unknown-linux-gnu/dist/oidc-edge /out/oidc-edge \
+ && cp target/x86_64-unknown-linux-gnu/release/oidc-edge /out/oidc-edge \
  && cp config/container.toml /out/etc/oidc-edge/config.toml \
  && cp config/demo-jwks.json /out/etc/oidc-edge/demo-jwks.json
 

@@ -132,10 +132,19 @@ kill -TERM "$NGINX"; wait "$NGINX" 2>/dev/null || true
 say "oidc-edge startup and refreshes"
 startup=$(for _ in $(seq 5); do (cd "$work" && TOKIO_WORKER_THREADS=1 python3 "$OLDPWD/benches/load.py" startup "https://127.0.0.1:$E_HTTPS/openid/v1/jwks" -- taskset -c 0 "$bin" serve --config edge.toml); done | median)
 edge_config 1s; start_edge
-( while kill -0 "$EDGE" 2>/dev/null; do
+# The same server, refreshing every second, with the file unchanged and then rewritten every
+# second (new inode, so each refresh re-reads and re-validates); alternated, so that both
+# halves see the same machine. The rewriter runs on the client's core.
+rewrite() { while :; do
     sed -i 's/"use":"sig","kty":"RSA"/"kty":"RSA","use":"sig"/;t;s/"kty":"RSA","use":"sig"/"use":"sig","kty":"RSA"/' "$work/jwks.json"
-    sleep 1; done ) & pids+=($!)
-refresh_p99=""; for _ in $(seq "$ROUNDS"); do read -r _ p99 _ _ <<<"$(latency "$E_HTTPS")"; refresh_p99+="$p99 "; done
+    sleep 1; done; }
+quiet_p99=""; refresh_p99=""
+for _ in $(seq "$ROUNDS"); do
+  read -r _ p99 _ _ <<<"$(latency "$E_HTTPS")"; quiet_p99+="$p99 "
+  taskset -c 1 bash -c "$(declare -f rewrite); work=$work; rewrite" & rewriter=$!
+  read -r _ p99 _ _ <<<"$(latency "$E_HTTPS")"; refresh_p99+="$p99 "
+  kill "$rewriter"; wait "$rewriter" 2>/dev/null || true
+done
 kill -TERM "$EDGE"; wait "$EDGE" 2>/dev/null || true
 
 m() { tr ' ' '\n' <<<"${R[$1]}" | grep -v '^$' | median; }
@@ -143,6 +152,7 @@ ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
 e_https=$(m edge,https); n_https=$(m nginx,https); e_http=$(m edge,http); n_http=$(m nginx,http)
 e_hs=$(m edge,hs); n_hs=$(m nginx,hs); e_p50=$(m edge,p50); n_p50=$(m nginx,p50); e_p99=$(m edge,p99); n_p99=$(m nginx,p99)
 r_p99=$(tr ' ' '\n' <<<"$refresh_p99" | grep -v '^$' | median)
+q_p99=$(tr ' ' '\n' <<<"$quiet_p99" | grep -v '^$' | median)
 cat <<TABLE
 date: $(date -u +%Y-%m-%dT%H:%MZ); machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); rounds: $ROUNDS x ${SECS}s
 | measure | oidc-edge | nginx | ratio (oidc-edge / nginx) | target |
@@ -155,5 +165,5 @@ date: $(date -u +%Y-%m-%dT%H:%MZ); machine: $(nproc) cores, $(awk '/MemTotal/ {p
 | idle RSS (KiB) | ${R[edge,idle]} | ${R[nginx,idle]} | $(ratio "${R[edge,idle]}" "${R[nginx,idle]}") | <= 10 MiB |
 | RSS per idle TLS connection (bytes, 1000 held) | ${R[edge,perconn]} | ${R[nginx,perconn]} | $(ratio "${R[edge,perconn]}" "${R[nginx,perconn]}") | <= 12 KB |
 | exec to first HTTPS 200 (ms, median of 5) | $startup | | | <= 20 ms |
-| p99 at 1000 req/s with a refresh every second (ms) | $r_p99 | | $(ratio "$r_p99" "$e_p99") of p99 without | <= 1.1x |
+| p99 at 1000 req/s, JWKS rewritten and refreshed every second (ms) | $r_p99 | | $(ratio "$r_p99" "$q_p99") of $q_p99 unchanged | <= 1.1x |
 TABLE

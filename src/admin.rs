@@ -2,7 +2,7 @@
 //! `/status`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -13,6 +13,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
+use crate::jwks::unix_now;
 use crate::metrics::Metrics;
 
 const OPENMETRICS: HeaderValue =
@@ -40,12 +41,6 @@ async fn statuses(admin: &Admin) -> Vec<IssuerStatus> {
         all.push(pipeline.status().await);
     }
     all
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The readiness rule, in one place: every issuer has a published key set, and, when

@@ -5,7 +5,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -34,9 +33,7 @@ pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Resu
     hosts.sort_unstable();
     hosts.dedup();
     let per_host = hosts.len() > 1;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::jwks::unix_now();
     let mut written: Vec<(PathBuf, Object)> = Vec::new();
     for cfg in &config.issuers {
         let mut sets = Vec::with_capacity(cfg.sources.len());

@@ -230,6 +230,45 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Fetched, String> {
     })
 }
 
+/// GET one document: A-3 (reachable, 200) and A-6 (no redirect). `None` when nothing more
+/// can be checked.
+async fn fetch_document(
+    report: &mut Report,
+    client: &reqwest::Client,
+    url: &str,
+    what: &str,
+) -> Option<Fetched> {
+    let fetched = match fetch(client, url).await {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            report.add(
+                "A-3",
+                format!("{what} is reachable"),
+                Status::Fail,
+                format!("GET {url}: {e}"),
+            );
+            return None;
+        }
+    };
+    if let Some(location) = &fetched.location {
+        report.add(
+            "A-6",
+            format!("{what} is served without a redirect"),
+            Status::Fail,
+            format!("{} to {location}", fetched.status),
+        );
+        return None;
+    }
+    report.pass_or(
+        fetched.status == 200,
+        "A-3",
+        &format!("{what} answers 200"),
+        Status::Fail,
+        format!("{} from {url}", fetched.status),
+    );
+    Some(fetched)
+}
+
 fn media_type(content_type: &str) -> &str {
     content_type.split(';').next().unwrap_or_default().trim()
 }
@@ -271,47 +310,24 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
     let client = relying_party_client(ca_pem.as_deref(), connect_to, &[issuer.host()])?;
 
     // D-7: the discovery document.
-    let discovery = match fetch(&client, &discovery_url).await {
-        Ok(f) => f,
-        Err(e) => {
-            report.add(
-                "A-3",
-                "discovery document is reachable",
-                Status::Fail,
-                format!("GET {discovery_url}: {e}"),
-            );
-            // Say why when TLS is the reason (expired, untrusted, TLS 1.3 only).
-            let roots = tls::roots(ca_pem.as_deref())?;
-            let url = url::Url::parse(&discovery_url)?;
-            tls_findings(
-                &mut report,
-                issuer.host(),
-                &url,
-                connect_to,
-                &roots,
-                ca_pem.is_some(),
-                has("aws"),
-            )
-            .await;
-            return Ok(report);
-        }
-    };
-    if let Some(location) = &discovery.location {
-        report.add(
-            "A-6",
-            "discovery document is served without a redirect",
-            Status::Fail,
-            format!("{} to {location}", discovery.status),
-        );
+    let Some(discovery) =
+        fetch_document(&mut report, &client, &discovery_url, "discovery document").await
+    else {
+        // Say why when TLS is the reason (expired, untrusted, TLS 1.3 only).
+        let roots = tls::roots(ca_pem.as_deref())?;
+        let url = url::Url::parse(&discovery_url)?;
+        tls_findings(
+            &mut report,
+            issuer.host(),
+            &url,
+            connect_to,
+            &roots,
+            ca_pem.is_some(),
+            has("aws"),
+        )
+        .await;
         return Ok(report);
-    }
-    report.pass_or(
-        discovery.status == 200,
-        "A-3",
-        "discovery document answers 200",
-        Status::Fail,
-        format!("{} from {discovery_url}", discovery.status),
-    );
+    };
     let ct = media_type(&discovery.content_type).to_owned();
     report.pass_or(
         ct == "application/json",
@@ -426,34 +442,9 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
     };
     let jwks_host = jwks_url.host_str().unwrap_or_default().to_owned();
     let client = relying_party_client(ca_pem.as_deref(), connect_to, &[issuer.host(), &jwks_host])?;
-    let jwks = match fetch(&client, &jwks_uri).await {
-        Ok(f) => f,
-        Err(e) => {
-            report.add(
-                "A-3",
-                "JWKS is reachable",
-                Status::Fail,
-                format!("GET {jwks_uri}: {e}"),
-            );
-            return Ok(report);
-        }
-    };
-    if let Some(location) = &jwks.location {
-        report.add(
-            "A-6",
-            "JWKS is served without a redirect",
-            Status::Fail,
-            format!("{} to {location}", jwks.status),
-        );
+    let Some(jwks) = fetch_document(&mut report, &client, &jwks_uri, "JWKS").await else {
         return Ok(report);
-    }
-    report.pass_or(
-        jwks.status == 200,
-        "A-3",
-        "JWKS answers 200",
-        Status::Fail,
-        format!("{} from {jwks_uri}", jwks.status),
-    );
+    };
     let jwks_type = media_type(&jwks.content_type).to_owned();
     let type_status = match jwks_type.as_str() {
         "application/json" => Status::Pass,

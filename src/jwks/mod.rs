@@ -59,6 +59,14 @@ impl PublicJwk {
     }
 }
 
+/// Seconds since the Unix epoch: the clock of rotation grace and of persisted state, which
+/// must survive restarts (so not a monotonic clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Renders a JWK set as compact JSON in the order given (callers pass keys sorted by kid, so
 /// that replicas produce identical bytes and ETags).
 pub fn render_jwks<'a>(keys: impl IntoIterator<Item = &'a PublicJwk>) -> bytes::Bytes {

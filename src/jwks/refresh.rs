@@ -12,12 +12,12 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::PublicJwk;
 use super::merge::{Ledger, merge};
 use super::persist::StateFile;
 use super::source::{Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
+use super::{PublicJwk, unix_now};
 use crate::config::IssuerConfig;
 use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
 
@@ -46,12 +46,6 @@ fn jitter_sample() -> f64 {
         .build_hasher()
         .finish();
     (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Fetch results of every source of one issuer, merged, published and persisted.

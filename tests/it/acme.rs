@@ -2,13 +2,12 @@
 //! renewal without restart, restart from the cache without a new order, the cache's file
 //! modes, and kill -9 during cache writes.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::pebble::{Pebble, free_tcp_port};
-use crate::support::{K3S, Scratch, Server, fixture_kids, kids};
+use crate::support::{K3S, Scratch, Server, assert_serves_both_documents_everywhere, served_cert};
 
 const DOMAIN: &str = "oidc.example.com";
 
@@ -32,77 +31,6 @@ fn config(
             pebble.api_ca_file.display()
         ),
     )
-}
-
-fn client(root_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(root_pem.as_bytes()).expect("root"))
-        .resolve(DOMAIN, addr)
-        .no_proxy()
-        .tls_info(true)
-        .timeout(Duration::from_secs(5))
-}
-
-fn url(addr: SocketAddr, path: &str) -> String {
-    format!("https://{DOMAIN}:{}{path}", addr.port())
-}
-
-/// Both documents over TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2, trusting only Pebble's root.
-async fn assert_serves_everything(root_pem: &str, addr: SocketAddr) {
-    for tls in [
-        reqwest::tls::Version::TLS_1_2,
-        reqwest::tls::Version::TLS_1_3,
-    ] {
-        for http1 in [true, false] {
-            let mut builder = client(root_pem, addr)
-                .tls_version_min(tls)
-                .tls_version_max(tls);
-            if http1 {
-                builder = builder.http1_only();
-            }
-            let http = builder.build().expect("client");
-            for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
-                let response = http
-                    .get(url(addr, path))
-                    .send()
-                    .await
-                    .expect("GET over https");
-                let version = if http1 {
-                    reqwest::Version::HTTP_11
-                } else {
-                    reqwest::Version::HTTP_2
-                };
-                assert_eq!(
-                    (response.status().as_u16(), response.version()),
-                    (200, version),
-                    "{tls:?} {path}"
-                );
-                assert_eq!(response.headers()["content-type"], "application/json");
-                let body = response.text().await.expect("body");
-                if path.ends_with("jwks") {
-                    assert_eq!(kids(&body), fixture_kids(K3S));
-                }
-            }
-        }
-    }
-}
-
-/// The serial-bearing DER of the certificate served now.
-async fn served_cert(root_pem: &str, addr: SocketAddr) -> Result<Vec<u8>, String> {
-    let http = client(root_pem, addr).build().expect("client");
-    let response = http
-        .get(url(addr, "/openid/v1/jwks"))
-        .send()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    if response.status() != 200 {
-        return Err(format!("status {}", response.status()));
-    }
-    let info = response
-        .extensions()
-        .get::<reqwest::tls::TlsInfo>()
-        .expect("tls info");
-    Ok(info.peer_certificate().expect("peer certificate").to_vec())
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -137,7 +65,7 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
         "acme tls-alpn-01: start to first HTTPS 200 in {:?}",
         first_ok.expect("measured")
     );
-    assert_serves_everything(&root, https).await;
+    assert_serves_both_documents_everywhere(&root, https).await;
 
     // The cache: a 0700 directory of 0600 files.
     let cache = scratch.path("state/acme");
@@ -180,7 +108,7 @@ async fn http_01_issues_on_the_plain_listener_which_redirects_the_rest() {
     let https = server.listening("https");
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
-    assert_serves_everything(&root, https).await;
+    assert_serves_both_documents_everywhere(&root, https).await;
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .resolve(DOMAIN, server.addr)

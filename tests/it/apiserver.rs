@@ -13,8 +13,8 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode, Pki};
 use crate::support::{
-    K3S, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, client, eventually, fixture_kids, get,
-    kids, run,
+    K3S, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, assert_not_published_yet, client,
+    eventually, fixture_kids, get, kids, run,
 };
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -281,13 +281,7 @@ async fn down_at_start_with_no_state_is_503_and_recovers_by_itself() {
     let (_scratch, config) = setup(&fake, "");
     let mut server = Server::start(&config);
     server.wait_for_log("Connection refused");
-    let response = client()
-        .get(server.url("/openid/v1/jwks"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "5");
+    assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     fake.restart().await;
     eventually("recovery", || async {
         served_kids(&server).await == fixture_kids(K3S)

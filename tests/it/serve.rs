@@ -6,8 +6,8 @@ use std::time::Duration;
 use oidc_edge::jwks::persist::StateFile;
 
 use crate::support::{
-    K3S, OCT, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, client, eventually, fixture_kids,
-    get, kids, repo_path,
+    K3S, OCT, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, assert_not_published_yet, client,
+    eventually, fixture_kids, get, kids, repo_path,
 };
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -215,13 +215,7 @@ async fn with_no_good_set_yet_it_answers_503_and_recovers_by_itself() {
     scratch.write("jwks.json", "not json");
     let mut server = Server::start(&scratch.config("50ms"));
     server.wait_for_log("key set refused");
-    let response = client()
-        .get(server.url("/openid/v1/jwks"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "5");
+    assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     scratch.replace("jwks.json", K3S);
     let url = server.url("/openid/v1/jwks");
     eventually("recovery", || async { get(&url).await.0 == 200 }).await;

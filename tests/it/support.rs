@@ -291,3 +291,91 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         .expect("runtime")
         .block_on(future)
 }
+
+/// The host name HTTPS tests serve, resolved to the server under test.
+pub const HTTPS_DOMAIN: &str = "oidc.example.com";
+
+/// A client for `https://oidc.example.com` served at `addr`, trusting only `ca_pem`.
+pub fn https_client(ca_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("ca"))
+        .resolve(HTTPS_DOMAIN, addr)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .tls_info(true)
+        .timeout(Duration::from_secs(5))
+}
+
+pub fn https_url(addr: SocketAddr, path: &str) -> String {
+    format!("https://{HTTPS_DOMAIN}:{}{path}", addr.port())
+}
+
+/// The DER of the certificate served now.
+pub async fn served_cert(ca_pem: &str, addr: SocketAddr) -> Result<Vec<u8>, String> {
+    let http = https_client(ca_pem, addr).build().expect("client");
+    let response = http
+        .get(https_url(addr, "/openid/v1/jwks"))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if response.status() != 200 {
+        return Err(format!("status {}", response.status()));
+    }
+    let info = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .expect("tls info");
+    Ok(info.peer_certificate().expect("peer certificate").to_vec())
+}
+
+/// Both documents (the `K3S` set) over TLS 1.2 and 1.3, each with HTTP/1.1 and HTTP/2, as
+/// `application/json` with HSTS.
+pub async fn assert_serves_both_documents_everywhere(ca_pem: &str, addr: SocketAddr) {
+    for tls in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        for http1 in [true, false] {
+            let mut builder = https_client(ca_pem, addr)
+                .tls_version_min(tls)
+                .tls_version_max(tls);
+            if http1 {
+                builder = builder.http1_only();
+            }
+            let http = builder.build().expect("client");
+            let version = if http1 {
+                reqwest::Version::HTTP_11
+            } else {
+                reqwest::Version::HTTP_2
+            };
+            for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+                let response = http
+                    .get(https_url(addr, path))
+                    .send()
+                    .await
+                    .expect("GET over https");
+                assert_eq!(
+                    (response.status().as_u16(), response.version()),
+                    (200, version),
+                    "{tls:?} {path}"
+                );
+                assert_eq!(response.headers()["content-type"], "application/json");
+                assert_eq!(
+                    response.headers()["strict-transport-security"],
+                    "max-age=31536000"
+                );
+                let body = response.text().await.expect("body");
+                if path.ends_with("jwks") {
+                    assert_eq!(kids(&body), fixture_kids(K3S));
+                }
+            }
+        }
+    }
+}
+
+/// Before the first good key set: 503 with Retry-After, never an empty set.
+pub async fn assert_not_published_yet(url: &str) {
+    let response = client().get(url).send().await.expect("GET");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+}

@@ -6,7 +6,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::fake_apiserver::{Leaf, Pki};
-use crate::support::{K3S, Scratch, Server, fixture_kids, kids};
+use crate::support::{
+    K3S, Scratch, Server, assert_serves_both_documents_everywhere, https_client, https_url,
+    served_cert,
+};
 
 const DOMAIN: &str = "oidc.example.com";
 
@@ -28,76 +31,12 @@ fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
     (server, https)
 }
 
-fn client(ca_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("ca"))
-        .resolve(DOMAIN, addr)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .tls_info(true)
-        .timeout(Duration::from_secs(5))
-}
-
-fn url(addr: SocketAddr, path: &str) -> String {
-    format!("https://{DOMAIN}:{}{path}", addr.port())
-}
-
-async fn served_cert(ca_pem: &str, addr: SocketAddr) -> Vec<u8> {
-    let response = client(ca_pem, addr)
-        .build()
-        .expect("client")
-        .get(url(addr, "/openid/v1/jwks"))
-        .send()
-        .await
-        .expect("GET");
-    let info = response
-        .extensions()
-        .get::<reqwest::tls::TlsInfo>()
-        .expect("tls info");
-    info.peer_certificate().expect("peer certificate").to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_documents_over_tls_1_2_and_1_3_with_http_1_1_and_2() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
     let (_server, https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
-    for tls in [
-        reqwest::tls::Version::TLS_1_2,
-        reqwest::tls::Version::TLS_1_3,
-    ] {
-        for http1 in [true, false] {
-            let mut builder = client(&pki.ca_pem, https)
-                .tls_version_min(tls)
-                .tls_version_max(tls);
-            if http1 {
-                builder = builder.http1_only();
-            }
-            let http = builder.build().expect("client");
-            for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
-                let response = http.get(url(https, path)).send().await.expect("GET");
-                let expected = if http1 {
-                    reqwest::Version::HTTP_11
-                } else {
-                    reqwest::Version::HTTP_2
-                };
-                assert_eq!(
-                    (response.status().as_u16(), response.version()),
-                    (200, expected),
-                    "{tls:?} {path}"
-                );
-                assert_eq!(response.headers()["content-type"], "application/json");
-                assert_eq!(
-                    response.headers()["strict-transport-security"],
-                    "max-age=31536000"
-                );
-                let body = response.text().await.expect("body");
-                if path.ends_with("jwks") {
-                    assert_eq!(kids(&body), fixture_kids(K3S));
-                }
-            }
-        }
-    }
+    assert_serves_both_documents_everywhere(&pki.ca_pem, https).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,11 +45,11 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     let scratch = Scratch::new();
     let first = pki.server_for(&[DOMAIN]);
     let (mut server, https) = start(&scratch, &first, "");
-    let before = served_cert(&pki.ca_pem, https).await;
+    let before = served_cert(&pki.ca_pem, https).await.expect("served");
     // A connection opened before the swap keeps working after it.
-    let kept = client(&pki.ca_pem, https).build().expect("client");
+    let kept = https_client(&pki.ca_pem, https).build().expect("client");
     assert_eq!(
-        kept.get(url(https, "/openid/v1/jwks"))
+        kept.get(https_url(https, "/openid/v1/jwks"))
             .send()
             .await
             .expect("GET")
@@ -123,10 +62,10 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     scratch.replace("cert.pem", &second.cert_pem);
     server.signal("HUP");
     server.wait_for_log("certificate files reloaded");
-    let after = served_cert(&pki.ca_pem, https).await;
+    let after = served_cert(&pki.ca_pem, https).await.expect("served");
     assert_ne!(before, after, "a new certificate is served");
     assert_eq!(
-        kept.get(url(https, "/openid/v1/jwks"))
+        kept.get(https_url(https, "/openid/v1/jwks"))
             .send()
             .await
             .expect("GET")
@@ -141,7 +80,10 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     scratch.replace("cert.pem", "garbage");
     server.signal("HUP");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(served_cert(&pki.ca_pem, https).await, after);
+    assert_eq!(
+        served_cert(&pki.ca_pem, https).await.expect("served"),
+        after
+    );
 }
 
 /// Reads until the peer closes (or 6 s pass); returns how long that took and what came.
@@ -179,10 +121,10 @@ async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
         })
         .collect();
     // Meanwhile an ordinary client is served at once.
-    let http = client(&pki.ca_pem, https).build().expect("client");
+    let http = https_client(&pki.ca_pem, https).build().expect("client");
     let started = Instant::now();
     assert_eq!(
-        http.get(url(https, "/openid/v1/jwks"))
+        http.get(https_url(https, "/openid/v1/jwks"))
             .send()
             .await
             .expect("GET")

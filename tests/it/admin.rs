@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
 use crate::support::{K3S, Scratch, Server, eventually, get};
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -224,4 +227,68 @@ async fn sigterm_with_open_keep_alive_connections_exits_0_within_the_deadline() 
             .iter()
             .any(|l| l.contains("shutting down signal=\"SIGTERM\""))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line_or_status_even_at_trace_level() {
+    // A client key in a kubeconfig, a bearer token in another source, a refused private key
+    // upstream: none of them may appear in what the server says about itself.
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    let admin_cert = fake.pki.client("system:admin");
+    let kubeconfig = format!(
+        "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: {ca}\n    server: {url}\n  name: c\ncontexts:\n- context:\n    cluster: c\n    user: u\n  name: c\ncurrent-context: c\nkind: Config\nusers:\n- name: u\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\n",
+        ca = STANDARD.encode(&fake.pki.ca_pem),
+        url = fake.url(),
+        cert = STANDARD.encode(&admin_cert.cert_pem),
+        key = STANDARD.encode(&admin_cert.key_pem),
+    );
+    scratch.write("k.yaml", &kubeconfig);
+    scratch.write("ca.pem", &fake.pki.ca_pem);
+    scratch.write("token", TOKEN);
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"k.yaml\"\n  refresh_interval = \"100ms\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n[log]\nlevel = \"trace\"\naccess = true\n",
+            fake.url()
+        ),
+    );
+    let mut server = Server::start(&config);
+    let jwks = server.url("/openid/v1/jwks");
+    eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
+    fake.set(|s| s.mode = Mode::Body(crate::support::PRIVATE_RSA.to_owned()));
+    server.wait_for_log("PRIVATE KEY MATERIAL");
+    let (_, status) = get(&server.admin_url("/status")).await;
+    let (_, metrics) = get(&server.admin_url("/metrics")).await;
+    let said = format!("{}\n{status}\n{metrics}", server.log().join("\n"));
+    let private: serde_json::Value =
+        serde_json::from_str(crate::support::PRIVATE_RSA).expect("json");
+    let key_body: String = admin_cert
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut secrets = vec![
+        TOKEN.to_owned(),
+        key_body,
+        STANDARD.encode(&admin_cert.key_pem),
+    ];
+    for member in ["d", "p", "q", "dp", "dq", "qi"] {
+        secrets.push(
+            private["keys"][1][member]
+                .as_str()
+                .expect("member")
+                .to_owned(),
+        );
+    }
+    for secret in &secrets {
+        // The tail: PEM and PKCS#8 prefixes are the same for every key.
+        let probe = &secret[secret.len().saturating_sub(32)..];
+        assert!(
+            !said.contains(probe),
+            "a secret (...{}) appears in logs, /status or /metrics",
+            &probe[probe.len() - 6..]
+        );
+    }
+    assert!(server.log().len() > 20, "trace logging was on");
 }

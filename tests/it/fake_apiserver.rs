@@ -130,6 +130,8 @@ pub enum Mode {
     Body(String),
     /// Every request is redirected there.
     Redirect(String),
+    /// The JWKS route answers 200 with these bytes and extra headers.
+    Raw(Vec<u8>, Vec<(String, String)>),
 }
 
 #[derive(Debug)]
@@ -353,6 +355,16 @@ async fn answer(
             }
             match mode {
                 Mode::Body(body) => full(StatusCode::OK, "application/jwk-set+json", body),
+                Mode::Raw(bytes, headers) => {
+                    let mut response = full(StatusCode::OK, "application/jwk-set+json", bytes);
+                    for (name, value) in headers {
+                        response.headers_mut().insert(
+                            http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                            http::HeaderValue::from_str(&value).expect("header value"),
+                        );
+                    }
+                    response
+                }
                 Mode::Drip => {
                     let bytes = Bytes::from(jwks);
                     let stream = futures_util::stream::unfold(0, move |i| {

@@ -8,6 +8,7 @@ mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod config; // check-config and the table of bad configurations
 mod doctor; // check, tokens, render, aws provider and trust-policy
 mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
+mod hostile; // a hostile upstream: last good set kept, memory bounded
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod pebble; // harness: Pebble and challtestsrv on loopback
 mod proxy; // behind nginx terminating TLS: byte-identical documents

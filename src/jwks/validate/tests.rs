@@ -281,3 +281,127 @@ fn bit_length_counts_from_the_first_set_bit() {
     assert_eq!(bit_length(&[0x80, 0]), 16);
     assert_eq!(bit_length(&[0, 0x7f, 0]), 15);
 }
+
+// === properties (proptest; PROPTEST_CASES sets the count, 256 by default) ===
+
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::super::{PRIVATE_MEMBERS, validate};
+    use crate::jwks::render_jwks;
+
+    fn b64(bytes: Vec<u8>) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// A valid RSA, EC or Ed25519 key, then, three times in ten, one mutation: a private
+    /// member, a missing or numeric kid, `use: enc`, a wrong `alg`, a symmetric type, a short
+    /// coordinate or modulus, or an extra member. So that sets are accepted and refused alike.
+    fn key() -> impl Strategy<Value = Value> {
+        let kid = "[a-z0-9]{1,4}";
+        let bytes =
+            |range: std::ops::RangeInclusive<usize>| prop::collection::vec(any::<u8>(), range);
+        let base = prop_oneof![
+            (bytes(256..=300), kid).prop_map(|(mut n, kid)| {
+                n[0] |= 0x80;
+                json!({"kty": "RSA", "kid": kid, "alg": "RS256", "n": b64(n), "e": "AQAB"})
+            }),
+            (bytes(32..=32), bytes(32..=32), kid).prop_map(|(x, y, kid)| {
+                json!({"kty": "EC", "kid": kid, "crv": "P-256", "x": b64(x), "y": b64(y)})
+            }),
+            (bytes(32..=32), kid).prop_map(
+                |(x, kid)| json!({"kty": "OKP", "kid": kid, "crv": "Ed25519", "x": b64(x)})
+            ),
+        ];
+        let mutation = prop::option::weighted(
+            0.3,
+            (0u8..8, prop::sample::select(PRIVATE_MEMBERS.to_vec())),
+        );
+        (base, mutation).prop_map(|(mut key, mutation)| {
+            let m = key.as_object_mut().expect("object");
+            match mutation {
+                None => {}
+                Some((0, private)) => {
+                    m.insert(private.into(), json!("c2VjcmV0"));
+                }
+                Some((1, _)) => {
+                    m.remove("kid");
+                }
+                Some((2, _)) => {
+                    m.insert("kid".into(), json!(7));
+                }
+                Some((3, _)) => {
+                    m.insert("use".into(), json!("enc"));
+                }
+                Some((4, _)) => {
+                    m.insert("alg".into(), json!("HS256"));
+                }
+                Some((5, _)) => {
+                    m.insert("kty".into(), json!("oct"));
+                }
+                Some((6, _)) => {
+                    for member in ["n", "x"] {
+                        if m.contains_key(member) {
+                            m.insert(member.into(), json!("AQAB"));
+                        }
+                    }
+                }
+                Some(_) => {
+                    m.insert("x5c".into(), json!(["MIIB"]));
+                }
+            }
+            key
+        })
+    }
+
+    /// The properties below mean something only if the generator also makes accepted sets.
+    #[test]
+    fn the_generator_makes_accepted_and_refused_sets() {
+        use proptest::strategy::ValueTree as _;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = prop::collection::vec(key(), 1..6);
+        let accepted = (0..500)
+            .filter(|_| {
+                let keys = strategy.new_tree(&mut runner).expect("tree").current();
+                validate(&serde_json::to_vec(&json!({ "keys": keys })).expect("json")).is_ok()
+            })
+            .count();
+        assert!((25..475).contains(&accepted), "{accepted} of 500 accepted");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = validate(&bytes);
+        }
+
+        #[test]
+        fn published_sets_hold_only_allow_listed_public_members_of_input_keys(keys in prop::collection::vec(key(), 0..6)) {
+            let body = serde_json::to_vec(&json!({ "keys": keys })).expect("json");
+            let has_private = keys.iter().any(|k| PRIVATE_MEMBERS.iter().any(|m| k.get(*m).is_some()));
+            match validate(&body) {
+                Err(_) => {}
+                Ok(valid) => {
+                    prop_assert!(!has_private, "a set with a private member was accepted");
+                    let rendered = render_jwks(&valid.keys);
+                    let out: Value = serde_json::from_slice(&rendered).expect("rendered JSON");
+                    let allowed = ["kty", "use", "kid", "alg", "n", "e", "crv", "x", "y"];
+                    let input_kids: Vec<&Value> = keys.iter().filter_map(|k| k.get("kid")).collect();
+                    for key in out["keys"].as_array().expect("keys") {
+                        for member in key.as_object().expect("object").keys() {
+                            prop_assert!(allowed.contains(&member.as_str()), "published member {member}");
+                        }
+                        prop_assert_eq!(&key["use"], "sig");
+                        prop_assert!(input_kids.contains(&&key["kid"]), "kid {} was not in the input", key["kid"]);
+                    }
+                    // Rendering is a fixed point: what we publish validates to itself.
+                    let again = validate(&rendered).expect("a published set validates");
+                    prop_assert!(again.dropped.is_empty());
+                    prop_assert_eq!(render_jwks(&again.keys), rendered);
+                }
+            }
+        }
+    }
+}

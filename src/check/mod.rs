@@ -641,18 +641,10 @@ pub fn accepted_algs(target: &str) -> &'static [&'static str] {
 
 /// The algorithm a key signs with: its `alg`, or what Kubernetes uses for its type (K-4).
 pub fn key_alg(key: &Value) -> String {
-    if let Some(alg) = key.get("alg").and_then(Value::as_str) {
-        return alg.to_owned();
-    }
-    match (
-        key.get("kty").and_then(Value::as_str),
-        key.get("crv").and_then(Value::as_str),
-    ) {
-        (Some("EC"), Some("P-384")) => "ES384".to_owned(),
-        (Some("EC"), Some("P-521")) => "ES512".to_owned(),
-        (Some("EC"), _) => "ES256".to_owned(),
-        (Some("OKP"), _) => "EdDSA".to_owned(),
-        _ => "RS256".to_owned(),
+    let text = |name| key.get(name).and_then(Value::as_str);
+    match text("alg") {
+        Some(alg) => alg.to_owned(),
+        None => crate::jwks::default_alg(text("kty").unwrap_or_default(), text("crv")).to_owned(),
     }
 }
 
@@ -728,13 +720,13 @@ fn check_keys(report: &mut Report, keys: &[Value], targets: &[&'static str]) {
                         .decode(n)
                         .ok()
                 })
-                .map_or(0, |n| n.iter().skip_while(|b| **b == 0).count() * 8);
+                .map_or(0, |n| crate::jwks::validate::bit_length(&n));
             report.pass_or(
                 bits >= 2048,
                 "D-12",
                 &format!("{name} RSA modulus is at least 2048 bits"),
                 Status::Fail,
-                format!("about {bits} bits"),
+                format!("{bits} bits"),
             );
         }
         let alg = key_alg(key);

@@ -46,16 +46,22 @@ pub struct PublicJwk {
 impl PublicJwk {
     /// The algorithm this key signs with: its `alg`, or what Kubernetes uses for its type (K-4).
     pub fn signing_alg(&self) -> &str {
-        if let Some(alg) = &self.alg {
-            return alg;
+        match &self.alg {
+            Some(alg) => alg,
+            None => default_alg(&self.kty, self.crv.as_deref()),
         }
-        match (self.kty.as_str(), self.crv.as_deref()) {
-            ("EC", Some("P-256")) => "ES256",
-            ("EC", Some("P-384")) => "ES384",
-            ("EC", Some("P-521")) => "ES512",
-            ("OKP", _) => "EdDSA",
-            _ => "RS256",
-        }
+    }
+}
+
+/// The algorithm Kubernetes signs with for a key type when a JWK names none (K-4): RS256 for
+/// RSA, ES256/384/512 by curve for EC, EdDSA for OKP.
+pub fn default_alg(kty: &str, crv: Option<&str>) -> &'static str {
+    match (kty, crv) {
+        ("EC", Some("P-384")) => "ES384",
+        ("EC", Some("P-521")) => "ES512",
+        ("EC", _) => "ES256",
+        ("OKP", _) => "EdDSA",
+        _ => "RS256",
     }
 }
 

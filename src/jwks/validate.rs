@@ -244,7 +244,8 @@ fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn bit_length(big_endian: &[u8]) -> usize {
+/// The number of significant bits of a big-endian unsigned integer.
+pub fn bit_length(big_endian: &[u8]) -> usize {
     match big_endian.iter().position(|b| *b != 0) {
         Some(first) => (big_endian.len() - first) * 8 - big_endian[first].leading_zeros() as usize,
         None => 0,

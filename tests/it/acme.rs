@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::pebble::{Pebble, free_tcp_port};
-use crate::support::{K3S, Scratch, Server, assert_serves_both_documents_everywhere, served_cert};
+use crate::support::{
+    K3S, Scratch, Server, assert_serves_both_documents_everywhere, plain_client, served_cert,
+};
 
 const DOMAIN: &str = "oidc.example.com";
 
@@ -109,12 +111,7 @@ async fn http_01_issues_on_the_plain_listener_which_redirects_the_rest() {
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
     assert_serves_both_documents_everywhere(&root, https).await;
-    let plain = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .resolve(DOMAIN, server.addr)
-        .no_proxy()
-        .build()
-        .expect("client");
+    let plain = plain_client(server.addr);
     let response = plain
         .get(format!(
             "http://{DOMAIN}:{http_port}/.well-known/openid-configuration"

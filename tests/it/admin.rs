@@ -46,14 +46,12 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
 }
 
 fn apiserver_config(scratch: &Scratch, fake: &FakeApiserver, interval: &str) -> std::path::PathBuf {
-    scratch.write("ca.pem", &fake.pki.ca_pem);
-    scratch.write("token", TOKEN);
-    scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"{interval}\"\n  timeout = \"500ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-            fake.url()
-        ),
+    fake.config_in(
+        scratch,
+        TOKEN,
+        "",
+        &format!("  refresh_interval = \"{interval}\"\n  timeout = \"500ms\""),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
     )
 }
 

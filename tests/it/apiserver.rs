@@ -24,29 +24,13 @@ const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.token-a.sig";
 /// reads the fake every 100 ms.
 fn setup(fake: &FakeApiserver, issuer_extra: &str) -> (Scratch, std::path::PathBuf) {
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &fake.pki.ca_pem);
-    scratch.write("token", &format!("{TOKEN}\n"));
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            r#"
-[[issuers]]
-issuer = "{ISSUER}"
-{issuer_extra}
-  [[issuers.sources]]
-  kind = "apiserver"
-  url = "{}"
-  ca_file = "ca.pem"
-  token_file = "token"
-  refresh_interval = "100ms"
-  timeout = "500ms"
-[http]
-listen = "127.0.0.1:0"
-[state]
-dir = "state"
-"#,
-            fake.url()
-        ),
+    // A trailing newline, as `kubectl create token > token` leaves.
+    let config = fake.config_in(
+        &scratch,
+        &format!("{TOKEN}\n"),
+        issuer_extra,
+        "  refresh_interval = \"100ms\"\n  timeout = \"500ms\"",
+        "",
     );
     (scratch, config)
 }

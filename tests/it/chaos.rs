@@ -51,14 +51,12 @@ async fn flapping_upstream_rotating_keys_and_polling_clients() {
         .unwrap_or(6);
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &fake.pki.ca_pem);
-    scratch.write("token", TOKEN);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\nkey_retention = \"2s\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"100ms\"\n  timeout = \"300ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n[log]\nlevel = \"warn,oidc_edge::server=info\"\n",
-            fake.url()
-        ),
+    let config = fake.config_in(
+        &scratch,
+        TOKEN,
+        "key_retention = \"2s\"",
+        "  refresh_interval = \"100ms\"\n  timeout = \"300ms\"",
+        "[log]\nlevel = \"warn,oidc_edge::server=info\"\n",
     );
     let server = Server::start(&config);
     let url = server.url("/openid/v1/jwks");

@@ -208,6 +208,29 @@ impl FakeApiserver {
         format!("https://{}", self.addr)
     }
 
+    /// Writes a config in `scratch` whose one source is this fake, for the issuer
+    /// `https://oidc.example.com`: the fake's CA in `ca.pem`, `token_contents` in `token`.
+    /// `issuer_extra` goes under `[[issuers]]`, `source_extra` under the source (its refresh
+    /// interval and timeout), `rest` at the end.
+    pub fn config_in(
+        &self,
+        scratch: &crate::support::Scratch,
+        token_contents: &str,
+        issuer_extra: &str,
+        source_extra: &str,
+        rest: &str,
+    ) -> std::path::PathBuf {
+        scratch.write("ca.pem", &self.pki.ca_pem);
+        scratch.write("token", token_contents);
+        scratch.write(
+            "config.toml",
+            &format!(
+                "[[issuers]]\nissuer = \"https://oidc.example.com\"\n{issuer_extra}\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n{source_extra}\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n{rest}",
+                self.url()
+            ),
+        )
+    }
+
     pub fn set(&self, change: impl FnOnce(&mut FakeState)) {
         change(&mut self.state.lock().expect("fake state"));
     }

@@ -52,14 +52,12 @@ fn rss_kib(pid: u32) -> u64 {
 async fn a_hostile_upstream_never_changes_what_is_served() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &fake.pki.ca_pem);
-    scratch.write("token", TOKEN);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"50ms\"\n  timeout = \"500ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-            fake.url()
-        ),
+    let config = fake.config_in(
+        &scratch,
+        TOKEN,
+        "",
+        "  refresh_interval = \"50ms\"\n  timeout = \"500ms\"",
+        "",
     );
     let mut server = Server::start(&config);
     let url = server.url("/openid/v1/jwks");

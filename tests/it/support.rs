@@ -295,6 +295,16 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 /// The host name HTTPS tests serve, resolved to the server under test.
 pub const HTTPS_DOMAIN: &str = "oidc.example.com";
 
+/// A plain-HTTP client for `http://oidc.example.com` served at `addr`, redirects off.
+pub fn plain_client(addr: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(HTTPS_DOMAIN, addr)
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
 /// A client for `https://oidc.example.com` served at `addr`, trusting only `ca_pem`.
 pub fn https_client(ca_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
     reqwest::Client::builder()

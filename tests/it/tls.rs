@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::fake_apiserver::{Leaf, Pki};
 use crate::support::{
     K3S, Scratch, Server, assert_serves_both_documents_everywhere, https_client, https_url,
-    served_cert,
+    plain_client, served_cert,
 };
 
 const DOMAIN: &str = "oidc.example.com";
@@ -179,12 +179,7 @@ async fn the_plain_listener_redirects_to_https_when_asked() {
         &pki.server_for(&[DOMAIN]),
         "redirect_to_https = true",
     );
-    let plain = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .resolve(DOMAIN, server.addr)
-        .no_proxy()
-        .build()
-        .expect("client");
+    let plain = plain_client(server.addr);
     let response = plain
         .get(format!(
             "http://{DOMAIN}:{}/openid/v1/jwks?x=1",

@@ -157,3 +157,23 @@ fn http_builder(limits: &Limits) -> Builder<TokioExecutor> {
         .keep_alive_timeout(Duration::from_secs(10));
     builder
 }
+
+/// Raises the soft open-file limit to the hard one, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: systemd and most shells start services at a soft 1024, which a
+/// few hundred stalled clients on each listener would exhaust long before `max_connections`.
+/// Warns when even the hard limit cannot hold every listener at its cap.
+pub fn raise_open_file_limit(limits: &Limits, listeners: usize) {
+    // One descriptor per connection, plus the listeners, upstream fetches, state and logs.
+    let wanted = (limits.max_connections * listeners + 256) as u64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => warn!(
+            open_file_limit = limit,
+            max_connections = limits.max_connections,
+            listeners,
+            "the open-file limit is below what limits.max_connections needs; new \
+             connections will wait in the kernel backlog once it is reached"
+        ),
+        Ok(limit) => debug!(open_file_limit = limit, "open-file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
+}

@@ -60,6 +60,8 @@ impl Server {
     /// Like [`Server::bind`], with public listeners passed by the service manager.
     pub async fn bind_activated(config: Config, activated: Activated) -> anyhow::Result<Self> {
         create_state_dir(&config.state_dir)?;
+        let public = usize::from(config.http.is_some()) + usize::from(config.https.is_some());
+        listener::raise_open_file_limit(&config.limits, public);
         let sources: Vec<Vec<AnySource>> = config
             .issuers
             .iter()

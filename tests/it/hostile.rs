@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::fake_apiserver::{FakeApiserver, Mode};
-use crate::support::{K3S, Scratch, Server, eventually, get};
+use crate::support::{K3S, Scratch, Server, eventually, get, proc_status_kib};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "hostile-test-token";
@@ -39,15 +39,6 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .expect("VmRSS")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_upstream_never_changes_what_is_served() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
@@ -63,7 +54,7 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
     let url = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&url).await.0 == 200 }).await;
     let (_, good) = get(&url).await;
-    let rss_before = rss_kib(server.pid());
+    let rss_before = proc_status_kib(server.pid(), "VmRSS");
 
     let k3s: serde_json::Value = serde_json::from_str(K3S).expect("json");
     let (rsa, ec) = (k3s["keys"][0].clone(), k3s["keys"][1].clone());
@@ -135,7 +126,7 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
     }
     // Bodies are capped at 1 MiB and dropped after each refusal: memory stays bounded.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_after = rss_kib(server.pid());
+    let rss_after = proc_status_kib(server.pid(), "VmRSS");
     println!("hostile upstream: RSS {rss_before} KiB before, {rss_after} KiB after the corpus");
     assert!(
         rss_after < rss_before + 32 * 1024,

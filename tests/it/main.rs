@@ -1,5 +1,6 @@
 //! The integration tests: one binary, one module per area.
 
+mod abuse; // hostile clients at scale: an ordinary client keeps its 200s, memory bounded
 mod acme; // ACME against Pebble: issuance, renewal, restart, cache
 mod admin; // admin endpoints, metrics, status, SIGHUP and SIGTERM
 mod apiserver; // sources over real TLS against the fake apiserver

@@ -3,13 +3,16 @@
 //!
 //! - a TLS handshake deadline, so a client that connects and sends nothing is dropped;
 //! - a header deadline, which hyper also applies while an HTTP/1.1 keep-alive connection idles;
-//! - a cap on open connections, so a flood of stalled clients cannot exhaust the process;
+//! - a cap on open connections, so a flood of stalled clients cannot exhaust the process; at
+//!   the cap the oldest connection that has not sent a request yet makes room for the new one;
 //! - a cap on concurrent HTTP/2 streams and on header size (431 beyond it).
 //!
 //! TLS-ALPN-01 validation handshakes (`acme-tls/1`) are answered with the challenge
 //! certificate and closed; every other handshake gets the serving configuration.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -23,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use crate::config::Limits;
@@ -56,13 +60,8 @@ pub async fn serve(
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let unproven = Arc::new(Unproven::default());
     loop {
-        // Waiting for a permit first means a full server stops accepting instead of
-        // accepting and dropping: the kernel backlog holds the rest.
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -75,30 +74,68 @@ pub async fn serve(
                 }
             },
         };
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // At the cap: close the oldest connection that has not sent a request yet,
+                // so stalled clients cannot keep real ones out however many they open. When
+                // every connection is serving requests, this one waits for a slot instead
+                // (and the kernel backlog holds the next ones).
+                if unproven.evict_oldest() {
+                    debug!(
+                        listener = name,
+                        "at max_connections: closed the oldest connection without a request"
+                    );
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+                }
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        let (builder, router, transport, watcher) = (
-            Arc::clone(&builder),
-            router.clone(),
-            transport.clone(),
-            graceful.watcher(),
-        );
-        let handshake_timeout = limits.handshake_timeout;
+        let probation = Arc::new(unproven.admit());
+        let (builder, transport, watcher) =
+            (Arc::clone(&builder), transport.clone(), graceful.watcher());
+        let service = {
+            let probation = Arc::clone(&probation);
+            TowerToHyperService::new(router.clone().map_request(
+                move |request: http::Request<hyper::body::Incoming>| {
+                    probation.passed();
+                    request
+                },
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            let service = TowerToHyperService::new(router);
-            match transport {
-                Transport::Plain => {
-                    let conn = builder.serve_connection(TokioIo::new(tcp), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+            let evicted = probation.evicted.clone();
+            let connection = async {
+                // A connection that sends nothing is closed at the handshake deadline on
+                // either listener; its first byte moves it behind the silent ones.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+                    Ok(Ok(1..)) => probation.heard(),
+                    _ => return,
                 }
-                Transport::Tls(tls) => {
-                    let Some(stream) = tls_handshake(tcp, &tls, handshake_timeout).await else {
-                        debug!(%peer, "TLS handshake not completed");
-                        return;
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                match transport {
+                    Transport::Plain => {
+                        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                        let _ = watcher.watch(conn.into_owned()).await;
+                    }
+                    Transport::Tls(tls) => {
+                        let Some(stream) = tls_handshake(tcp, &tls, deadline).await else {
+                            debug!(%peer, "TLS handshake not completed");
+                            return;
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let _ = watcher.watch(conn.into_owned()).await;
+                    }
                 }
+            };
+            tokio::select! {
+                () = connection => {}
+                () = evicted.cancelled() => debug!(%peer, "closed to make room"),
             }
         });
     }
@@ -116,12 +153,101 @@ pub async fn serve(
     }
 }
 
-/// The handshake, bounded by `limit` from the first byte on. `None`: dropped (timeout,
+/// The connections that have not sent a complete request yet, in two queues, oldest first:
+/// those that have sent nothing at all, then those still in the TLS handshake or their first
+/// headers. A full listener closes the oldest silent one to make room, and only when none is
+/// left the oldest of the others. A real client sends its first bytes at once and leaves both
+/// queues within a round trip or two, so a flood of silent connections never pushes it out.
+#[derive(Debug, Default)]
+struct Unproven {
+    next: AtomicU64,
+    queues: Mutex<Queues>,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    silent: BTreeMap<u64, CancellationToken>,
+    speaking: BTreeMap<u64, CancellationToken>,
+}
+
+impl Unproven {
+    fn admit(self: &Arc<Self>) -> Probation {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        self.lock().silent.insert(id, evicted.clone());
+        Probation {
+            id,
+            evicted,
+            passed: AtomicBool::new(false),
+            list: Arc::clone(self),
+        }
+    }
+
+    /// Closes the oldest silent connection, else the oldest other one on probation; false
+    /// when every connection has sent a request.
+    fn evict_oldest(&self) -> bool {
+        let mut queues = self.lock();
+        let oldest = match queues.silent.pop_first() {
+            Some(oldest) => Some(oldest),
+            None => queues.speaking.pop_first(),
+        };
+        match oldest {
+            Some((_, evicted)) => {
+                evicted.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        // The queues stay consistent even if a holder panicked: every operation is one call.
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One connection's place in [`Unproven`], left at its first request or when it closes.
+#[derive(Debug)]
+struct Probation {
+    id: u64,
+    evicted: CancellationToken,
+    passed: AtomicBool,
+    list: Arc<Unproven>,
+}
+
+impl Probation {
+    /// The first bytes arrived: from the silent queue to the other one.
+    fn heard(&self) {
+        let mut queues = self.list.lock();
+        if let Some(evicted) = queues.silent.remove(&self.id) {
+            queues.speaking.insert(self.id, evicted);
+        }
+    }
+
+    /// Called on every request; only the first one takes the lock.
+    fn passed(&self) {
+        if !self.passed.swap(true, Ordering::Relaxed) {
+            let mut queues = self.list.lock();
+            queues.silent.remove(&self.id);
+            queues.speaking.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Probation {
+    fn drop(&mut self) {
+        self.passed();
+    }
+}
+
+/// The handshake, bounded by `deadline` (the handshake timeout from the accept on). `None`: dropped (timeout,
 /// protocol error, or a completed ACME validation).
 async fn tls_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
     tls: &TlsTransport,
-    limit: Duration,
+    deadline: tokio::time::Instant,
 ) -> Option<tokio_rustls::server::TlsStream<IO>> {
     let handshake = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
@@ -136,7 +262,10 @@ async fn tls_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
         }
         start.into_stream(Arc::clone(&tls.config)).await.ok()
     };
-    tokio::time::timeout(limit, handshake).await.ok().flatten()
+    tokio::time::timeout_at(deadline, handshake)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn http_builder(limits: &Limits) -> Builder<TokioExecutor> {

@@ -335,10 +335,23 @@ async fn listen_or_take(
     }
 }
 
+/// The accept queue asked for; Linux caps it at `net.core.somaxconn` (4096 since 5.4), as
+/// systemd's `Backlog=` default does. tokio's 1024 overflows under a connection flood: the
+/// SYNs of real clients are then dropped and retried only after 1 s, 3 s, 7 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({key})"))
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As std and tokio do: a restart can bind while old connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().with_context(|| format!("cannot listen on {addr} ({key})"))
 }
 
 /// One listener's serve loop, stopping gracefully on `cancel`.

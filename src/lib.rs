@@ -25,6 +25,8 @@ pub mod jwks;
 pub mod kubeconfig;
 pub mod listener;
 pub mod metrics;
+#[cfg(test)]
+mod properties;
 pub mod render;
 pub mod server;
 pub mod shutdown;

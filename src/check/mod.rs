@@ -52,7 +52,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(issuer: &str) -> Self {
+    pub(crate) fn new(issuer: &str) -> Self {
         Self {
             issuer: issuer.to_owned(),
             findings: Vec::new(),
@@ -336,110 +336,10 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
         Status::Fail,
         discovery.content_type.clone(),
     );
-    let doc: Value = match serde_json::from_slice(&discovery.body) {
-        Ok(Value::Object(map)) => Value::Object(map),
-        _ => {
-            report.add(
-                "D-7",
-                "discovery document is a JSON object",
-                Status::Fail,
-                "not a JSON object",
-            );
-            return Ok(report);
-        }
-    };
-
-    // D-6, A-2, F-1: byte-equal issuer.
-    match doc.get("issuer").and_then(Value::as_str) {
-        Some(published) if published == args.issuer => {
-            report.add(
-                "D-6",
-                "issuer is byte-identical to the URL",
-                Status::Pass,
-                published.to_owned(),
-            );
-        }
-        Some(published) => {
-            let hint = if published.trim_end_matches('/') == args.issuer.trim_end_matches('/') {
-                " (they differ only by a trailing slash, F-1)"
-            } else {
-                ""
-            };
-            report.add(
-                "D-6",
-                "issuer is byte-identical to the URL",
-                Status::Fail,
-                format!(
-                    "document says {published:?}, URL is {:?}{hint}",
-                    args.issuer
-                ),
-            );
-        }
-        None => report.add(
-            "D-6",
-            "issuer is byte-identical to the URL",
-            Status::Fail,
-            "no \"issuer\"",
-        ),
-    }
-    // D-2, A-5: required members, none empty (D-7).
-    for member in [
-        "response_types_supported",
-        "subject_types_supported",
-        "id_token_signing_alg_values_supported",
-    ] {
-        let ok = doc
-            .get(member)
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty());
-        report.pass_or(
-            ok,
-            "A-5",
-            &format!("{member} is present and not empty"),
-            Status::Fail,
-            if ok { "present" } else { "missing or empty" },
-        );
-    }
-    let algs: Vec<&str> = doc
-        .get("id_token_signing_alg_values_supported")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    report.pass_or(
-        algs.contains(&"RS256"),
-        "D-2",
-        "id_token_signing_alg_values_supported includes RS256",
-        Status::Warn,
-        algs.join(","),
-    );
-    report.pass_or(
-        doc.get("authorization_endpoint").is_some(),
-        "F-7",
-        "authorization_endpoint is present (strict OIDC clients need it)",
-        Status::Warn,
-        doc.get("authorization_endpoint")
-            .map_or("missing".to_owned(), Value::to_string),
-    );
-
-    // D-4: jwks_uri.
-    let Some(jwks_uri) = doc
-        .get("jwks_uri")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        report.add("D-2", "jwks_uri is present", Status::Fail, "missing");
+    let Some(jwks_url) = discovery_findings(&mut report, &discovery.body, &args.issuer) else {
         return Ok(report);
     };
-    let jwks_url = match url::Url::parse(&jwks_uri) {
-        Ok(url) if url.scheme() == "https" => {
-            report.add("D-4", "jwks_uri is https", Status::Pass, jwks_uri.clone());
-            url
-        }
-        _ => {
-            report.add("D-4", "jwks_uri is https", Status::Fail, jwks_uri.clone());
-            return Ok(report);
-        }
-    };
+    let jwks_uri = jwks_url.to_string();
     let jwks_host = jwks_url.host_str().unwrap_or_default().to_owned();
     let client = relying_party_client(ca_pem.as_deref(), connect_to, &[issuer.host(), &jwks_host])?;
     let Some(jwks) = fetch_document(&mut report, &client, &jwks_uri, "JWKS").await else {
@@ -496,20 +396,9 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
     }
 
     // The keys (D-5, D-9, D-12, A-9, A-10, A-11, G-4, G-5, G-6, Z-4, Z-5, Z-6).
-    let keys = match serde_json::from_slice::<Value>(&jwks.body) {
-        Ok(set) => set.get("keys").and_then(Value::as_array).cloned(),
-        Err(_) => None,
-    };
-    let Some(keys) = keys else {
-        report.add(
-            "D-9",
-            "JWKS is a JSON object with a keys array",
-            Status::Fail,
-            "not a JWK set",
-        );
+    let Some(keys) = jwks_findings(&mut report, &jwks.body, &targets) else {
         return Ok(report);
     };
-    check_keys(&mut report, &keys, &targets);
 
     if let Some(token) = &args.token {
         let text = if token == "-" {
@@ -527,6 +416,140 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
         );
     }
     Ok(report)
+}
+
+/// The discovery-document rules (D-2, D-4, D-6, D-7, A-2, A-5, F-1, F-7); returns the
+/// `jwks_uri` to fetch when there is an https one.
+pub(crate) fn discovery_findings(
+    report: &mut Report,
+    body: &[u8],
+    issuer: &str,
+) -> Option<url::Url> {
+    let doc: Value = match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Value::Object(map),
+        _ => {
+            report.add(
+                "D-7",
+                "discovery document is a JSON object",
+                Status::Fail,
+                "not a JSON object",
+            );
+            return None;
+        }
+    };
+
+    // D-6, A-2, F-1: byte-equal issuer.
+    match doc.get("issuer").and_then(Value::as_str) {
+        Some(published) if published == issuer => {
+            report.add(
+                "D-6",
+                "issuer is byte-identical to the URL",
+                Status::Pass,
+                published.to_owned(),
+            );
+        }
+        Some(published) => {
+            let hint = if published.trim_end_matches('/') == issuer.trim_end_matches('/') {
+                " (they differ only by a trailing slash, F-1)"
+            } else {
+                ""
+            };
+            report.add(
+                "D-6",
+                "issuer is byte-identical to the URL",
+                Status::Fail,
+                format!("document says {published:?}, URL is {:?}{hint}", issuer),
+            );
+        }
+        None => report.add(
+            "D-6",
+            "issuer is byte-identical to the URL",
+            Status::Fail,
+            "no \"issuer\"",
+        ),
+    }
+    // D-2, A-5: required members, none empty (D-7).
+    for member in [
+        "response_types_supported",
+        "subject_types_supported",
+        "id_token_signing_alg_values_supported",
+    ] {
+        let ok = doc
+            .get(member)
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        report.pass_or(
+            ok,
+            "A-5",
+            &format!("{member} is present and not empty"),
+            Status::Fail,
+            if ok { "present" } else { "missing or empty" },
+        );
+    }
+    let algs: Vec<&str> = doc
+        .get("id_token_signing_alg_values_supported")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    report.pass_or(
+        algs.contains(&"RS256"),
+        "D-2",
+        "id_token_signing_alg_values_supported includes RS256",
+        Status::Warn,
+        algs.join(","),
+    );
+    report.pass_or(
+        doc.get("authorization_endpoint").is_some(),
+        "F-7",
+        "authorization_endpoint is present (strict OIDC clients need it)",
+        Status::Warn,
+        doc.get("authorization_endpoint")
+            .map_or("missing".to_owned(), Value::to_string),
+    );
+
+    // D-4: jwks_uri.
+    let Some(jwks_uri) = doc
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        report.add("D-2", "jwks_uri is present", Status::Fail, "missing");
+        return None;
+    };
+    match url::Url::parse(&jwks_uri) {
+        Ok(url) if url.scheme() == "https" => {
+            report.add("D-4", "jwks_uri is https", Status::Pass, jwks_uri.clone());
+            Some(url)
+        }
+        _ => {
+            report.add("D-4", "jwks_uri is https", Status::Fail, jwks_uri.clone());
+            None
+        }
+    }
+}
+
+/// The key-set rules (D-5, D-9, D-12, A-9, A-10, A-11, G-4, G-5, G-6, Z-4, Z-5, Z-6);
+/// returns the keys when the body is a JWK set.
+pub(crate) fn jwks_findings(
+    report: &mut Report,
+    body: &[u8],
+    targets: &[&'static str],
+) -> Option<Vec<Value>> {
+    let keys = match serde_json::from_slice::<Value>(body) {
+        Ok(set) => set.get("keys").and_then(Value::as_array).cloned(),
+        Err(_) => None,
+    };
+    let Some(keys) = keys else {
+        report.add(
+            "D-9",
+            "JWKS is a JSON object with a keys array",
+            Status::Fail,
+            "not a JWK set",
+        );
+        return None;
+    };
+    check_keys(report, &keys, targets);
+    Some(keys)
 }
 
 /// The TLS rules for one host; returns its AWS thumbprint.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::pebble::{Pebble, free_tcp_port};
 use crate::support::{
-    K3S, Scratch, Server, assert_serves_both_documents_everywhere, plain_client, served_cert,
+    K3S, Scratch, Server, assert_serves_both_documents_everywhere, get, plain_client, served_cert,
 };
 
 const DOMAIN: &str = "oidc.example.com";
@@ -43,6 +43,40 @@ fn mode(path: &std::path::Path) -> u32 {
         & 0o777
 }
 
+/// Distinctive tails of every private key in the ACME cache files, as PEM, base64 or a
+/// Debug-printed byte slice would show them. The certificate file is PEM (chain and key);
+/// the account file is the key's PKCS#8 DER.
+fn private_key_probes(files: &[PathBuf]) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let tail = |s: String| s[s.len().saturating_sub(32)..].to_owned();
+    let mut probes = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(file).expect("cache file");
+        let text = String::from_utf8_lossy(&bytes);
+        let (mut inside, mut key) = (false, String::new());
+        for line in text.lines() {
+            if line.ends_with("PRIVATE KEY-----") {
+                inside = line.starts_with("-----BEGIN");
+            } else if inside {
+                key.push_str(line);
+            }
+        }
+        let der = if key.is_empty() {
+            bytes
+        } else {
+            STANDARD.decode(&key).expect("PEM body")
+        };
+        let debug = format!("{:?}", &der[der.len() - 12..]);
+        probes.extend([
+            tail(STANDARD.encode(&der)),
+            tail(URL_SAFE_NO_PAD.encode(&der)),
+            debug.trim_matches(|c| c == '[' || c == ']').to_owned(),
+        ]);
+    }
+    probes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
@@ -51,6 +85,9 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     };
     let scratch = Scratch::new();
     let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    // Debug logging, so that the no-secret check below covers rustls-acme's own lines too.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}[log]\nlevel = \"debug\"\n")).expect("config");
     let started = Instant::now();
     let mut server = Server::start(&config);
     let https = server.listening("https");
@@ -79,6 +116,22 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     assert!(files.len() >= 2, "account and certificate: {files:?}");
     for file in &files {
         assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    // Neither the account key nor the certificate's key ever reaches a log line, /status or
+    // /metrics, in any encoding they could be printed in.
+    let (_, status) = get(&server.admin_url("/status")).await;
+    let (_, metrics) = get(&server.admin_url("/metrics")).await;
+    let said = format!("{}\n{status}\n{metrics}", server.log().join("\n"));
+    let probes = private_key_probes(&files);
+    assert!(
+        probes.len() >= 4,
+        "account and certificate keys: {probes:?}"
+    );
+    for probe in &probes {
+        assert!(
+            !said.contains(probe.as_str()),
+            "an ACME private key appears: ...{probe}"
+        );
     }
 
     // A restart serves the cached certificate at once, with no new order.

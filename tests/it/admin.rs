@@ -7,43 +7,10 @@ use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::support::{K3S, Scratch, Server, eventually, get};
+use crate::support::{K3S, Scratch, Server, eventually, get, metric, scrape};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "admin-test-token";
-
-/// Samples of the scrape, parsed as a Prometheus scraper would.
-async fn scrape(server: &Server) -> prometheus_parse::Scrape {
-    let response = reqwest::get(server.admin_url("/metrics"))
-        .await
-        .expect("GET /metrics");
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .expect("ascii")
-            .starts_with("application/openmetrics-text; version=1.0.0")
-    );
-    let text = response.text().await.expect("body");
-    assert!(text.ends_with("# EOF\n"), "{text}");
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text")
-}
-
-/// The value of `name` whose labels include all of `labels`, or 0.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
 
 fn apiserver_config(scratch: &Scratch, fake: &FakeApiserver, interval: &str) -> std::path::PathBuf {
     fake.config_in(
@@ -94,15 +61,15 @@ async fn metrics_count_requests_and_refreshes() {
     let after = scrape(&server).await;
     let jwks_200 = [("issuer", ISSUER), ("document", "jwks"), ("code", "200")];
     assert_eq!(
-        value(&after, "oidc_edge_http_requests_total", &jwks_200)
-            - value(&before, "oidc_edge_http_requests_total", &jwks_200),
+        metric(&after, "oidc_edge_http_requests_total", &jwks_200)
+            - metric(&before, "oidc_edge_http_requests_total", &jwks_200),
         3.0
     );
     let not_found = [("document", "none"), ("code", "404")];
-    assert!(value(&after, "oidc_edge_http_requests_total", &not_found) >= 1.0);
-    assert_eq!(value(&after, "oidc_edge_keys", &[("issuer", ISSUER)]), 2.0);
+    assert!(metric(&after, "oidc_edge_http_requests_total", &not_found) >= 1.0);
+    assert_eq!(metric(&after, "oidc_edge_keys", &[("issuer", ISSUER)]), 2.0);
     assert_eq!(
-        value(
+        metric(
             &after,
             "oidc_edge_upstream_issuer_mismatch",
             &[("issuer", ISSUER), ("source", "0")]
@@ -110,8 +77,8 @@ async fn metrics_count_requests_and_refreshes() {
         1.0
     );
     let ok = [("issuer", ISSUER), ("source", "0"), ("result", "ok")];
-    assert!(value(&after, "oidc_edge_refreshes_total", &ok) >= 1.0);
-    assert!(value(&after, "oidc_edge_jwks_age_seconds", &[("issuer", ISSUER)]) < 5.0);
+    assert!(metric(&after, "oidc_edge_refreshes_total", &ok) >= 1.0);
+    assert!(metric(&after, "oidc_edge_jwks_age_seconds", &[("issuer", ISSUER)]) < 5.0);
 
     fake.set(|s| s.mode = Mode::Status(500));
     let failed = [
@@ -121,7 +88,7 @@ async fn metrics_count_requests_and_refreshes() {
     ];
     let mut last = 0.0;
     for _ in 0..200 {
-        last = value(&scrape(&server).await, "oidc_edge_refreshes_total", &failed);
+        last = metric(&scrape(&server).await, "oidc_edge_refreshes_total", &failed);
         if last >= 2.0 {
             break;
         }
@@ -170,14 +137,14 @@ async fn sighup_refreshes_now() {
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     let ok = [("issuer", ISSUER), ("source", "0"), ("result", "ok")];
     assert_eq!(
-        value(&scrape(&server).await, "oidc_edge_refreshes_total", &ok),
+        metric(&scrape(&server).await, "oidc_edge_refreshes_total", &ok),
         1.0
     );
     server.signal("HUP");
     server.wait_for_log("refreshing every source now");
     let mut refreshed = 0.0;
     for _ in 0..200 {
-        refreshed = value(&scrape(&server).await, "oidc_edge_refreshes_total", &ok);
+        refreshed = metric(&scrape(&server).await, "oidc_edge_refreshes_total", &ok);
         if refreshed >= 2.0 {
             break;
         }
@@ -289,4 +256,71 @@ async fn no_secret_reaches_a_log_line_or_status_even_at_trace_level() {
         );
     }
     assert!(server.log().len() > 20, "trace logging was on");
+}
+
+/// The public listener answers the two documents and nothing else: the admin endpoints,
+/// the state directory, traversal and reflected input all get the same fixed 404, while the
+/// admin listener (loopback only) keeps its endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_serves_only_the_two_documents() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let server = Server::start(&scratch.config("1h"));
+    eventually("keys", || async {
+        get(&server.url("/openid/v1/jwks")).await.0 == 200
+    })
+    .await;
+    let raw = |path: &str| {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: oidc.example.com\r\nConnection: close\r\n\r\n");
+        let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
+        std::io::Write::write_all(&mut stream, request.as_bytes()).expect("write");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).expect("read");
+        answer
+    };
+    for path in [
+        "/",
+        "/metrics",
+        "/status",
+        "/healthz",
+        "/readyz",
+        "/livez",
+        "/debug/pprof/",
+        "/state/",
+        "/openid/v1/jwks/",
+        "/openid/v1/jwks.json",
+        "/openid/v1/jwks/../../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "//openid/v1/jwks",
+        "/.well-known/openid-configuration/../../status",
+        "/.well-known/acme-challenge/token",
+        "/%3Cscript%3Ealert(1)%3C/script%3E",
+    ] {
+        let answer = raw(path);
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "{path}: {answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\nnot found\n"), "{path}: {answer}");
+        assert!(
+            answer.contains("\r\ncontent-type: text/plain; charset=utf-8\r\n"),
+            "{path}: {answer}"
+        );
+        assert!(
+            !answer.to_ascii_lowercase().contains("\r\nserver:"),
+            "{path}: {answer}"
+        );
+    }
+    // A request line hyper cannot parse gets its bare 400, nothing reflected.
+    let answer = raw("/<script>");
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(!answer.contains("script"), "{answer}");
+    for path in ["/metrics", "/status", "/readyz"] {
+        assert_eq!(get(&server.admin_url(path)).await.0, 200, "{path}");
+    }
+    assert!(server.admin.ip().is_loopback());
 }

@@ -165,24 +165,7 @@ impl FakeApiserver {
     pub async fn start(jwks: &str, issuer: &str, token: &str) -> Self {
         crate::support::install_crypto_provider();
         let pki = Pki::new("k3s-server-ca@1700000000");
-        let leaf = pki.server();
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).expect("CA der"))
-            .expect("root");
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-            .allow_unauthenticated()
-            .build()
-            .expect("client verifier");
-        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("chain");
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
-        let mut tls = rustls::ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .expect("server config");
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tls_acceptor(&pki, &pki.server());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let state = Arc::new(Mutex::new(FakeState {
             jwks: jwks.to_owned(),
@@ -197,7 +180,7 @@ impl FakeApiserver {
             addr: listener.local_addr().expect("addr"),
             pki,
             state,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            acceptor,
             task: None,
         };
         fake.serve(listener);
@@ -237,6 +220,12 @@ impl FakeApiserver {
 
     pub fn jwks_requests(&self) -> usize {
         self.state.lock().expect("fake state").jwks_auth.len()
+    }
+
+    /// Serves `leaf` from now on, on the same port (e.g. a certificate for another name).
+    pub async fn serve_certificate(&mut self, leaf: &Leaf) {
+        self.acceptor = tls_acceptor(&self.pki, leaf);
+        self.restart().await;
     }
 
     /// Closes the port: new connections are refused.
@@ -419,4 +408,26 @@ async fn answer(
         }
         _ => status_object(StatusCode::NOT_FOUND, "NotFound"),
     }
+}
+
+/// Serves `leaf`; accepts client certificates signed by `pki`'s CA, or none.
+fn tls_acceptor(pki: &Pki, leaf: &Leaf) -> TlsAcceptor {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).expect("CA der"))
+        .expect("root");
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .expect("client verifier");
+    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+    let mut tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TlsAcceptor::from(Arc::new(tls))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::fake_apiserver::{FakeApiserver, Mode};
-use crate::support::{K3S, Scratch, Server, eventually, get, proc_status_kib};
+use crate::support::{K3S, Scratch, Server, eventually, get, metric, proc_status_kib, scrape};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "hostile-test-token";
@@ -39,9 +39,39 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Once the previous case's last refresh is over, the refreshes of the next 300 ms (six at
+/// 50 ms) are all counted as `result`: the metric names the kind of failure.
+async fn assert_counted_only(server: &Server, result: &str, what: &str) {
+    const RESULTS: [&str; 5] = [
+        "ok",
+        "unchanged",
+        "fetch_error",
+        "rejected",
+        "merge_rejected",
+    ];
+    let counts = || async {
+        let scrape = scrape(server).await;
+        RESULTS.map(|r| metric(&scrape, "oidc_edge_refreshes_total", &[("result", r)]))
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = counts().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = counts().await;
+    for ((name, before), after) in RESULTS.iter().zip(before).zip(after) {
+        if *name == result {
+            assert!(after > before, "{what}: no {result} counted");
+        } else {
+            assert_eq!(
+                after, before,
+                "{what}: {name} counted, expected only {result}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_upstream_never_changes_what_is_served() {
-    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
     let config = fake.config_in(
         &scratch,
@@ -70,31 +100,37 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
             key
         })
         .collect();
-    let cases: Vec<(&str, Mode, &str)> = vec![
+    // (what, how the fake answers, the reason the log gives, the refresh result counted)
+    let cases: Vec<(&str, Mode, &str, &str)> = vec![
         (
             "deeply nested JSON",
             Mode::Body(format!("{{\"keys\":{}", "[".repeat(100_000))),
             "recursion limit exceeded",
+            "rejected",
         ),
         (
             "invalid UTF-8",
             Mode::Raw(b"{\"keys\":[{\"kid\":\"\xff\xfe\"}]}".to_vec(), Vec::new()),
             "not valid JSON",
+            "rejected",
         ),
         (
             "one kid, two keys",
             Mode::Body(json!({ "keys": [rsa, conflicting] }).to_string()),
             "names two different keys",
+            "rejected",
         ),
         (
             "numbers where strings belong",
             Mode::Body(json!({ "keys": [numeric] }).to_string()),
             "\"kid\" is not a string",
+            "rejected",
         ),
         (
             "2000 keys",
             Mode::Body(json!({ "keys": thousands }).to_string()),
             "more than max_keys = 100",
+            "merge_rejected",
         ),
         (
             "a gzip body, which is never decompressed",
@@ -103,20 +139,24 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
                 vec![("content-encoding".into(), "gzip".into())],
             ),
             "not valid JSON",
+            "rejected",
         ),
         (
             "an endless 4 MiB body",
             Mode::Raw(vec![b' '; 4 << 20], Vec::new()),
             "is larger than 1048576 bytes",
+            "fetch_error",
         ),
         (
             "a redirect to another host",
             Mode::Redirect("https://attacker.example/jwks".into()),
             "redirects are never followed",
+            "fetch_error",
         ),
     ];
-    for (what, mode, reason) in cases {
+    for (what, mode, reason, result) in cases {
         fake.set(|s| s.mode = mode);
+        assert_counted_only(&server, result, what).await;
         let line = server.wait_for_log(reason);
         assert!(
             line.contains("still serving the last good set") || line.contains("key left out"),
@@ -124,6 +164,15 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
         );
         assert_eq!(get(&url).await, (200, good.clone()), "{what}");
     }
+    // A certificate from the pinned CA, but for another name: refused like any TLS failure.
+    fake.set(|s| s.mode = Mode::Normal);
+    let other_name = fake.pki.server_for(&["attacker.example"]);
+    fake.serve_certificate(&other_name).await;
+    assert_counted_only(&server, "fetch_error", "another name").await;
+    let line = server.wait_for_log("certificate not valid for name");
+    assert!(line.contains("still serving the last good set"), "{line}");
+    assert_eq!(get(&url).await, (200, good.clone()), "another name");
+
     // Bodies are capped at 1 MiB and dropped after each refusal: memory stays bounded.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_after = proc_status_kib(server.pid(), "VmRSS");

@@ -182,3 +182,47 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
 }
+
+/// A private member in any key of the set, first or last, refuses the whole set: the log
+/// names the key and the member, and the last good set stays published byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_member_in_any_position_refuses_the_whole_set() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let scratch = Scratch::new();
+    let config = fake.config_in(&scratch, TOKEN, "", "  refresh_interval = \"50ms\"", "");
+    let mut server = Server::start(&config);
+    let url = server.url("/openid/v1/jwks");
+    eventually("keys", || async { get(&url).await.0 == 200 }).await;
+    let (_, good) = get(&url).await;
+    let k3s: serde_json::Value = serde_json::from_str(K3S).expect("json");
+    let keys = k3s["keys"].as_array().expect("keys").clone();
+    for member in oidc_edge::jwks::validate::PRIVATE_MEMBERS {
+        for index in [0, keys.len() - 1] {
+            let mut set = keys.clone();
+            set[index][member] = json!("c2VjcmV0LXByaXZhdGUtdmFsdWU");
+            let kid = set[index]["kid"].as_str().expect("kid").to_owned();
+            let seen = server.count_log("PRIVATE KEY MATERIAL");
+            fake.set(|s| s.mode = Mode::Body(json!({ "keys": set }).to_string()));
+            eventually("refusal", || async {
+                server.count_log("PRIVATE KEY MATERIAL") > seen
+            })
+            .await;
+            let line = server
+                .log()
+                .into_iter()
+                .rfind(|l| l.contains("PRIVATE KEY MATERIAL"))
+                .expect("line");
+            assert!(
+                line.contains(&format!("key {index} (kid {kid:?})"))
+                    && line.contains(&format!("private member {member:?}")),
+                "{member} in key {index}: {line}"
+            );
+            assert!(!line.contains("c2VjcmV0LXByaXZhdGUtdmFsdWU"), "{line}");
+            assert_eq!(
+                get(&url).await,
+                (200, good.clone()),
+                "{member} in key {index}"
+            );
+        }
+    }
+}

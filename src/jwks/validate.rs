@@ -188,6 +188,7 @@ fn public_key(raw: &Value) -> Result<PublicJwk, String> {
                     ));
                 }
             }
+            check_ec_point(crv, &x.1, &y.1)?;
             jwk.crv = Some(crv.to_owned());
             jwk.x = Some(x.0.to_owned());
             jwk.y = Some(y.0.to_owned());
@@ -225,6 +226,25 @@ fn check_alg(jwk: PublicJwk, allowed: &[&str]) -> Result<PublicJwk, String> {
     }
 }
 
+/// A point off the curve (or the point at infinity) verifies no signature: relying parties
+/// refuse such a key or, worse, some accept it and fail every token later. aws-lc checks the
+/// point as SEC 1 (uncompressed) for the curve.
+fn check_ec_point(crv: &str, x: &[u8], y: &[u8]) -> Result<(), String> {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, ECDSA_P521_SHA512_FIXED, ParsedPublicKey,
+        VerificationAlgorithm,
+    };
+    let algorithm: &'static dyn VerificationAlgorithm = match crv {
+        "P-256" => &ECDSA_P256_SHA256_FIXED,
+        "P-384" => &ECDSA_P384_SHA384_FIXED,
+        _ => &ECDSA_P521_SHA512_FIXED,
+    };
+    let point = [&[0x04][..], x, y].concat();
+    ParsedPublicKey::new(algorithm, &point)
+        .map(drop)
+        .map_err(|_| format!("EC {crv} point (\"x\", \"y\") is not on the curve"))
+}
+
 fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), String> {
     let bits = bit_length(n);
     if bits < MIN_RSA_BITS {
@@ -236,6 +256,10 @@ fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), String> {
         return Err(format!(
             "RSA modulus is {bits} bits, more than {MAX_RSA_BITS}"
         ));
+    }
+    // An RSA modulus is the product of two odd primes.
+    if n.last().is_some_and(|b| b % 2 == 0) {
+        return Err("RSA modulus \"n\" is even: not an RSA key".to_owned());
     }
     let e_bits = bit_length(e);
     if !(2..=64).contains(&e_bits) || e.last().is_some_and(|b| b % 2 == 0) {

@@ -190,7 +190,7 @@ async fn a_private_member_in_any_position_refuses_the_whole_set() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
     let config = fake.config_in(&scratch, TOKEN, "", "  refresh_interval = \"50ms\"", "");
-    let mut server = Server::start(&config);
+    let server = Server::start(&config);
     let url = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&url).await.0 == 200 }).await;
     let (_, good) = get(&url).await;

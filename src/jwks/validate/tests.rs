@@ -217,6 +217,29 @@ fn malformed_keys_are_dropped_with_a_reason() {
         ),
         (
             {
+                // x of one point with y of another: full length, off the curve.
+                let mut k = k3s_key(1);
+                k["kid"] = json!("x");
+                k["y"] = k["x"].clone();
+                k
+            },
+            "EC P-256 point (\"x\", \"y\") is not on the curve",
+        ),
+        (
+            {
+                let mut k = k3s_key(0);
+                k["kid"] = json!("x");
+                let mut n = URL_SAFE_NO_PAD
+                    .decode(k["n"].as_str().expect("n"))
+                    .expect("b64");
+                *n.last_mut().expect("byte") &= 0xfe;
+                k["n"] = json!(URL_SAFE_NO_PAD.encode(n));
+                k
+            },
+            "RSA modulus \"n\" is even: not an RSA key",
+        ),
+        (
+            {
                 let mut k = k3s_key(1);
                 k["kid"] = json!("x");
                 k["crv"] = json!("P-384");
@@ -296,6 +319,23 @@ mod properties {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
+    /// Eight real P-256 points (random coordinates are almost never on the curve).
+    fn ec_points() -> Vec<(String, String)> {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        static POINTS: std::sync::LazyLock<Vec<(String, String)>> =
+            std::sync::LazyLock::new(|| {
+                (0..8)
+                    .map(|_| {
+                        let pair =
+                            EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("key");
+                        let point = pair.public_key().as_ref();
+                        (b64(point[1..33].to_vec()), b64(point[33..].to_vec()))
+                    })
+                    .collect()
+            });
+        POINTS.clone()
+    }
+
     /// A valid RSA, EC or Ed25519 key, then, three times in ten, one mutation: a private
     /// member, a missing or numeric kid, `use: enc`, a wrong `alg`, a symmetric type, a short
     /// coordinate or modulus, or an extra member. So that sets are accepted and refused alike.
@@ -308,8 +348,8 @@ mod properties {
                 n[0] |= 0x80;
                 json!({"kty": "RSA", "kid": kid, "alg": "RS256", "n": b64(n), "e": "AQAB"})
             }),
-            (bytes(32..=32), bytes(32..=32), kid).prop_map(|(x, y, kid)| {
-                json!({"kty": "EC", "kid": kid, "crv": "P-256", "x": b64(x), "y": b64(y)})
+            (prop::sample::select(ec_points()), kid).prop_map(|((x, y), kid)| {
+                json!({"kty": "EC", "kid": kid, "crv": "P-256", "x": x, "y": y})
             }),
             (bytes(32..=32), kid).prop_map(
                 |(x, kid)| json!({"kty": "OKP", "kid": kid, "crv": "Ed25519", "x": b64(x)})

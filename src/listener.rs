@@ -306,3 +306,46 @@ pub fn raise_open_file_limit(limits: &Limits, listeners: usize) {
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_listener_evicts_silent_connections_first_then_the_oldest_speaking_one() {
+        let unproven = Arc::new(Unproven::default());
+        let [speaking_old, silent_a, speaking_new, silent_b, proven] =
+            std::array::from_fn(|_| unproven.admit());
+        speaking_old.heard();
+        speaking_new.heard();
+        proven.heard();
+        proven.passed();
+        let candidates = [&speaking_old, &silent_a, &speaking_new, &silent_b];
+        let mut order = Vec::new();
+        for _ in 0..candidates.len() {
+            assert!(unproven.evict_oldest());
+            let evicted = candidates
+                .iter()
+                .find(|p| p.evicted.is_cancelled() && !order.contains(&p.id))
+                .expect("one more evicted");
+            order.push(evicted.id);
+        }
+        assert_eq!(
+            order,
+            [silent_a.id, silent_b.id, speaking_old.id, speaking_new.id]
+        );
+        // A connection that sent a request is never evicted.
+        assert!(!unproven.evict_oldest());
+        assert!(!proven.evicted.is_cancelled());
+    }
+
+    #[test]
+    fn a_closed_connection_leaves_the_queues() {
+        let unproven = Arc::new(Unproven::default());
+        drop(unproven.admit());
+        let heard = unproven.admit();
+        heard.heard();
+        drop(heard);
+        assert!(!unproven.evict_oldest());
+    }
+}

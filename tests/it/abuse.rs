@@ -25,8 +25,8 @@ use tokio_rustls::client::TlsStream;
 
 use crate::fake_apiserver::Pki;
 use crate::support::{
-    HTTPS_DOMAIN, K3S, Scratch, Server, https_client, https_url, install_crypto_provider,
-    plain_client, proc_status_kib,
+    HTTPS_DOMAIN, Scratch, Server, https_client, https_url, install_crypto_provider, plain_client,
+    proc_status_kib,
 };
 
 /// Peak RSS the server may reach under the whole attack. Measured: see the session note; a
@@ -571,16 +571,10 @@ async fn abuse(what: &str, limits: &str, attack: Attack) {
     let pki = Pki::new("test public CA");
     let leaf = pki.server_for(&[HTTPS_DOMAIN]);
     let scratch = Scratch::new();
-    scratch.write("jwks.json", K3S);
-    scratch.write("cert.pem", &leaf.cert_pem);
-    scratch.write("key.pem", &leaf.key_pem);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"https://{HTTPS_DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n[https]\nlisten = \"127.0.0.1:0\"\n[https.files]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\
-             [state]\ndir = \"state\"\n[log]\naccess = false\n[limits]\n{limits}\n"
-        ),
+    let config = scratch.https_files_config(
+        &leaf,
+        "",
+        &format!("[log]\naccess = false\n[limits]\n{limits}\n"),
     );
     let mut server = Server::start(&config);
     let (https, http) = (server.listening("https"), server.addr);

@@ -88,6 +88,30 @@ level = "info"
     }
 }
 
+impl Scratch {
+    /// A one-issuer config serving `jwks.json` (the `K3S` set) on plain HTTP and on HTTPS
+    /// with `leaf` as certificate files, both on 127.0.0.1:0. `http_extra` goes under
+    /// `[http]`, `rest` at the end.
+    pub fn https_files_config(
+        &self,
+        leaf: &crate::fake_apiserver::Leaf,
+        http_extra: &str,
+        rest: &str,
+    ) -> PathBuf {
+        self.write("jwks.json", K3S);
+        self.write("cert.pem", &leaf.cert_pem);
+        self.write("key.pem", &leaf.key_pem);
+        self.write(
+            "config.toml",
+            &format!(
+                "[[issuers]]\nissuer = \"https://{HTTPS_DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\n{http_extra}\n[https]\nlisten = \"127.0.0.1:0\"\n[https.files]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\
+                 [state]\ndir = \"state\"\n{rest}"
+            ),
+        )
+    }
+}
+
 /// A running `oidc-edge serve`, killed on drop.
 pub struct Server {
     child: Child,

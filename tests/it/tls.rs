@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::fake_apiserver::{Leaf, Pki};
 use crate::support::{
-    K3S, Scratch, Server, assert_serves_both_documents_everywhere, https_client, https_url,
+    Scratch, Server, assert_serves_both_documents_everywhere, https_client, https_url,
     plain_client, served_cert,
 };
 
@@ -15,16 +15,10 @@ const DOMAIN: &str = "oidc.example.com";
 
 /// A server with a file source, certificate files and short limits.
 fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
-    scratch.write("jwks.json", K3S);
-    scratch.write("cert.pem", &leaf.cert_pem);
-    scratch.write("key.pem", &leaf.key_pem);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n{extra}\n[https]\nlisten = \"127.0.0.1:0\"\n[https.files]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\
-             [limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n[state]\ndir = \"state\"\n"
-        ),
+    let config = scratch.https_files_config(
+        leaf,
+        extra,
+        "[limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
     );
     let mut server = Server::start(&config);
     let https = server.listening("https");

@@ -234,6 +234,9 @@ pub struct Limits {
     pub h2_max_concurrent_streams: u32,
     /// Larger request headers get 431 (HTTP/1.1) or a stream reset (HTTP/2).
     pub max_header_bytes: usize,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (HTTP/2 has no idle limit of its own).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -244,6 +247,7 @@ impl Default for Limits {
             max_connections: 4096,
             h2_max_concurrent_streams: 64,
             max_header_bytes: 16 * 1024,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -379,6 +383,7 @@ struct RawLimits {
     max_connections: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
     max_header_bytes: Option<usize>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1025,6 +1030,11 @@ impl Validator<'_> {
             )?)
             .unwrap_or(u32::MAX),
             max_header_bytes,
+            idle_timeout: self.duration(
+                "limits.idle_timeout",
+                raw.idle_timeout,
+                defaults.idle_timeout,
+            )?,
         })
     }
 

@@ -4,13 +4,14 @@
 //! - a TLS handshake deadline, so a client that connects and sends nothing is dropped;
 //! - a header deadline, which hyper also applies while an HTTP/1.1 keep-alive connection idles;
 //! - a cap on open connections, so a flood of stalled clients cannot exhaust the process; at
-//!   the cap the oldest connection that has not sent a request yet makes room for the new one;
+//!   the cap a silent, stalled or idle connection makes room for the new one ([`Connections`]);
+//! - an idle limit, since HTTP/2 has none of its own;
 //! - a cap on concurrent HTTP/2 streams and on header size (431 beyond it).
 //!
 //! TLS-ALPN-01 validation handshakes (`acme-tls/1`) are answered with the challenge
 //! certificate and closed; every other handshake gets the serving configuration.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,14 +19,15 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
@@ -58,9 +60,9 @@ pub async fn serve(
     grace: Duration,
 ) {
     let builder = Arc::new(http_builder(&limits));
-    let graceful = GracefulShutdown::new();
+    let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let unproven = Arc::new(Unproven::default());
+    let connections = Arc::new(Connections::default());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -77,15 +79,11 @@ pub async fn serve(
         let permit = match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                // At the cap: close the oldest connection that has not sent a request yet,
-                // so stalled clients cannot keep real ones out however many they open. When
-                // every connection is serving requests, this one waits for a slot instead
-                // (and the kernel backlog holds the next ones).
-                if unproven.evict_oldest() {
-                    debug!(
-                        listener = name,
-                        "at max_connections: closed the oldest connection without a request"
-                    );
+                // At the cap: make room, so that stalled or idle clients cannot keep real
+                // ones out however many they open. When every connection is busy, this one
+                // waits for a slot (and the kernel backlog holds the next ones).
+                if let Some(closed) = connections.make_room() {
+                    debug!(listener = name, closed, "at max_connections: made room");
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -94,57 +92,61 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let probation = Arc::new(unproven.admit());
-        let (builder, transport, watcher) =
-            (Arc::clone(&builder), transport.clone(), graceful.watcher());
+        let entry = connections.admit();
         let service = {
-            let probation = Arc::clone(&probation);
+            let entry = Arc::clone(&entry.state);
+            let connections = Arc::clone(&connections);
             TowerToHyperService::new(router.clone().map_request(
                 move |request: http::Request<hyper::body::Incoming>| {
-                    probation.passed();
+                    connections.request_started(&entry);
                     request
                 },
             ))
         };
+        let (builder, transport, cancel) =
+            (Arc::clone(&builder), transport.clone(), cancel.clone());
         let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             let _permit = permit;
-            let evicted = probation.evicted.clone();
-            let connection = async {
-                // A connection that sends nothing is closed at the handshake deadline on
-                // either listener; its first byte moves it behind the silent ones.
-                let mut first = [0u8; 1];
-                match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-                    Ok(Ok(1..)) => probation.heard(),
-                    _ => return,
-                }
-                match transport {
-                    Transport::Plain => {
-                        let conn = builder.serve_connection(TokioIo::new(tcp), service);
-                        let _ = watcher.watch(conn.into_owned()).await;
-                    }
-                    Transport::Tls(tls) => {
-                        let Some(stream) = tls_handshake(tcp, &tls, deadline).await else {
-                            debug!(%peer, "TLS handshake not completed");
-                            return;
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        let _ = watcher.watch(conn.into_owned()).await;
-                    }
-                }
+            let state = Arc::clone(&entry.state);
+            let io = tokio::select! {
+                io = open(tcp, &transport, deadline, &entry) => io,
+                () = state.make_room.cancelled() => None,
+                () = cancel.cancelled() => None,
             };
-            tokio::select! {
-                () = connection => {}
-                () = evicted.cancelled() => debug!(%peer, "closed to make room"),
+            let Some(io) = io else {
+                debug!(%peer, "closed before a request: deadline, protocol error or making room");
+                return;
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            loop {
+                let idle_until = entry.connections.idle_deadline(&state, limits.idle_timeout);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    () = cancel.cancelled(), if !closing => {}
+                    () = state.make_room.cancelled(), if !closing => {
+                        if !state.proven.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep_until(idle_until), if !closing => {
+                        if entry.connections.idle_deadline(&state, limits.idle_timeout) > tokio::time::Instant::now() {
+                            continue;
+                        }
+                    }
+                }
+                // HTTP/2: GOAWAY, then open streams finish; HTTP/1.1: after the response.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
         });
     }
     drop(listener);
     info!(listener = name, "draining open connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             listener = name,
             ?grace,
@@ -153,51 +155,133 @@ pub async fn serve(
     }
 }
 
-/// The connections that have not sent a complete request yet, in two queues, oldest first:
-/// those that have sent nothing at all, then those still in the TLS handshake or their first
-/// headers. A full listener closes the oldest silent one to make room, and only when none is
-/// left the oldest of the others. A real client sends its first bytes at once and leaves both
-/// queues within a round trip or two, so a flood of silent connections never pushes it out.
-#[derive(Debug, Default)]
-struct Unproven {
+/// Waits for the first byte (a connection that sends nothing is closed at the handshake
+/// deadline on either listener), then completes the TLS handshake if there is one.
+async fn open(
+    tcp: TcpStream,
+    transport: &Transport,
+    deadline: tokio::time::Instant,
+    entry: &Entry,
+) -> Option<Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(1..)) => entry.heard(),
+        _ => return None,
+    }
+    match transport {
+        Transport::Plain => Some(Either::Left(tcp)),
+        Transport::Tls(tls) => tls_handshake(tcp, tls, deadline).await.map(Either::Right),
+    }
+}
+
+/// Every open connection of one listener, so that a full listener can make room. Closed
+/// first: the oldest of those that have sent nothing; then the oldest of those still in the
+/// TLS handshake or their first headers; then, gracefully, the one idle the longest. A real
+/// client sends its first bytes at once and a request within a round trip or two, so a flood
+/// of silent or stalled connections never pushes it out, and idle keep-alive connections
+/// give way to new clients.
+#[derive(Debug)]
+struct Connections {
+    /// The clock of `last_request_ms`.
+    epoch: std::time::Instant,
     next: AtomicU64,
     queues: Mutex<Queues>,
 }
 
 #[derive(Debug, Default)]
 struct Queues {
-    silent: BTreeMap<u64, CancellationToken>,
-    speaking: BTreeMap<u64, CancellationToken>,
+    silent: BTreeMap<u64, Arc<ConnState>>,
+    speaking: BTreeMap<u64, Arc<ConnState>>,
+    proven: HashMap<u64, Arc<ConnState>>,
 }
 
-impl Unproven {
-    fn admit(self: &Arc<Self>) -> Probation {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evicted = CancellationToken::new();
-        self.lock().silent.insert(id, evicted.clone());
-        Probation {
-            id,
-            evicted,
-            passed: AtomicBool::new(false),
-            list: Arc::clone(self),
+#[derive(Debug)]
+struct ConnState {
+    id: u64,
+    /// Fired to make room: closes an unproven connection at once, a proven one gracefully.
+    make_room: CancellationToken,
+    /// Set at the first request.
+    proven: AtomicBool,
+    /// When the last request started (or the connection opened), in ms since `epoch`.
+    last_request_ms: AtomicU64,
+}
+
+/// A connection's place in [`Connections`], left when its task ends.
+#[derive(Debug)]
+struct Entry {
+    state: Arc<ConnState>,
+    connections: Arc<Connections>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            next: AtomicU64::new(0),
+            queues: Mutex::default(),
+        }
+    }
+}
+
+impl Connections {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn admit(self: &Arc<Self>) -> Entry {
+        let state = Arc::new(ConnState {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            make_room: CancellationToken::new(),
+            proven: AtomicBool::new(false),
+            last_request_ms: AtomicU64::new(self.now_ms()),
+        });
+        self.lock().silent.insert(state.id, Arc::clone(&state));
+        Entry {
+            state,
+            connections: Arc::clone(self),
         }
     }
 
-    /// Closes the oldest silent connection, else the oldest other one on probation; false
-    /// when every connection has sent a request.
-    fn evict_oldest(&self) -> bool {
-        let mut queues = self.lock();
-        let oldest = match queues.silent.pop_first() {
-            Some(oldest) => Some(oldest),
-            None => queues.speaking.pop_first(),
-        };
-        match oldest {
-            Some((_, evicted)) => {
-                evicted.cancel();
-                true
+    /// On every request: one clock read and one store; the first one also takes the lock.
+    fn request_started(&self, state: &Arc<ConnState>) {
+        state
+            .last_request_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+        if !state.proven.swap(true, Ordering::Relaxed) {
+            let mut queues = self.lock();
+            if queues.silent.remove(&state.id).is_some()
+                || queues.speaking.remove(&state.id).is_some()
+            {
+                queues.proven.insert(state.id, Arc::clone(state));
             }
-            None => false,
         }
+    }
+
+    /// When the connection's idle time runs out, as the deadline a timer waits for.
+    fn idle_deadline(&self, state: &ConnState, idle: Duration) -> tokio::time::Instant {
+        let last = Duration::from_millis(state.last_request_ms.load(Ordering::Relaxed));
+        tokio::time::Instant::from_std(self.epoch + last + idle)
+    }
+
+    /// Signals the connection to close that should make room, and says which kind it was;
+    /// `None` when there are no connections at all.
+    fn make_room(&self) -> Option<&'static str> {
+        let mut queues = self.lock();
+        let (kind, state) = if let Some((_, state)) = queues.silent.pop_first() {
+            ("silent", state)
+        } else if let Some((_, state)) = queues.speaking.pop_first() {
+            ("without a request", state)
+        } else {
+            // A scan, but only at the cap: requests never pay for keeping an order.
+            let idlest = queues
+                .proven
+                .values()
+                .min_by_key(|s| s.last_request_ms.load(Ordering::Relaxed))
+                .map(|s| s.id)?;
+            ("idle the longest", queues.proven.remove(&idlest)?)
+        };
+        state.make_room.cancel();
+        Some(kind)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
@@ -208,37 +292,23 @@ impl Unproven {
     }
 }
 
-/// One connection's place in [`Unproven`], left at its first request or when it closes.
-#[derive(Debug)]
-struct Probation {
-    id: u64,
-    evicted: CancellationToken,
-    passed: AtomicBool,
-    list: Arc<Unproven>,
-}
-
-impl Probation {
-    /// The first bytes arrived: from the silent queue to the other one.
+impl Entry {
+    /// The first bytes arrived: behind the silent ones.
     fn heard(&self) {
-        let mut queues = self.list.lock();
-        if let Some(evicted) = queues.silent.remove(&self.id) {
-            queues.speaking.insert(self.id, evicted);
-        }
-    }
-
-    /// Called on every request; only the first one takes the lock.
-    fn passed(&self) {
-        if !self.passed.swap(true, Ordering::Relaxed) {
-            let mut queues = self.list.lock();
-            queues.silent.remove(&self.id);
-            queues.speaking.remove(&self.id);
+        let mut queues = self.connections.lock();
+        if let Some(state) = queues.silent.remove(&self.state.id) {
+            queues.speaking.insert(self.state.id, state);
         }
     }
 }
 
-impl Drop for Probation {
+impl Drop for Entry {
     fn drop(&mut self) {
-        self.passed();
+        let mut queues = self.connections.lock();
+        let id = self.state.id;
+        queues.silent.remove(&id);
+        queues.speaking.remove(&id);
+        queues.proven.remove(&id);
     }
 }
 
@@ -311,41 +381,84 @@ pub fn raise_open_file_limit(limits: &Limits, listeners: usize) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_full_listener_evicts_silent_connections_first_then_the_oldest_speaking_one() {
-        let unproven = Arc::new(Unproven::default());
-        let [speaking_old, silent_a, speaking_new, silent_b, proven] =
-            std::array::from_fn(|_| unproven.admit());
-        speaking_old.heard();
-        speaking_new.heard();
-        proven.heard();
-        proven.passed();
-        let candidates = [&speaking_old, &silent_a, &speaking_new, &silent_b];
+    /// The order in which `make_room` signals the connections in `candidates`.
+    fn eviction_order(connections: &Connections, candidates: &[&Entry]) -> Vec<u64> {
         let mut order = Vec::new();
         for _ in 0..candidates.len() {
-            assert!(unproven.evict_oldest());
-            let evicted = candidates
+            assert!(connections.make_room().is_some());
+            let signalled = candidates
                 .iter()
-                .find(|p| p.evicted.is_cancelled() && !order.contains(&p.id))
-                .expect("one more evicted");
-            order.push(evicted.id);
+                .find(|e| e.state.make_room.is_cancelled() && !order.contains(&e.state.id))
+                .expect("one more signalled");
+            order.push(signalled.state.id);
         }
-        assert_eq!(
-            order,
-            [silent_a.id, silent_b.id, speaking_old.id, speaking_new.id]
-        );
-        // A connection that sent a request is never evicted.
-        assert!(!unproven.evict_oldest());
-        assert!(!proven.evicted.is_cancelled());
+        order
     }
 
     #[test]
-    fn a_closed_connection_leaves_the_queues() {
-        let unproven = Arc::new(Unproven::default());
-        drop(unproven.admit());
-        let heard = unproven.admit();
+    fn a_full_listener_closes_silent_then_stalled_then_the_idlest_proven_connection() {
+        let connections = Arc::new(Connections::default());
+        let [
+            proven_busy,
+            speaking_old,
+            silent_a,
+            proven_idle,
+            speaking_new,
+            silent_b,
+        ] = std::array::from_fn(|_| connections.admit());
+        for entry in [&speaking_old, &speaking_new, &proven_busy, &proven_idle] {
+            entry.heard();
+        }
+        connections.request_started(&proven_idle.state);
+        std::thread::sleep(Duration::from_millis(5));
+        connections.request_started(&proven_busy.state);
+        let order = eviction_order(
+            &connections,
+            &[
+                &proven_busy,
+                &speaking_old,
+                &silent_a,
+                &proven_idle,
+                &speaking_new,
+                &silent_b,
+            ],
+        );
+        let ids = |entries: &[&Entry]| entries.iter().map(|e| e.state.id).collect::<Vec<_>>();
+        assert_eq!(
+            order,
+            ids(&[
+                &silent_a,
+                &silent_b,
+                &speaking_old,
+                &speaking_new,
+                &proven_idle,
+                &proven_busy
+            ])
+        );
+        assert!(connections.make_room().is_none(), "nothing left to close");
+    }
+
+    #[test]
+    fn a_closed_connection_leaves_every_queue() {
+        let connections = Arc::new(Connections::default());
+        drop(connections.admit());
+        let heard = connections.admit();
         heard.heard();
         drop(heard);
-        assert!(!unproven.evict_oldest());
+        let proven = connections.admit();
+        connections.request_started(&proven.state);
+        drop(proven);
+        assert!(connections.make_room().is_none());
+    }
+
+    #[test]
+    fn each_request_moves_the_idle_deadline() {
+        let connections = Arc::new(Connections::default());
+        let entry = connections.admit();
+        let idle = Duration::from_secs(60);
+        let first = connections.idle_deadline(&entry.state, idle);
+        std::thread::sleep(Duration::from_millis(5));
+        connections.request_started(&entry.state);
+        assert!(connections.idle_deadline(&entry.state, idle) > first);
     }
 }

@@ -110,7 +110,8 @@ fn typed_value(key: &'static str) -> BoxedStrategy<toml::Value> {
                 | "key_retention"
                 | "max_staleness"
                 | "handshake_timeout"
-                | "header_read_timeout" => &["1s", "10m", "0s", "2h"],
+                | "header_read_timeout"
+                | "idle_timeout" => &["1s", "10m", "0s", "2h"],
                 _ => &[],
             };
             if usual.is_empty() {
@@ -176,6 +177,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "max_connections",
             "h2_max_concurrent_streams",
             "max_header_bytes",
+            "idle_timeout",
         ],
     ),
     ("admin", &["listen", "allow_remote", "max_staleness"]),

@@ -284,12 +284,25 @@ async fn h2_connect(
     addr: SocketAddr,
     until: Instant,
 ) -> Option<h2::client::SendRequest<Bytes>> {
+    h2_open(connector, addr, until)
+        .await
+        .map(|(sender, _)| sender)
+}
+
+/// An HTTP/2 connection, and its task, which ends when the server closes the connection.
+async fn h2_open(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    until: Instant,
+) -> Option<(
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+)> {
     let tcp = connect(addr, until).await?;
     let name = ServerName::try_from(HTTPS_DOMAIN).expect("name");
     let tls: TlsStream<TcpStream> = connector.connect(name, tcp).await.ok()?;
     let (sender, connection) = h2::client::handshake(tls).await.ok()?;
-    tokio::spawn(connection);
-    Some(sender)
+    Some((sender, tokio::spawn(connection)))
 }
 
 fn h2_get() -> http::Request<()> {
@@ -691,4 +704,60 @@ async fn abuse(what: &str, limits: &str, attack: Attack) {
         assert!(!attack.floods || t(counter) > 0, "no {what}");
     }
     assert!(hwm < PEAK_RSS_BOUND_KIB, "peak RSS {hwm} KiB");
+}
+
+/// HTTP/2 connections that made one request and then idle: at the cap the idlest gives way
+/// to a new client at once, and all close gracefully after `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_give_way_at_the_cap_and_close_after_idle_timeout() {
+    install_crypto_provider();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let config = scratch.https_files_config(
+        &pki.server_for(&[HTTPS_DOMAIN]),
+        "",
+        "[limits]\nmax_connections = 20\nidle_timeout = \"2s\"\n",
+    );
+    let mut server = Server::start(&config);
+    let https = server.listening("https");
+    let connector = h2_connector(&pki.ca_pem);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let (sender, task) = h2_open(&connector, https, until).await.expect("h2");
+        let (response, _) = sender
+            .clone()
+            .ready()
+            .await
+            .expect("ready")
+            .send_request(h2_get(), true)
+            .expect("send");
+        assert_eq!(response.await.expect("response").status(), 200);
+        idle.push((sender, task));
+    }
+    // The listener is full of proven, idle connections: a new client still gets in at once.
+    let started = Instant::now();
+    let fresh = https_client(&pki.ca_pem, https).build().expect("client");
+    let response = fresh
+        .get(https_url(https, "/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("GET with the listener full");
+    assert_eq!(response.status(), 200);
+    let admitted_in = started.elapsed();
+    assert!(admitted_in < Duration::from_secs(1), "{admitted_in:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let closed = idle.iter().filter(|(_, task)| task.is_finished()).count();
+    assert_eq!(closed, 1, "one idle connection made room");
+    // After idle_timeout (2 s, with slack), the server has closed every idle one.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while idle.iter().any(|(_, task)| !task.is_finished()) {
+        assert!(
+            Instant::now() < deadline,
+            "idle HTTP/2 connections still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("admitted at the cap in {admitted_in:?}; idle connections closed after idle_timeout");
 }

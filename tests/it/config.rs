@@ -107,6 +107,11 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "issuers[0].sources[0].refresh_interval: must be longer than zero",
         ),
         (
+            "zero idle timeout",
+            valid_with("", "", "[limits]\nidle_timeout = \"0s\""),
+            "limits.idle_timeout: must be longer than zero",
+        ),
+        (
             "max_keys over the AWS limit",
             valid_with("max_keys = 101", "", ""),
             "issuers[0].max_keys: 101 is not from 1 to 100 (AWS and Azure use at most 100 keys, A-9, Z-4)",

@@ -94,11 +94,10 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let entry = connections.admit();
         let service = {
-            let entry = Arc::clone(&entry.state);
-            let connections = Arc::clone(&connections);
+            let (state, connections) = (Arc::clone(&entry.state), Arc::clone(&connections));
             TowerToHyperService::new(router.clone().map_request(
                 move |request: http::Request<hyper::body::Incoming>| {
-                    connections.request_started(&entry);
+                    connections.request_started(&state);
                     request
                 },
             ))
@@ -108,7 +107,7 @@ pub async fn serve(
         let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
         tracker.spawn(async move {
             let _permit = permit;
-            let state = Arc::clone(&entry.state);
+            let state = &entry.state;
             let io = tokio::select! {
                 io = open(tcp, &transport, deadline, &entry) => io,
                 () = state.make_room.cancelled() => None,
@@ -122,7 +121,7 @@ pub async fn serve(
             let mut conn = std::pin::pin!(conn);
             let mut closing = false;
             loop {
-                let idle_until = entry.connections.idle_deadline(&state, limits.idle_timeout);
+                let idle_until = entry.connections.idle_deadline(state, limits.idle_timeout);
                 tokio::select! {
                     _ = conn.as_mut() => return,
                     () = cancel.cancelled(), if !closing => {}
@@ -132,7 +131,7 @@ pub async fn serve(
                         }
                     }
                     () = tokio::time::sleep_until(idle_until), if !closing => {
-                        if entry.connections.idle_deadline(&state, limits.idle_timeout) > tokio::time::Instant::now() {
+                        if entry.connections.idle_deadline(state, limits.idle_timeout) > tokio::time::Instant::now() {
                             continue;
                         }
                     }

@@ -717,7 +717,7 @@ async fn idle_http2_connections_give_way_at_the_cap_and_close_after_idle_timeout
     let config = scratch.https_files_config(
         &pki.server_for(&[HTTPS_DOMAIN]),
         "",
-        "[limits]\nmax_connections = 20\nidle_timeout = \"2s\"\n",
+        "[limits]\nmax_connections = 20\nidle_timeout = \"4s\"\n",
     );
     let mut server = Server::start(&config);
     let https = server.listening("https");
@@ -746,12 +746,13 @@ async fn idle_http2_connections_give_way_at_the_cap_and_close_after_idle_timeout
         .expect("GET with the listener full");
     assert_eq!(response.status(), 200);
     let admitted_in = started.elapsed();
-    assert!(admitted_in < Duration::from_secs(1), "{admitted_in:?}");
+    // At once, not after a slot frees up at idle_timeout (4 s).
+    assert!(admitted_in < Duration::from_secs(2), "{admitted_in:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let closed = idle.iter().filter(|(_, task)| task.is_finished()).count();
     assert_eq!(closed, 1, "one idle connection made room");
-    // After idle_timeout (2 s, with slack), the server has closed every idle one.
-    let deadline = Instant::now() + Duration::from_secs(6);
+    // After idle_timeout (4 s, with slack), the server has closed every idle one.
+    let deadline = Instant::now() + Duration::from_secs(10);
     while idle.iter().any(|(_, task)| !task.is_finished()) {
         assert!(
             Instant::now() < deadline,

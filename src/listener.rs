@@ -241,19 +241,13 @@ impl Connections {
         }
     }
 
-    /// On every request: one clock read and one store; the first one also takes the lock.
-    fn request_started(&self, state: &Arc<ConnState>) {
+    /// On every request: one clock read and two stores, no lock (DESIGN §3). A proven
+    /// connection moves to `proven` when `make_room` next meets it.
+    fn request_started(&self, state: &ConnState) {
         state
             .last_request_ms
             .store(self.now_ms(), Ordering::Relaxed);
-        if !state.proven.swap(true, Ordering::Relaxed) {
-            let mut queues = self.lock();
-            if queues.silent.remove(&state.id).is_some()
-                || queues.speaking.remove(&state.id).is_some()
-            {
-                queues.proven.insert(state.id, Arc::clone(state));
-            }
-        }
+        state.proven.store(true, Ordering::Relaxed);
     }
 
     /// When the connection's idle time runs out, as the deadline a timer waits for.
@@ -266,18 +260,31 @@ impl Connections {
     /// `None` when there are no connections at all.
     fn make_room(&self) -> Option<&'static str> {
         let mut queues = self.lock();
-        let (kind, state) = if let Some((_, state)) = queues.silent.pop_first() {
+        let Queues {
+            silent,
+            speaking,
+            proven,
+        } = &mut *queues;
+        let mut unproven = |queue: &mut BTreeMap<u64, Arc<ConnState>>| {
+            while let Some((id, state)) = queue.pop_first() {
+                if !state.proven.load(Ordering::Relaxed) {
+                    return Some(state);
+                }
+                proven.insert(id, state);
+            }
+            None
+        };
+        let (kind, state) = if let Some(state) = unproven(silent) {
             ("silent", state)
-        } else if let Some((_, state)) = queues.speaking.pop_first() {
+        } else if let Some(state) = unproven(speaking) {
             ("without a request", state)
         } else {
             // A scan, but only at the cap: requests never pay for keeping an order.
-            let idlest = queues
-                .proven
+            let idlest = proven
                 .values()
                 .min_by_key(|s| s.last_request_ms.load(Ordering::Relaxed))
                 .map(|s| s.id)?;
-            ("idle the longest", queues.proven.remove(&idlest)?)
+            ("idle the longest", proven.remove(&idlest)?)
         };
         state.make_room.cancel();
         Some(kind)

@@ -106,7 +106,9 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     );
     assert_serves_both_documents_everywhere(&root, https).await;
 
-    // The cache: a 0700 directory of 0600 files.
+    // The cache: a 0700 directory of 0600 files. rustls-acme may store the certificate after
+    // deploying it; until its event, an atomic write's temporary file can be in the listing.
+    server.wait_for_log("event=\"cert_cache_store\"");
     let cache = scratch.path("state/acme");
     assert_eq!(mode(&cache), 0o700);
     let files: Vec<PathBuf> = std::fs::read_dir(&cache)

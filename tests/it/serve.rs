@@ -314,3 +314,42 @@ async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
     let line = server.wait_for_log("path=\"/openid/v1/jwks\"");
     assert!(line.contains("status=200"), "{line}");
 }
+
+/// systemd and most shells start services at a soft 1024 open files; the server raises its
+/// soft limit to the hard one at start, so that `max_connections` can be reached.
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("1h");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!("{text}[admin]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .expect("config");
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" serve --config \"$1\""])
+        .arg(crate::support::bin())
+        .arg(&config);
+    let server = Server::spawn(command, &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let open_files: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(open_files.len(), 2, "{limits}");
+    assert!(
+        open_files[1] > 256,
+        "hard limit {} leaves nothing to raise",
+        open_files[1]
+    );
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft limit not raised: {limits}"
+    );
+}

@@ -136,9 +136,15 @@ impl Server {
             )
             .expect("config");
         }
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(config)
+        let mut command = Command::new(bin());
+        command.args(["serve", "--config"]).arg(config);
+        Self::spawn(command, env)
+    }
+
+    /// Starts `command` (which must exec `oidc-edge serve`, e.g. through `sh -c`) as
+    /// [`Server::start_with_env`] does.
+    pub fn spawn(mut command: Command, env: &[(&str, &str)]) -> Self {
+        let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")

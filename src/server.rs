@@ -90,7 +90,7 @@ impl Server {
             pipelines.push(Arc::new(pipeline));
         }
         let http = match &config.http {
-            Some(http) => Some(listen_or_take(activated.http, http.listen, "http.listen").await?),
+            Some(http) => Some(listen_or_take(activated.http, http.listen, "http.listen")?),
             None => None,
         };
         let https = match &config.https {
@@ -114,13 +114,13 @@ impl Server {
                     }
                 };
                 Some((
-                    listen_or_take(activated.https, https.listen, "https.listen").await?,
+                    listen_or_take(activated.https, https.listen, "https.listen")?,
                     tls,
                 ))
             }
             None => None,
         };
-        let admin = listen(config.admin.listen, "admin.listen").await?;
+        let admin = listen(config.admin.listen, "admin.listen")?;
         Ok(Self {
             config,
             store,
@@ -320,7 +320,7 @@ impl Server {
 }
 
 /// A passed socket when there is one, else a new one bound to `addr`.
-async fn listen_or_take(
+fn listen_or_take(
     passed: Option<std::net::TcpListener>,
     addr: SocketAddr,
     key: &str,
@@ -331,7 +331,7 @@ async fn listen_or_take(
             info!(key, addr = %listener.local_addr()?, "using the socket passed by the service manager");
             Ok(TcpListener::from_std(listener)?)
         }
-        None => listen(addr, key).await,
+        None => listen(addr, key),
     }
 }
 
@@ -340,7 +340,7 @@ async fn listen_or_take(
 /// SYNs of real clients are then dropped and retried only after 1 s, 3 s, 7 s.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     let bind = || -> std::io::Result<TcpListener> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,

@@ -322,18 +322,12 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = scratch.config("1h");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        format!("{text}[admin]\nlisten = \"127.0.0.1:0\"\n"),
-    )
-    .expect("config");
     let mut command = std::process::Command::new("sh");
     command
         .args(["-c", "ulimit -Sn 256 && exec \"$0\" serve --config \"$1\""])
         .arg(crate::support::bin())
         .arg(&config);
-    let server = Server::spawn(command, &[]);
+    let server = Server::spawn(command, &config, &[]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
     let open_files: Vec<u64> = limits
         .lines()

@@ -126,8 +126,16 @@ impl Server {
     }
 
     /// Starts with extra environment variables (the pod environment of `in-cluster`).
-    /// A config without `[admin]` gets one on 127.0.0.1:0, so that tests never share a port.
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(bin());
+        command.args(["serve", "--config"]).arg(config);
+        Self::spawn(command, config, env)
+    }
+
+    /// Starts `command`, which must exec `oidc-edge serve --config CONFIG` (e.g. through
+    /// `sh -c`). A config without `[admin]` gets one on 127.0.0.1:0, so that tests never
+    /// share a port.
+    pub fn spawn(mut command: Command, config: &Path, env: &[(&str, &str)]) -> Self {
         let text = std::fs::read_to_string(config).expect("config");
         if !text.contains("[admin]") {
             std::fs::write(
@@ -136,14 +144,6 @@ impl Server {
             )
             .expect("config");
         }
-        let mut command = Command::new(bin());
-        command.args(["serve", "--config"]).arg(config);
-        Self::spawn(command, env)
-    }
-
-    /// Starts `command` (which must exec `oidc-edge serve`, e.g. through `sh -c`) as
-    /// [`Server::start_with_env`] does.
-    pub fn spawn(mut command: Command, env: &[(&str, &str)]) -> Self {
         let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("KUBERNETES_SERVICE_HOST")

@@ -7,11 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::fake_apiserver::{Leaf, Pki};
 use crate::support::{
-    Scratch, Server, assert_serves_both_documents_everywhere, https_client, https_url,
-    plain_client, served_cert,
+    HTTPS_DOMAIN, Scratch, Server, assert_serves_both_documents_everywhere, https_client,
+    https_url, plain_client, served_cert,
 };
-
-const DOMAIN: &str = "oidc.example.com";
 
 /// A server with a file source, certificate files and short limits.
 fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
@@ -29,7 +27,7 @@ fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
 async fn both_documents_over_tls_1_2_and_1_3_with_http_1_1_and_2() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (_server, https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    let (_server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
     assert_serves_both_documents_everywhere(&pki.ca_pem, https).await;
 }
 
@@ -37,7 +35,7 @@ async fn both_documents_over_tls_1_2_and_1_3_with_http_1_1_and_2() {
 async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let first = pki.server_for(&[DOMAIN]);
+    let first = pki.server_for(&[HTTPS_DOMAIN]);
     let (mut server, https) = start(&scratch, &first, "");
     let before = served_cert(&pki.ca_pem, https).await.expect("served");
     // A connection opened before the swap keeps working after it.
@@ -51,7 +49,7 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
         200
     );
 
-    let second = pki.server_for(&[DOMAIN]);
+    let second = pki.server_for(&[HTTPS_DOMAIN]);
     scratch.replace("key.pem", &second.key_pem);
     scratch.replace("cert.pem", &second.cert_pem);
     server.signal("HUP");
@@ -68,7 +66,7 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     );
 
     // A key that does not match, then garbage: the second certificate stays.
-    scratch.replace("key.pem", &pki.server_for(&[DOMAIN]).key_pem);
+    scratch.replace("key.pem", &pki.server_for(&[HTTPS_DOMAIN]).key_pem);
     let line = server.wait_for_log("certificate files not reloaded");
     assert!(line.contains("does not match the certificate"), "{line}");
     scratch.replace("cert.pem", "garbage");
@@ -100,7 +98,7 @@ fn read_until_closed(mut stream: TcpStream) -> (Duration, Vec<u8>) {
 async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
     // 50 connections that open TLS and say nothing, and 50 that drip half a request.
     let silent: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(https).expect("connect"))
@@ -147,12 +145,12 @@ async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
 async fn oversized_headers_get_431() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, _https) = start(&scratch, &pki.server_for(&[DOMAIN]), "");
+    let (server, _https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
     let mut stream = TcpStream::connect(server.addr).expect("connect");
     let big = "a".repeat(20 * 1024);
     stream
         .write_all(
-            format!("GET /openid/v1/jwks HTTP/1.1\r\nHost: {DOMAIN}\r\nX-Big: {big}\r\n\r\n")
+            format!("GET /openid/v1/jwks HTTP/1.1\r\nHost: {HTTPS_DOMAIN}\r\nX-Big: {big}\r\n\r\n")
                 .as_bytes(),
         )
         .expect("write");
@@ -170,13 +168,13 @@ async fn the_plain_listener_redirects_to_https_when_asked() {
     let scratch = Scratch::new();
     let (server, https) = start(
         &scratch,
-        &pki.server_for(&[DOMAIN]),
+        &pki.server_for(&[HTTPS_DOMAIN]),
         "redirect_to_https = true",
     );
     let plain = plain_client(server.addr);
     let response = plain
         .get(format!(
-            "http://{DOMAIN}:{}/openid/v1/jwks?x=1",
+            "http://{HTTPS_DOMAIN}:{}/openid/v1/jwks?x=1",
             server.addr.port()
         ))
         .send()
@@ -185,11 +183,11 @@ async fn the_plain_listener_redirects_to_https_when_asked() {
     assert_eq!(response.status(), 301);
     assert_eq!(
         response.headers()["location"],
-        format!("https://{DOMAIN}:{}/openid/v1/jwks?x=1", https.port()).as_str()
+        format!("https://{HTTPS_DOMAIN}:{}/openid/v1/jwks?x=1", https.port()).as_str()
     );
     // A host that is not configured is not redirected anywhere.
     let other = plain
-        .get(format!("http://{DOMAIN}:{}/", server.addr.port()))
+        .get(format!("http://{HTTPS_DOMAIN}:{}/", server.addr.port()))
         .header("host", "evil.example")
         .send()
         .await

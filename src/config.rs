@@ -87,11 +87,44 @@ impl fmt::Display for SourceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceKind::File { path } => write!(f, "file {}", path.display()),
-            SourceKind::Apiserver(api) => {
-                write!(f, "{} {} ({})", api.origin, api.server, api.auth.describe())
-            }
-            SourceKind::Url { url, .. } => write!(f, "url {url}"),
+            SourceKind::Apiserver(api) => write!(
+                f,
+                "{} {} ({})",
+                api.origin,
+                redacted_url(&api.server),
+                api.auth.describe()
+            ),
+            SourceKind::Url { url, .. } => write!(f, "url {}", redacted_url(url)),
         }
+    }
+}
+
+/// `url` with any user info shown as `***` (M5). Config refuses user info in source URLs;
+/// everything that names a URL in a log line, `/status` or an error goes through this anyway,
+/// so that a credential that slips past validation is still never printed.
+pub fn redacted_url(url: &url::Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    // Both fail only for URLs without a host, which have no user info to hide.
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("***");
+    shown.to_string()
+}
+
+/// Text meant to be a URL, with anything between `://` and the last `@` of the authority
+/// replaced by `***`: for messages about text that may not even parse as a URL (M5).
+pub fn redacted_text(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return text.to_owned();
+    };
+    let start = scheme_end + 3;
+    let rest = &text[start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &rest[at..]),
+        None => text.to_owned(),
     }
 }
 
@@ -1039,18 +1072,32 @@ impl Validator<'_> {
     }
 
     fn https_url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
+        // Every message shows the URL with its user info cut out, even when it does not parse
+        // (M5): a password typed here must never reach the terminal or a CI log.
+        let shown = redacted_text(text);
         let url = url::Url::parse(text)
-            .map_err(|e| self.err(key, format!("{text:?} is not a URL: {e}")))?;
+            .map_err(|e| self.err(key, format!("{shown:?} is not a URL: {e}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // reqwest would turn it into `Authorization: Basic`, but the URL is also the
+            // source's name in every log line, in /status and in this summary (M5).
+            return Err(self.err(
+                key,
+                format!(
+                    "{:?} must not contain user info (user:password@): it would be shown in logs, /status and metrics",
+                    redacted_url(&url)
+                ),
+            ));
+        }
         if url.scheme() != "https" {
             return Err(self.err(
                 key,
-                format!("{text:?} must use https: keys are fetched over TLS only"),
+                format!("{shown:?} must use https: keys are fetched over TLS only"),
             ));
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(self.err(
                 key,
-                format!("{text:?} must not contain a query or fragment"),
+                format!("{shown:?} must not contain a query or fragment"),
             ));
         }
         Ok(url)
@@ -1261,6 +1308,27 @@ mod tests {
             panic!("a file source");
         };
         assert!(path.is_absolute() && path.ends_with("jwks.json"));
+    }
+
+    #[test]
+    fn user_info_is_cut_out_of_urls_and_url_like_text() {
+        let url = url::Url::parse("https://user:S3CRET@h.example:8443/p").expect("url");
+        assert_eq!(redacted_url(&url), "https://***@h.example:8443/p");
+        let url = url::Url::parse("https://S3CRET@h.example/").expect("url");
+        assert_eq!(redacted_url(&url), "https://***@h.example/");
+        let url = url::Url::parse("https://h.example/a@b").expect("url");
+        assert_eq!(redacted_url(&url), "https://h.example/a@b");
+        assert_eq!(
+            redacted_text("https://u:S3CRET@x@h:99999/a@b?c@d"),
+            "https://***@h:99999/a@b?c@d"
+        );
+        assert_eq!(redacted_text("https://h/a@b"), "https://h/a@b");
+        assert_eq!(redacted_text("not a url @ all"), "not a url @ all");
+        let kind = SourceKind::Url {
+            url: url::Url::parse("https://u:S3CRET@h.example/keys").expect("url"),
+            ca_file: None,
+        };
+        assert_eq!(kind.to_string(), "url https://***@h.example/keys");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
-use crate::config::{ApiAuth, ApiserverSource, Pem, Secret};
+use crate::config::{ApiAuth, ApiserverSource, Pem, Secret, redacted_text, redacted_url};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -117,16 +117,26 @@ pub fn parse(yaml: &str, path: &Path, context: Option<&str>) -> Result<Apiserver
         None => ("", &default_user),
     };
 
+    // The server is shown with its user info cut out, and user info is refused: the server
+    // URL names the source in every log line and in /status (M5).
+    let shown = redacted_text(&cluster.server);
     let server = url::Url::parse(&cluster.server).map_err(|e| {
         format!(
-            "cluster {:?} server {:?} is not a URL: {e}",
-            ctx.cluster, cluster.server
+            "cluster {:?} server {shown:?} is not a URL: {e}",
+            ctx.cluster
         )
     })?;
+    if !server.username().is_empty() || server.password().is_some() {
+        return Err(format!(
+            "cluster {:?} server {:?} must not contain user info (user:password@): it would be shown in logs, /status and metrics",
+            ctx.cluster,
+            redacted_url(&server)
+        ));
+    }
     if server.scheme() != "https" {
         return Err(format!(
-            "cluster {:?} server {:?} is not https",
-            ctx.cluster, cluster.server
+            "cluster {:?} server {shown:?} is not https",
+            ctx.cluster
         ));
     }
     if cluster.insecure_skip_tls_verify {
@@ -305,10 +315,22 @@ users:
                 "a client certificate or key without the other",
             ),
             ("- not a map", "not a kubeconfig"),
+            (
+                &*K3S_YAML.replace("https://127", "https://admin:S3CRET@127"),
+                "cluster \"default\" server \"https://***@127.0.0.1:6443/\" must not contain user info (user:password@)",
+            ),
+            (
+                &*K3S_YAML.replace(
+                    "https://127.0.0.1:6443",
+                    "https://admin:S3CRET@127.0.0.1:99999",
+                ),
+                "cluster \"default\" server \"https://***@127.0.0.1:99999\" is not a URL: invalid port number",
+            ),
         ];
         for (yaml, expected) in cases {
             let err = parse_k3s(yaml).expect_err(expected);
             assert!(err.contains(expected), "{err}");
+            assert!(!err.contains("S3CRET"), "{err}");
         }
     }
 

@@ -300,6 +300,9 @@ fn kubeconfig_document() -> impl Strategy<Value = Value> {
             vec![
                 json!("http://127.0.0.1:6443"),
                 json!("https://[::1]:6443/prefix"),
+                // M5: a password in the server URL is refused and never shown.
+                json!(format!("https://admin:{SECRET_TOKEN}@127.0.0.1:6443")),
+                json!(format!("https://admin:{SECRET_TOKEN}@127.0.0.1:99999")),
                 json!("127.0.0.1:6443"),
                 json!(6443),
                 json!(""),

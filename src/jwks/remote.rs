@@ -12,7 +12,7 @@ use http::header::{ACCEPT, LOCATION};
 use url::Url;
 
 use super::source::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
-use crate::config::{ApiAuth, ApiserverSource, Pem, Secret};
+use crate::config::{ApiAuth, ApiserverSource, Pem, Secret, redacted_url as redacted};
 
 /// kube-apiserver answers 406 to `Accept: application/json` alone on the JWKS route (K-6).
 pub const JWKS_ACCEPT: &str = "application/jwk-set+json, application/json";
@@ -51,7 +51,7 @@ impl RemoteSource {
     /// An apiserver: `<server>/openid/v1/jwks`, trusting only its pinned CA.
     pub fn apiserver(api: &ApiserverSource, timeout: Duration) -> Result<Self, SetupError> {
         let setup = |reason: String| SetupError {
-            what: format!("{} {}", api.origin, api.server),
+            what: format!("{} {}", api.origin, redacted(&api.server)),
             reason,
         };
         let ca = read_pem(&api.ca).map_err(setup)?;
@@ -78,7 +78,7 @@ impl RemoteSource {
             jwks_url: join(&api.server, "openid/v1/jwks"),
             discovery_url: Some(join(&api.server, ".well-known/openid-configuration")),
             bearer,
-            describe: format!("{} {}", api.origin, api.server),
+            describe: format!("{} {}", api.origin, redacted(&api.server)),
         })
     }
 
@@ -89,7 +89,7 @@ impl RemoteSource {
         timeout: Duration,
     ) -> Result<Self, SetupError> {
         let setup = |reason: String| SetupError {
-            what: url.to_string(),
+            what: redacted(url),
             reason,
         };
         let mut builder = base_client(timeout);
@@ -104,7 +104,7 @@ impl RemoteSource {
             jwks_url: url.clone(),
             discovery_url: None,
             bearer: Bearer::None,
-            describe: url.to_string(),
+            describe: redacted(url),
         })
     }
 
@@ -134,7 +134,7 @@ impl RemoteSource {
             request = request.bearer_auth(token);
         }
         let http = |source: reqwest::Error| FetchError::Http {
-            url: url.to_string(),
+            url: redacted(url),
             source: source.without_url(),
         };
         let mut response = request.send().await.map_err(http)?;
@@ -147,14 +147,14 @@ impl RemoteSource {
                 .unwrap_or("nowhere")
                 .to_owned();
             return Err(FetchError::Redirect {
-                url: url.to_string(),
+                url: redacted(url),
                 status,
                 location,
             });
         }
         if status != StatusCode::OK {
             return Err(FetchError::Status {
-                url: url.to_string(),
+                url: redacted(url),
                 status,
                 hint: status_hint(status),
             });
@@ -164,14 +164,14 @@ impl RemoteSource {
             .is_some_and(|len| len > MAX_BODY_BYTES)
         {
             return Err(FetchError::TooLarge {
-                what: url.to_string(),
+                what: redacted(url),
             });
         }
         let mut body = BytesMut::new();
         while let Some(chunk) = response.chunk().await.map_err(http)? {
             if body.len() + chunk.len() > MAX_BODY_BYTES as usize {
                 return Err(FetchError::TooLarge {
-                    what: url.to_string(),
+                    what: redacted(url),
                 });
             }
             body.extend_from_slice(&chunk);
@@ -188,13 +188,13 @@ impl RemoteSource {
         };
         let doc: serde_json::Value = match serde_json::from_slice(&body) {
             Ok(doc) => doc,
-            Err(e) => return Some(Err(format!("{url}: not JSON: {e}"))),
+            Err(e) => return Some(Err(format!("{}: not JSON: {e}", redacted(url)))),
         };
         Some(
             doc.get("issuer")
                 .and_then(|i| i.as_str())
                 .map(str::to_owned)
-                .ok_or_else(|| format!("{url}: no \"issuer\"")),
+                .ok_or_else(|| format!("{}: no \"issuer\"", redacted(url))),
         )
     }
 }
@@ -278,6 +278,33 @@ mod tests {
         assert_eq!(
             join(&proxied, ".well-known/openid-configuration").as_str(),
             "https://rancher.example.com/k8s/clusters/c-1/.well-known/openid-configuration"
+        );
+    }
+
+    /// M5, defence in depth: config refuses user info in source URLs, but should one get
+    /// through, neither the name in logs and `/status` nor a fetch error shows the password.
+    #[tokio::test]
+    async fn user_info_never_reaches_describe_or_fetch_errors() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let url = Url::parse("https://user:S3CRET-PASSWORD@127.0.0.1:1/keys").expect("url");
+        let mut source = RemoteSource::url(&url, None, Duration::from_secs(1)).expect("source");
+        assert_eq!(source.describe(), "https://***@127.0.0.1:1/keys");
+        let err = source
+            .fetch_key_set()
+            .await
+            .expect_err("nothing listens on port 1");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("GET https://***@127.0.0.1:1/keys: "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("S3CRET") && !format!("{err:?}").contains("S3CRET"),
+            "{text}"
+        );
+        assert_eq!(
+            redacted(&Url::parse("https://h.example/p").expect("url")),
+            "https://h.example/p"
         );
     }
 }

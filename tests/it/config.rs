@@ -386,3 +386,47 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
         format!("oidc-edge {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// M5: a password in a source URL would reach every log line, `/status` and this very output.
+/// It is refused at config time, and the refusal never echoes it.
+#[test]
+fn credentials_in_source_urls_are_refused_without_being_echoed() {
+    let scratch = Scratch::new();
+    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    let cases = [
+        (
+            format!(
+                "{ISSUER}  [[issuers.sources]]\n  kind = \"url\"\n  url = \"https://user:S3CRET-PASSWORD@jwks.example.com/keys\"\n{HTTP}"
+            ),
+            "issuers[0].sources[0].url: \"https://***@jwks.example.com/keys\" must not contain user info (user:password@): it would be shown in logs, /status and metrics",
+        ),
+        (
+            apiserver("url = \"https://S3CRET-PASSWORD@10.0.0.10:6443\"\nca_file = \"ca.pem\""),
+            "issuers[0].sources[0].url: \"https://***@10.0.0.10:6443/\" must not contain user info (user:password@): it would be shown in logs, /status and metrics",
+        ),
+        (
+            // Not even a URL: the user info is still cut out of the message.
+            format!(
+                "{ISSUER}  [[issuers.sources]]\n  kind = \"url\"\n  url = \"https://user:S3CRET-PASSWORD@jwks.example.com:99999/keys\"\n{HTTP}"
+            ),
+            "issuers[0].sources[0].url: \"https://***@jwks.example.com:99999/keys\" is not a URL: invalid port number",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = scratch.write("config.toml", &text);
+        let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert_eq!(
+            stderr,
+            format!("oidc-edge: {}: {expected}\n", path.display())
+        );
+        assert!(
+            !stdout.contains("S3CRET") && !stderr.contains("S3CRET"),
+            "{stdout}{stderr}"
+        );
+    }
+}

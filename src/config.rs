@@ -26,6 +26,56 @@ pub const MAX_CACHE_MAX_AGE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The range a duration key accepts, with the bounds as the error message writes them.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    min: (Duration, &'static str),
+    max: (Duration, &'static str),
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTES_5: (Duration, &str) = (Duration::from_secs(300), "5m");
+const HOUR: (Duration, &str) = (Duration::from_secs(3600), "1h");
+const DAYS_30: (Duration, &str) = (Duration::from_secs(30 * 86_400), "30days");
+
+// L11: every duration is bounded at config time. Unbounded values panicked inside tasks that
+// then died silently (`Instant + Duration` overflow in the accept loop, `Duration::mul_f64` in
+// the refresh schedule), and "1ns" made a source spin. The upper bounds are far above any
+// sensible setting and far below any overflow; the lower bounds stop spinning but stay below
+// what the test suite uses to run in seconds (a file source every 5 ms, a fetch timeout of
+// 300 ms against a local fake apiserver).
+/// A refresh at most daily: a key rotation must show up well inside a token's lifetime.
+const REFRESH_INTERVAL_BOUNDS: Bounds = Bounds {
+    min: (Duration::from_millis(1), "1ms"),
+    max: (Duration::from_secs(86_400), "24h"),
+};
+/// One fetch: anything slower than 5 minutes is an outage, and the next attempt should start.
+const FETCH_TIMEOUT_BOUNDS: Bounds = Bounds {
+    min: (Duration::from_millis(100), "100ms"),
+    max: MINUTES_5,
+};
+/// A TLS handshake or a request's headers: real clients need well under a second; a bound of
+/// minutes would hand slow clients the connection slots (DESIGN §3).
+const CLIENT_TIMEOUT_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: MINUTES_5,
+};
+const IDLE_TIMEOUT_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: HOUR,
+};
+/// Rotation grace: longer than the longest token lifetime in use (24 h for Azure Workload
+/// Identity, Z-9) with room to spare; keys kept for months are revoked keys still published.
+const KEY_RETENTION_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: DAYS_30,
+};
+/// Readiness is judged in whole seconds (`/readyz`), so less than one second means nothing.
+const MAX_STALENESS_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: DAYS_30,
+};
+
 // === validated configuration ===
 
 #[derive(Debug, Clone)]
@@ -585,7 +635,14 @@ impl Validator<'_> {
         }
         let max_staleness = raw_admin
             .max_staleness
-            .map(|text| self.duration("admin.max_staleness", Some(text), Duration::ZERO))
+            .map(|text| {
+                self.bounded_duration(
+                    "admin.max_staleness",
+                    Some(text),
+                    Duration::ZERO,
+                    MAX_STALENESS_BOUNDS,
+                )
+            })
             .transpose()?;
         let admin = AdminConfig {
             listen,
@@ -666,10 +723,11 @@ impl Validator<'_> {
         if cache_max_age > MAX_CACHE_MAX_AGE {
             return Err(self.err(format!("{key}.cache_max_age"), "must be at most 1h (X-3)"));
         }
-        let key_retention = self.duration(
+        let key_retention = self.bounded_duration(
             &format!("{key}.key_retention"),
             raw.key_retention,
             DEFAULT_KEY_RETENTION,
+            KEY_RETENTION_BOUNDS,
         )?;
         let max_keys = raw.max_keys.unwrap_or(MAX_KEYS_LIMIT);
         if !(1..=MAX_KEYS_LIMIT).contains(&max_keys) {
@@ -704,15 +762,17 @@ impl Validator<'_> {
     }
 
     fn source(&self, key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
-        let refresh_interval = self.duration(
+        let refresh_interval = self.bounded_duration(
             &format!("{key}.refresh_interval"),
             raw.refresh_interval.clone(),
             DEFAULT_REFRESH_INTERVAL,
+            REFRESH_INTERVAL_BOUNDS,
         )?;
-        let timeout = self.duration(
+        let timeout = self.bounded_duration(
             &format!("{key}.timeout"),
             raw.timeout.clone(),
             DEFAULT_FETCH_TIMEOUT,
+            FETCH_TIMEOUT_BOUNDS,
         )?;
         let allowed: &[&str] = match raw.kind.as_str() {
             "file" => &["path"],
@@ -892,6 +952,30 @@ impl Validator<'_> {
         }
     }
 
+    /// [`Self::duration`], within `bounds` (L11).
+    fn bounded_duration(
+        &self,
+        key: &str,
+        raw: Option<String>,
+        default: Duration,
+        bounds: Bounds,
+    ) -> Result<Duration, ConfigError> {
+        let text = raw.clone();
+        let value = self.duration(key, raw, default)?;
+        if (bounds.min.0..=bounds.max.0).contains(&value) {
+            return Ok(value);
+        }
+        Err(self.err(
+            key,
+            format!(
+                "{:?} is not from {} to {}",
+                text.unwrap_or_default(),
+                bounds.min.1,
+                bounds.max.1
+            ),
+        ))
+    }
+
     fn address(&self, key: &str, text: &str, example: &str) -> Result<SocketAddr, ConfigError> {
         text.parse().map_err(|e| {
             self.err(
@@ -1041,15 +1125,17 @@ impl Validator<'_> {
             ));
         }
         Ok(Limits {
-            handshake_timeout: self.duration(
+            handshake_timeout: self.bounded_duration(
                 "limits.handshake_timeout",
                 raw.handshake_timeout,
                 defaults.handshake_timeout,
+                CLIENT_TIMEOUT_BOUNDS,
             )?,
-            header_read_timeout: self.duration(
+            header_read_timeout: self.bounded_duration(
                 "limits.header_read_timeout",
                 raw.header_read_timeout,
                 defaults.header_read_timeout,
+                CLIENT_TIMEOUT_BOUNDS,
             )?,
             max_connections: positive(
                 "limits.max_connections",
@@ -1063,10 +1149,11 @@ impl Validator<'_> {
             )?)
             .unwrap_or(u32::MAX),
             max_header_bytes,
-            idle_timeout: self.duration(
+            idle_timeout: self.bounded_duration(
                 "limits.idle_timeout",
                 raw.idle_timeout,
                 defaults.idle_timeout,
+                IDLE_TIMEOUT_BOUNDS,
             )?,
         })
     }

@@ -111,6 +111,53 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             valid_with("", "", "[limits]\nidle_timeout = \"0s\""),
             "limits.idle_timeout: must be longer than zero",
         ),
+        // L11: every duration is bounded; a huge one used to panic inside a task, a tiny one
+        // to spin.
+        (
+            "refresh interval of a nanosecond",
+            valid_with("", "  refresh_interval = \"1ns\"", ""),
+            "issuers[0].sources[0].refresh_interval: \"1ns\" is not from 1ms to 24h",
+        ),
+        (
+            "refresh interval over a day",
+            valid_with("", "  refresh_interval = \"25h\"", ""),
+            "issuers[0].sources[0].refresh_interval: \"25h\" is not from 1ms to 24h",
+        ),
+        (
+            "fetch timeout over 5 minutes",
+            valid_with("", "  timeout = \"6m\"", ""),
+            "issuers[0].sources[0].timeout: \"6m\" is not from 100ms to 5m",
+        ),
+        (
+            "fetch timeout of a microsecond",
+            valid_with("", "  timeout = \"1us\"", ""),
+            "issuers[0].sources[0].timeout: \"1us\" is not from 100ms to 5m",
+        ),
+        (
+            "key retention over 30 days",
+            valid_with("key_retention = \"31days\"", "", ""),
+            "issuers[0].key_retention: \"31days\" is not from 1s to 30days",
+        ),
+        (
+            "huge handshake timeout",
+            valid_with("", "", "[limits]\nhandshake_timeout = \"500000000years\""),
+            "limits.handshake_timeout: \"500000000years\" is not from 1s to 5m",
+        ),
+        (
+            "sub-second header read timeout",
+            valid_with("", "", "[limits]\nheader_read_timeout = \"500ms\""),
+            "limits.header_read_timeout: \"500ms\" is not from 1s to 5m",
+        ),
+        (
+            "idle timeout over an hour",
+            valid_with("", "", "[limits]\nidle_timeout = \"2h\""),
+            "limits.idle_timeout: \"2h\" is not from 1s to 1h",
+        ),
+        (
+            "sub-second max staleness",
+            valid_with("", "", "[admin]\nmax_staleness = \"10ms\""),
+            "admin.max_staleness: \"10ms\" is not from 1s to 30days",
+        ),
         (
             "max_keys over the AWS limit",
             valid_with("max_keys = 101", "", ""),

@@ -40,6 +40,10 @@ struct Cluster {
     certificate_authority_data: Option<String>,
     #[serde(default)]
     insecure_skip_tls_verify: bool,
+    /// Refused (L14): reqwest verifies and sends SNI for the URL's host only.
+    tls_server_name: Option<String>,
+    /// Refused (L14): key fetches never go through a proxy.
+    proxy_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +149,24 @@ pub fn parse(yaml: &str, path: &Path, context: Option<&str>) -> Result<Apiserver
             ctx.cluster
         ));
     }
+    // L14: both change where or how the connection is made; ignoring them would give a
+    // confusing certificate-name error or a connection that bypasses the operator's proxy.
+    // Verifying against another name than the URL's host would need a hand-built rustls
+    // verifier and resolver under reqwest; the certificate's names (k3s --tls-san) cover it.
+    if cluster.tls_server_name.is_some() {
+        return Err(format!(
+            "cluster {:?} sets tls-server-name, which oidc-edge does not support: \
+             use a server URL whose host is in the apiserver's certificate \
+             (k3s: --tls-san), or kind = \"apiserver\"",
+            ctx.cluster
+        ));
+    }
+    if cluster.proxy_url.is_some() {
+        return Err(format!(
+            "cluster {:?} sets proxy-url; oidc-edge connects to apiservers directly and never through a proxy",
+            ctx.cluster
+        ));
+    }
     let ca = match (
         &cluster.certificate_authority_data,
         &cluster.certificate_authority,
@@ -193,8 +215,9 @@ pub fn parse(yaml: &str, path: &Path, context: Option<&str>) -> Result<Apiserver
                 "user {user_name:?} has a client certificate or key without the other"
             ));
         }
-        (None, None, Some(token), _) => ApiAuth::Token(Secret(token.clone())),
-        (None, None, None, Some(file)) => ApiAuth::TokenFile(resolve(file)),
+        // L14: as client-go, the file wins over an inline token: it is what rotates.
+        (None, None, _, Some(file)) => ApiAuth::TokenFile(resolve(file)),
+        (None, None, Some(token), None) => ApiAuth::Token(Secret(token.clone())),
         (None, None, None, None) => ApiAuth::Anonymous,
     };
     Ok(ApiserverSource {
@@ -331,6 +354,45 @@ users:
             let err = parse_k3s(yaml).expect_err(expected);
             assert!(err.contains(expected), "{err}");
             assert!(!err.contains("S3CRET"), "{err}");
+        }
+    }
+
+    /// L14: client-go reads tokenFile when both are set (a stale inline token would 401).
+    #[test]
+    fn token_file_wins_over_an_inline_token() {
+        let yaml = K3S_YAML.replace(
+            "    client-certificate-data: Q0VSVA==\n    client-key-data: S0VZ\n",
+            "    token: stale-inline-token\n    tokenFile: token\n",
+        );
+        let source = parse_k3s(&yaml).expect("valid");
+        assert_eq!(
+            source.auth,
+            ApiAuth::TokenFile(PathBuf::from("/etc/rancher/k3s/token"))
+        );
+    }
+
+    /// L14: settings that change where or how oidc-edge connects are refused by name rather
+    /// than silently ignored.
+    #[test]
+    fn tls_server_name_and_proxy_url_are_refused_by_name() {
+        let cases = [
+            (
+                "    tls-server-name: kubernetes.default.svc\n",
+                "cluster \"default\" sets tls-server-name, which oidc-edge does not support: \
+                 use a server URL whose host is in the apiserver's certificate \
+                 (k3s: --tls-san), or kind = \"apiserver\"",
+            ),
+            (
+                "    proxy-url: http://proxy.example:3128\n",
+                "cluster \"default\" sets proxy-url; oidc-edge connects to apiservers directly and never through a proxy",
+            ),
+        ];
+        for (line, expected) in cases {
+            let yaml = K3S_YAML.replace(
+                "    server: https://127.0.0.1:6443\n",
+                &format!("    server: https://127.0.0.1:6443\n{line}"),
+            );
+            assert_eq!(parse_k3s(&yaml).expect_err(expected), expected);
         }
     }
 

@@ -89,6 +89,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state_dir: PathBuf,
     pub log: LogConfig,
+    /// Problems that are not errors because they can fix themselves, each `<file>: <key>:
+    /// <what>` on one line: `check-config` prints them and `serve` logs them (L13).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -509,7 +512,12 @@ impl Config {
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let raw = parse(text, file)?;
         let base = file.parent().unwrap_or(Path::new("."));
-        Validator { file, base }.config(raw)
+        Validator {
+            file,
+            base,
+            warnings: std::cell::RefCell::default(),
+        }
+        .config(raw)
     }
 }
 
@@ -547,6 +555,7 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 struct Validator<'a> {
     file: &'a Path,
     base: &'a Path,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Validator<'_> {
@@ -682,6 +691,7 @@ impl Validator<'_> {
                 level,
                 access: raw_log.access.unwrap_or(false),
             },
+            warnings: self.warnings.take(),
         })
     }
 
@@ -810,7 +820,7 @@ impl Validator<'_> {
         let kind = match raw.kind.as_str() {
             "file" => {
                 let path = self.resolve(&required("path", raw.path.as_ref())?);
-                self.readable(&format!("{key}.path"), &path)?;
+                self.file_to_come(&format!("{key}.path"), &path)?;
                 SourceKind::File { path }
             }
             "apiserver" => {
@@ -902,7 +912,7 @@ impl Validator<'_> {
                     &Pem::File(ca.clone()),
                     PemKind::Certificates,
                 )?;
-                self.readable(&format!("{key}.token_file"), &token)?;
+                self.file_to_come(&format!("{key}.token_file"), &token)?;
                 SourceKind::Apiserver(ApiserverSource {
                     origin: "in-cluster".to_owned(),
                     server,
@@ -1241,7 +1251,7 @@ impl Validator<'_> {
                 self.pem(&format!("{key}.{cert_key}"), cert, PemKind::Certificates)?;
                 self.pem(&format!("{key}.{key_key}"), private, PemKind::PrivateKey)
             }
-            ApiAuth::TokenFile(path) => self.readable(&format!("{key}.{key_key}"), path),
+            ApiAuth::TokenFile(path) => self.file_to_come(&format!("{key}.{key_key}"), path),
             ApiAuth::Anonymous | ApiAuth::Token(_) => Ok(()),
         }
     }
@@ -1258,6 +1268,32 @@ impl Validator<'_> {
         std::fs::File::open(path)
             .map(drop)
             .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))
+    }
+
+    /// A file that is read again at every fetch (a JWKS file, a token file): missing at start
+    /// is only a warning, because it can appear later (a volume mounted late, a projected token
+    /// not written yet), and refusing to start would also refuse to serve the persisted set
+    /// through the outage (L13, DESIGN §4 "Persist"). What can never work is still an error.
+    fn file_to_come(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => Err(self.err(
+                key,
+                format!("{} is a directory, not a file", path.display()),
+            )),
+            Ok(_) => self.readable(key, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let warning = self.err(
+                    key,
+                    format!(
+                        "cannot read {}: {e}; the source's fetches fail until it appears",
+                        path.display()
+                    ),
+                );
+                self.warnings.borrow_mut().push(warning.to_string());
+                Ok(())
+            }
+            Err(e) => Err(self.err(key, format!("cannot read {}: {e}", path.display()))),
+        }
     }
 
     /// Two issuers must never answer the same host and path: a relying party would get the

@@ -32,10 +32,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_USAGE);
             };
             telemetry::init(&config.log);
+            log_warnings(&config);
             exit(serve(config))
         }
         Command::CheckConfig(args) => match load(&args.config) {
             Some(config) => {
+                for warning in &config.warnings {
+                    eprintln!("oidc-edge: warning: {warning}");
+                }
                 print(&format!("{config}\n"));
                 ExitCode::SUCCESS
             }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_USAGE);
             };
             telemetry::init(&config.log);
+            log_warnings(&config);
             exit(block_on(async {
                 let objects = render::render(&config, &args.out, args.layout).await?;
                 for object in objects {
@@ -112,6 +117,13 @@ fn load(path: &std::path::Path) -> Option<Config> {
             eprintln!("oidc-edge: {e}");
             None
         }
+    }
+}
+
+/// What the configuration leaves to fix itself (a file that may still appear, L13).
+fn log_warnings(config: &Config) {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
 }
 

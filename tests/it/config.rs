@@ -343,15 +343,59 @@ fn missing_files_are_named() {
         )
     );
 
+    // L13: a missing JWKS file is no longer a config error (serve starts and serves the
+    // persisted set), but check-config still names it, as a warning.
     let config = scratch.write("config.toml", &valid_with("", "", ""));
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: warning: {}: issuers[0].sources[0].path: cannot read {}: No such file or directory (os error 2); the source's fetches fail until it appears\n",
+            config.display(),
+            scratch.path("jwks.json").display()
+        )
+    );
+
+    // What can never work stays an error: a directory where the file should be.
+    std::fs::create_dir(scratch.path("jwks.json")).expect("mkdir");
     let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         format!(
-            "oidc-edge: {}: issuers[0].sources[0].path: cannot read {}: No such file or directory (os error 2)\n",
+            "oidc-edge: {}: issuers[0].sources[0].path: {} is a directory, not a file\n",
             config.display(),
             scratch.path("jwks.json").display()
+        )
+    );
+}
+
+/// L13: a token file missing at start (the projected token not mounted yet) is a warning; the
+/// apiserver source fails its fetches until it appears.
+#[test]
+fn a_missing_token_file_is_a_warning() {
+    let scratch = Scratch::new();
+    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    let config = scratch.write(
+        "config.toml",
+        &apiserver(
+            "url = \"https://10.0.0.10:6443\"\nca_file = \"ca.pem\"\ntoken_file = \"token\"",
+        ),
+    );
+    let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: warning: {}: issuers[0].sources[0].token_file: cannot read {}: No such file or directory (os error 2); the source's fetches fail until it appears\n",
+            config.display(),
+            scratch.path("token").display()
         )
     );
 }

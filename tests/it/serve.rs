@@ -347,3 +347,42 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
         "soft limit not raised: {limits}"
     );
 }
+
+/// L13: a JWKS file that is absent at a restart (a volume not mounted yet) is not a config
+/// error. The persisted set is served at once, the source's fetches fail with a warning naming
+/// the file, and the keys follow the file once it appears.
+#[tokio::test]
+async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appears() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("50ms");
+    let server = Server::start(&config);
+    let state = StateFile::new(&scratch.path("state"), ISSUER);
+    eventually("the key set to be persisted", || async {
+        state.path().exists()
+    })
+    .await;
+    server.kill();
+
+    std::fs::remove_file(scratch.path("jwks.json")).expect("remove");
+    let mut restarted = Server::start(&config);
+    let url = restarted.url("/openid/v1/jwks");
+    let (status, body) = get(&url).await;
+    assert_eq!(status, 200, "served at once after the restart");
+    assert_eq!(kids(&body), fixture_kids(K3S));
+    let line = restarted.wait_for_log("fetch failed; still serving the last good set");
+    assert!(
+        line.contains(&format!(
+            "{}: No such file or directory",
+            scratch.path("jwks.json").display()
+        )),
+        "{line}"
+    );
+    scratch.replace("jwks.json", ROTATED);
+    let both = union(K3S, ROTATED);
+    eventually("the keys of the file that appeared", || async {
+        kids(&get(&url).await.1) == both
+    })
+    .await;
+    restarted.kill();
+}

@@ -8,6 +8,10 @@
 #
 # Health: GET :9090/livez and :9090/readyz (the admin listener), not a HEALTHCHECK: the image
 # has no shell or curl to run one.
+#
+# No CA bundle either, on purpose: apiservers are trusted through their pinned CA only, and
+# `url` sources without ca_file, the doctor's fetch and its TLS probe all use Mozilla's roots
+# compiled into the binary (webpki-roots), never the system's (review finding L9).
 
 ARG BUILDER=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME=scratch

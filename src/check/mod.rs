@@ -184,9 +184,11 @@ pub fn relying_party_client(
         .no_proxy()
         .timeout(AWS_FETCH_LIMIT)
         .user_agent(concat!("oidc-edge-check/", env!("CARGO_PKG_VERSION")));
-    if let Some(pem) = ca_pem {
-        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem)?);
-    }
+    // The very root set the TLS probe verifies with (`tls::roots`: the given CA, else
+    // webpki-roots), not reqwest's system roots: the scratch image has none, and a host's
+    // extra roots would make the fetch trust a chain the probe calls untrusted (L9).
+    builder =
+        builder.tls_backend_preconfigured(crate::jwks::remote::tls_config(tls::roots(ca_pem)?));
     if let Some(addr) = connect_to {
         for host in hosts {
             builder = builder.resolve(host, addr);

@@ -82,7 +82,7 @@ impl RemoteSource {
         })
     }
 
-    /// A JWKS URL, trusting `ca_file` when given, else the system roots.
+    /// A JWKS URL, trusting `ca_file` when given, else Mozilla's roots (compiled in, L9).
     pub fn url(
         url: &Url,
         ca_file: Option<&PathBuf>,
@@ -98,6 +98,8 @@ impl RemoteSource {
             let cas = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| setup(format!("CA: {e}")))?;
             builder = builder.tls_certs_only(cas);
+        } else {
+            builder = builder.tls_backend_preconfigured(public_tls());
         }
         Ok(Self {
             client: builder.build().map_err(|e| setup(e.to_string()))?,
@@ -232,6 +234,35 @@ fn base_client(timeout: Duration) -> reqwest::ClientBuilder {
         .user_agent(concat!("oidc-edge/", env!("CARGO_PKG_VERSION")))
 }
 
+/// The trust for a URL without `ca_file`: Mozilla's roots from webpki-roots, compiled in.
+///
+/// Not the system roots (L9): reqwest's `rustls` feature reads them through
+/// rustls-platform-verifier, which fails with "No CA certificates were loaded from the system"
+/// in the scratch container image, which has no CA bundle. These are also the roots of the
+/// doctor's TLS probe and document fetch (`check::tls::roots`), so that every "publicly
+/// trusted" in oidc-edge means the same set, on a host and in the image alike.
+pub fn public_tls() -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    tls_config(std::sync::Arc::new(roots))
+}
+
+/// A rustls client config trusting exactly `roots`, for `tls_backend_preconfigured`: the same
+/// protocol versions and ALPN (h2, http/1.1) reqwest would set itself.
+pub fn tls_config(roots: std::sync::Arc<rustls::RootCertStore>) -> rustls::ClientConfig {
+    // The process installs aws-lc-rs at start (main.rs); tests may not have.
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
 fn read_pem(pem: &Pem) -> Result<Vec<u8>, String> {
     pem.read().map_err(|e| match pem {
         Pem::File(path) => format!("{}: {e}", path.display()),
@@ -306,5 +337,23 @@ mod tests {
             redacted(&Url::parse("https://h.example/p").expect("url")),
             "https://h.example/p"
         );
+    }
+
+    /// L9: without `ca_file`, a URL source trusts webpki-roots, not the (possibly absent)
+    /// system roots, and the client builds from it.
+    #[test]
+    fn a_url_without_ca_file_trusts_the_compiled_in_roots() {
+        let tls = public_tls();
+        assert_eq!(
+            tls.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let url = Url::parse("https://jwks.example.com/keys").expect("url");
+        RemoteSource::url(&url, None, Duration::from_secs(1)).expect("builds with webpki roots");
+        // A config of another rustls version would be an "unknown TLS backend" at build time.
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(public_tls())
+            .build()
+            .expect("reqwest takes the config");
     }
 }

@@ -480,3 +480,40 @@ async fn two_apiservers_and_a_url_source_are_unioned() {
         "the url source sends no token"
     );
 }
+
+/// L9: the scratch image has no CA bundle. A url source without ca_file must still start and
+/// verify against the compiled-in webpki roots; the fake's private CA is not among them, so
+/// the fetch fails as untrusted, not for want of roots. No system roots are simulated with an
+/// empty SSL_CERT_FILE and SSL_CERT_DIR (read by rustls-native-certs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_source_without_ca_file_needs_no_system_roots() {
+    let public = FakeApiserver::start(K3S, ISSUER, "unused").await;
+    public.set(|s| s.anonymous = true);
+    let scratch = Scratch::new();
+    let empty = scratch.write("empty.pem", "");
+    std::fs::create_dir(scratch.path("certs")).expect("mkdir");
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"url\"\n  url = \"{}/openid/v1/jwks\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+            public.url()
+        ),
+    );
+    let certs = scratch.path("certs");
+    let mut server = Server::start_with_env(
+        &config,
+        &[
+            ("SSL_CERT_FILE", empty.to_str().expect("utf-8")),
+            ("SSL_CERT_DIR", certs.to_str().expect("utf-8")),
+        ],
+    );
+    let line = server.wait_for_log("fetch failed; still serving the last good set");
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert_eq!(
+        server.count_log("No CA certificates"),
+        0,
+        "{:?}",
+        server.log()
+    );
+    server.kill();
+}

@@ -190,6 +190,9 @@ pub struct ApiserverSource {
     pub server: url::Url,
     pub ca: Pem,
     pub auth: ApiAuth,
+    /// The kubeconfig file and context this was read from, read again when the file changes:
+    /// k3s rewrites its inline client certificate when it rotates it (L1).
+    pub kubeconfig: Option<(PathBuf, Option<String>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -870,6 +873,7 @@ impl Validator<'_> {
                     server,
                     ca: Pem::File(ca),
                     auth,
+                    kubeconfig: None,
                 })
             }
             "kubeconfig" => {
@@ -918,6 +922,7 @@ impl Validator<'_> {
                     server,
                     ca: Pem::File(ca),
                     auth: ApiAuth::TokenFile(token),
+                    kubeconfig: None,
                 })
             }
             _ => {

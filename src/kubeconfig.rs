@@ -225,6 +225,7 @@ pub fn parse(yaml: &str, path: &Path, context: Option<&str>) -> Result<Apiserver
         server,
         ca,
         auth,
+        kubeconfig: Some((path.to_owned(), context.map(str::to_owned))),
     })
 }
 

@@ -11,7 +11,7 @@ use http::StatusCode;
 use http::header::{ACCEPT, LOCATION};
 use url::Url;
 
-use super::source::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
+use super::source::{FetchError, Fetched, FileStamp, KeySource, MAX_BODY_BYTES};
 use crate::config::{ApiAuth, ApiserverSource, Pem, Secret, redacted_url as redacted};
 
 /// kube-apiserver answers 406 to `Accept: application/json` alone on the JWKS route (K-6).
@@ -36,6 +36,52 @@ pub struct RemoteSource {
     discovery_url: Option<Url>,
     bearer: Bearer,
     describe: String,
+    /// What the client was built from, to build it again when its files change (L1).
+    /// Boxed: read only when files change, and large next to a file source.
+    spec: Box<Spec>,
+    timeout: Duration,
+    /// The files the client was built from, with their stamps taken before they were read.
+    stamps: Vec<(PathBuf, Option<FileStamp>)>,
+}
+
+#[derive(Debug)]
+enum Spec {
+    Apiserver(ApiserverSource),
+    Url { url: Url, ca_file: Option<PathBuf> },
+}
+
+/// The files whose contents are baked into the client: the CA, the client certificate and
+/// key, and the kubeconfig that may hold them inline. Token files are not: they are read at
+/// every fetch anyway.
+fn credential_files(spec: &Spec) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    match spec {
+        Spec::Apiserver(api) => {
+            if let Some((kubeconfig, _)) = &api.kubeconfig {
+                files.push(kubeconfig.clone());
+            }
+            let mut pems = vec![&api.ca];
+            if let ApiAuth::ClientCert { cert, key } = &api.auth {
+                pems.extend([cert, key]);
+            }
+            files.extend(pems.into_iter().filter_map(|pem| match pem {
+                Pem::File(path) => Some(path.clone()),
+                Pem::Inline(_) => None,
+            }));
+        }
+        Spec::Url { ca_file, .. } => files.extend(ca_file.iter().cloned()),
+    }
+    files
+}
+
+fn stamps(files: Vec<PathBuf>) -> Vec<(PathBuf, Option<FileStamp>)> {
+    files
+        .into_iter()
+        .map(|path| {
+            let stamp = FileStamp::of(&path);
+            (path, stamp)
+        })
+        .collect()
 }
 
 /// Why a remote source could not be set up (bad PEM that passed config validation, a file
@@ -50,6 +96,9 @@ pub struct SetupError {
 impl RemoteSource {
     /// An apiserver: `<server>/openid/v1/jwks`, trusting only its pinned CA.
     pub fn apiserver(api: &ApiserverSource, timeout: Duration) -> Result<Self, SetupError> {
+        let spec = Box::new(Spec::Apiserver(api.clone()));
+        // Stamped before reading: a change while the files are read shows at the next fetch.
+        let stamps = stamps(credential_files(&spec));
         let setup = |reason: String| SetupError {
             what: format!("{} {}", api.origin, redacted(&api.server)),
             reason,
@@ -79,6 +128,9 @@ impl RemoteSource {
             discovery_url: Some(join(&api.server, ".well-known/openid-configuration")),
             bearer,
             describe: format!("{} {}", api.origin, redacted(&api.server)),
+            spec,
+            timeout,
+            stamps,
         })
     }
 
@@ -88,6 +140,11 @@ impl RemoteSource {
         ca_file: Option<&PathBuf>,
         timeout: Duration,
     ) -> Result<Self, SetupError> {
+        let spec = Box::new(Spec::Url {
+            url: url.clone(),
+            ca_file: ca_file.cloned(),
+        });
+        let stamps = stamps(credential_files(&spec));
         let setup = |reason: String| SetupError {
             what: redacted(url),
             reason,
@@ -107,7 +164,58 @@ impl RemoteSource {
             discovery_url: None,
             bearer: Bearer::None,
             describe: redacted(url),
+            spec,
+            timeout,
+            stamps,
         })
+    }
+
+    /// Builds the client again when a file it was built from changed (L1): a rotated client
+    /// certificate (k3s renews its own within 90 days of expiry), a renewed CA (the in-cluster
+    /// `ca.crt` follows the kube-root-ca ConfigMap), a kubeconfig rewritten with new inline
+    /// data. Checked at every fetch, so SIGHUP (which fetches at once) picks it up too; the
+    /// cost is a few `stat` calls. A failed load fails this fetch and is retried at the next,
+    /// since the stamps are only kept once a client was built.
+    fn reload_if_changed(&mut self) -> Result<(), SetupError> {
+        if self
+            .stamps
+            .iter()
+            .all(|(path, stamp)| FileStamp::of(path) == *stamp)
+        {
+            return Ok(());
+        }
+        let next = match self.spec.as_ref() {
+            Spec::Apiserver(api) => match &api.kubeconfig {
+                Some((path, context)) => {
+                    let before = FileStamp::of(path);
+                    let what = || format!("kubeconfig {}", path.display());
+                    let yaml = std::fs::read_to_string(path).map_err(|e| SetupError {
+                        what: what(),
+                        reason: e.to_string(),
+                    })?;
+                    let api = crate::kubeconfig::parse(&yaml, path, context.as_deref()).map_err(
+                        |reason| SetupError {
+                            what: what(),
+                            reason,
+                        },
+                    )?;
+                    let mut next = Self::apiserver(&api, self.timeout)?;
+                    // The kubeconfig's stamp from before it was read, for the same reason as
+                    // in `apiserver`.
+                    for (file, stamp) in &mut next.stamps {
+                        if file == path {
+                            *stamp = before;
+                        }
+                    }
+                    next
+                }
+                None => Self::apiserver(api, self.timeout)?,
+            },
+            Spec::Url { url, ca_file } => Self::url(url, ca_file.as_ref(), self.timeout)?,
+        };
+        tracing::info!(source = %next.describe, "credentials or CA changed on disk; reloaded");
+        *self = next;
+        Ok(())
     }
 
     fn token(&self) -> Result<Option<String>, FetchError> {
@@ -207,6 +315,7 @@ impl KeySource for RemoteSource {
     }
 
     async fn fetch_key_set(&mut self) -> Result<Fetched, FetchError> {
+        self.reload_if_changed()?;
         let body = self.get(&self.jwks_url, JWKS_ACCEPT).await?;
         let upstream_issuer = match self.upstream_issuer().await {
             Some(Ok(issuer)) => Some(issuer),

@@ -41,6 +41,10 @@ pub enum FetchError {
         status: http::StatusCode,
         location: String,
     },
+    /// The credentials or CA changed on disk and could not be loaded (L1); retried at the
+    /// next fetch.
+    #[error("{0}")]
+    Setup(#[from] super::remote::SetupError),
     #[error("GET {url}: answered {status}{hint}")]
     Status {
         url: String,
@@ -69,7 +73,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[derive(Debug)]
 pub enum AnySource {
     File(FileSource),
-    Remote(super::remote::RemoteSource),
+    /// Boxed: a remote source carries its client and what it was built from (L1).
+    Remote(Box<super::remote::RemoteSource>),
 }
 
 impl AnySource {
@@ -82,9 +87,11 @@ impl AnySource {
         use crate::config::SourceKind;
         Ok(match kind {
             SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
-            SourceKind::Apiserver(api) => AnySource::Remote(RemoteSource::apiserver(api, timeout)?),
+            SourceKind::Apiserver(api) => {
+                AnySource::Remote(Box::new(RemoteSource::apiserver(api, timeout)?))
+            }
             SourceKind::Url { url, ca_file } => {
-                AnySource::Remote(RemoteSource::url(url, ca_file.as_ref(), timeout)?)
+                AnySource::Remote(Box::new(RemoteSource::url(url, ca_file.as_ref(), timeout)?))
             }
         })
     }
@@ -121,11 +128,27 @@ pub struct FileSource {
     seen: Option<FileStamp>,
 }
 
+/// What tells a changed file from an unchanged one without reading it: a rename gives a new
+/// inode, a rewrite a new length or mtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
     inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` (through symlinks, as Kubernetes volumes swap them),
+    /// or `None` when it cannot be read.
+    pub(crate) fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::metadata(path).ok()?;
+        Some(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        })
+    }
 }
 
 impl FileSource {

@@ -517,3 +517,59 @@ async fn a_url_source_without_ca_file_needs_no_system_roots() {
     );
     server.kill();
 }
+
+/// The DER of the first certificate in `pem`.
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("certificate")
+        .as_ref()
+        .to_vec()
+}
+
+/// L1: a rotated client certificate and key are picked up without a restart. The fake stops
+/// accepting the old certificate (as when it expires), the files are replaced with a new pair
+/// from the same CA, SIGHUP asks for a fetch, and the fetch succeeds with the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_client_certificate_files_are_used_without_a_restart() {
+    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
+    let (old, new) = (
+        fake.pki.client("system:admin"),
+        fake.pki.client("system:admin"),
+    );
+    let scratch = Scratch::new();
+    scratch.write("ca.pem", &fake.pki.ca_pem);
+    scratch.write("client.pem", &old.cert_pem);
+    scratch.write("client-key.pem", &old.key_pem);
+    let config = scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  client_cert_file = \"client.pem\"\n  client_key_file = \"client-key.pem\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
+            fake.url()
+        ),
+    );
+    let server = Server::start(&config);
+    eventually("keys over the first certificate", || async {
+        served_kids(&server).await == fixture_kids(K3S)
+    })
+    .await;
+
+    fake.set(|s| {
+        s.refused_client_certs.push(der(&old.cert_pem));
+        s.jwks = ROTATED.to_owned();
+    });
+    scratch.replace("client.pem", &new.cert_pem);
+    scratch.replace("client-key.pem", &new.key_pem);
+    server.signal("HUP");
+    let mut both = fixture_kids(K3S);
+    both.extend(fixture_kids(ROTATED));
+    both.sort();
+    both.dedup();
+    eventually("keys over the new certificate", || async {
+        served_kids(&server).await == both
+    })
+    .await;
+    let seen = fake.state.lock().expect("state").jwks_client_certs.clone();
+    assert_eq!(seen.last(), Some(&Some(der(&new.cert_pem))));
+}

@@ -147,6 +147,10 @@ pub struct FakeState {
     pub jwks_auth: Vec<Option<String>>,
     /// The `Accept` header of every JWKS request, in order.
     pub jwks_accept: Vec<Option<String>>,
+    /// Client certificates (DER) that no longer authenticate, as an expired one would not.
+    pub refused_client_certs: Vec<Vec<u8>>,
+    /// The client certificate (DER) of every JWKS request, in order.
+    pub jwks_client_certs: Vec<Option<Vec<u8>>>,
 }
 
 pub struct FakeApiserver {
@@ -175,6 +179,8 @@ impl FakeApiserver {
             anonymous: false,
             jwks_auth: Vec::new(),
             jwks_accept: Vec::new(),
+            refused_client_certs: Vec::new(),
+            jwks_client_certs: Vec::new(),
         }));
         let mut fake = Self {
             addr: listener.local_addr().expect("addr"),
@@ -267,9 +273,11 @@ impl FakeApiserver {
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .is_some_and(|c| !c.is_empty());
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
                     let service = hyper::service::service_fn(move |req| {
                         let state = Arc::clone(&state);
+                        let client_cert = client_cert.clone();
                         async move { Ok::<_, Infallible>(answer(&state, client_cert, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(
@@ -310,7 +318,7 @@ fn status_object(code: StatusCode, reason: &str) -> Response<Body> {
 
 async fn answer(
     state: &Mutex<FakeState>,
-    client_cert: bool,
+    client_cert: Option<Vec<u8>>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let header = |name: &str| {
@@ -326,12 +334,16 @@ async fn answer(
         if path == "/openid/v1/jwks" {
             s.jwks_auth.push(auth.clone());
             s.jwks_accept.push(accept.clone());
+            s.jwks_client_certs.push(client_cert.clone());
         }
+        let cert_ok = client_cert
+            .as_ref()
+            .is_some_and(|der| !s.refused_client_certs.contains(der));
         let token_ok = auth
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
             .is_some_and(|t| s.tokens.iter().any(|known| known == t));
-        let authenticated = client_cert || token_ok || (s.anonymous && auth.is_none());
+        let authenticated = cert_ok || token_ok || (s.anonymous && auth.is_none());
         (
             s.mode.clone(),
             authenticated,

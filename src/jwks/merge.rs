@@ -209,6 +209,25 @@ mod tests {
     }
 
     #[test]
+    fn the_default_retention_meets_x6_for_every_allowed_max_age() {
+        use crate::config::{DEFAULT_KEY_RETENTION, MAX_CACHE_MAX_AGE};
+        // X-6: keep an old key until token TTL (1 h) + max-age + 5 min skew after its last use.
+        let x6 = HOUR + MAX_CACHE_MAX_AGE + Duration::from_secs(300);
+        assert!(DEFAULT_KEY_RETENTION >= x6, "{DEFAULT_KEY_RETENTION:?} < {x6:?}");
+        // Z-9: the Azure Workload Identity webhook projects 24 h tokens by default.
+        assert_eq!(DEFAULT_KEY_RETENTION, Duration::from_secs(86_400));
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jwks.json"), "{}").expect("write");
+        let cfg = crate::config::Config::from_toml_str(
+            "[[issuers]]\nissuer = \"https://oidc.example.com\"\n[[issuers.sources]]\n\
+             kind = \"file\"\npath = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            &dir.path().join("config.toml"),
+        )
+        .expect("config");
+        assert_eq!(cfg.issuers[0].key_retention, Duration::from_secs(86_400));
+    }
+
+    #[test]
     fn expire_drops_only_keys_past_their_grace() {
         let l0 = merge(
             &[Some(&[key("a", "1"), key("b", "2")])],

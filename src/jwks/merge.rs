@@ -213,7 +213,10 @@ mod tests {
         use crate::config::{DEFAULT_KEY_RETENTION, MAX_CACHE_MAX_AGE};
         // keep an old key until token TTL (1 h) + max-age + 5 min skew after its last use.
         let x6 = HOUR + MAX_CACHE_MAX_AGE + Duration::from_secs(300);
-        assert!(DEFAULT_KEY_RETENTION >= x6, "{DEFAULT_KEY_RETENTION:?} < {x6:?}");
+        assert!(
+            DEFAULT_KEY_RETENTION >= x6,
+            "{DEFAULT_KEY_RETENTION:?} < {x6:?}"
+        );
         // Z-9: the Azure Workload Identity webhook projects 24 h tokens by default.
         assert_eq!(DEFAULT_KEY_RETENTION, Duration::from_secs(86_400));
         let dir = tempfile::tempdir().expect("tempdir");

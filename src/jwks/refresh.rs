@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use super::merge::{Ledger, merge};
 use super::persist::StateFile;
-use super::source::{Fetched, KeySource};
+use super::source::{FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
@@ -48,6 +48,18 @@ fn jitter_sample() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The clock of one refresh: wall-clock Unix seconds (persisted, survives restarts).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: u64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self { wall: unix_now() }
+    }
+}
+
 /// Fetch results of every source of one issuer, merged, published and persisted.
 #[derive(Debug)]
 pub struct IssuerPipeline {
@@ -65,6 +77,9 @@ struct PipelineState {
     sets: Vec<Option<Vec<PublicJwk>>>,
     sources: Vec<SourceStatus>,
     ledger: Ledger,
+    /// M2: the ledger is not on disk yet (a write failed, or it changed since the last one);
+    /// every refresh retries until a write succeeds.
+    dirty: bool,
     /// When a source last confirmed the published set (or the state file was written).
     confirmed_at: Option<SystemTime>,
 }
@@ -124,6 +139,7 @@ impl IssuerPipeline {
                     })
                     .collect(),
                 ledger: Ledger::default(),
+                dirty: false,
                 confirmed_at: None,
             }),
         }
@@ -181,10 +197,22 @@ impl IssuerPipeline {
     /// One fetch of source `i`; returns whether the source is healthy.
     pub async fn refresh<S: KeySource>(&self, i: usize, source: &mut S) -> bool {
         let fetched = source.fetch_key_set().await;
+        self.apply(i, &source.describe(), fetched, Clock::now())
+            .await
+    }
+
+    /// Takes one fetch result of source `i` (called `name`) at `clock`: validate, merge,
+    /// publish, persist. Returns whether the source is healthy.
+    async fn apply(
+        &self,
+        i: usize,
+        name: &str,
+        fetched: Result<Fetched, FetchError>,
+        clock: Clock,
+    ) -> bool {
         let mut state = self.state.lock().await;
         let issuer = self.cfg.issuer.as_str();
-        let name = source.describe();
-        let now = unix_now();
+        let now = clock.wall;
         let mut candidate = None;
         let mut failure = None;
         let mut result = RefreshResult::ok;
@@ -243,7 +271,7 @@ impl IssuerPipeline {
                         info!(issuer, source = %name, kids = ?next.kids(), "published key set");
                     }
                     state.ledger = next;
-                    self.persist(&state.ledger).await;
+                    state.dirty = true;
                 }
             }
             Err(e) => {
@@ -272,6 +300,9 @@ impl IssuerPipeline {
         let healthy = status.healthy;
         if healthy && result == RefreshResult::ok {
             state.confirmed_at = Some(SystemTime::now());
+        }
+        if state.dirty && !state.ledger.is_empty() {
+            state.dirty = !self.persist(&state.ledger).await;
         }
         healthy
     }
@@ -338,17 +369,23 @@ impl IssuerPipeline {
         }
     }
 
-    async fn persist(&self, ledger: &Ledger) {
+    /// Writes the ledger; returns whether it is on disk. A failure is logged and counted, and
+    /// the caller retries on the next refresh (M2).
+    async fn persist(&self, ledger: &Ledger) -> bool {
         let file = self.state_file.clone();
         let ledger = ledger.clone();
         let saved = tokio::task::spawn_blocking(move || file.save(&ledger)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(issuer = self.issuer(), error = %e, "could not persist the key set")
-            }
-            Err(e) => error!(issuer = self.issuer(), error = %e, "persist task failed"),
-        }
+        let error = match saved {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("persist task failed: {e}"),
+        };
+        error!(issuer = self.issuer(), error = %error, "could not persist the key set; retrying on every refresh");
+        self.metrics
+            .state_write_errors
+            .get_or_create(&self.issuer_labels())
+            .inc();
+        false
     }
 }
 
@@ -387,9 +424,106 @@ pub async fn run_source<S: KeySource>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::jwks::persist::create_state_dir;
 
     const MINUTE: Duration = Duration::from_secs(60);
+    const ISSUER: &str = "https://oidc.example.com";
+    const K3S: &str = include_str!("../../tests/fixtures/jwks/k3s.json");
+    const ROTATED: &str = include_str!("../../tests/fixtures/jwks/rotated.json");
+
+    /// A one-source pipeline with its state under `dir/state`; `extra` goes in `[[issuers]]`.
+    fn pipeline(dir: &Path, extra: &str) -> IssuerPipeline {
+        std::fs::write(dir.join("jwks.json"), "{}").expect("write");
+        let text = format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n{extra}\n[[issuers.sources]]\nkind = \"file\"\n\
+             path = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+        );
+        let cfg = crate::config::Config::from_toml_str(&text, &dir.join("config.toml"))
+            .expect("config")
+            .issuers
+            .remove(0);
+        let state = dir.join("state");
+        create_state_dir(&state).expect("state dir");
+        IssuerPipeline::new(
+            0,
+            cfg,
+            Arc::new(DocumentStore::new(1)),
+            StateFile::new(&state, ISSUER),
+            Arc::new(Metrics::new()),
+            vec!["jwks.json".to_owned()],
+        )
+    }
+
+    fn body(set: &'static str) -> Result<Fetched, FetchError> {
+        Ok(Fetched::Body {
+            body: Bytes::from_static(set.as_bytes()),
+            upstream_issuer: None,
+        })
+    }
+
+    fn sorted_kids(set: &str) -> Vec<String> {
+        let mut kids: Vec<String> = validate(set.as_bytes())
+            .expect("fixture")
+            .keys
+            .into_iter()
+            .map(|k| k.kid)
+            .collect();
+        kids.sort();
+        kids
+    }
+
+    #[tokio::test]
+    async fn a_failed_persist_is_retried_on_later_refreshes_and_counted() {
+        // M2: the disk fails once; the ledger does not change again; the next refresh must
+        // still write it, or a restart during an outage serves a set without the new key.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        assert!(p.apply(0, "s", body(K3S), Clock::now()).await);
+        // rename(2) cannot replace a non-empty directory: stands in for ENOSPC or EIO.
+        let path = p.state_file.path().to_owned();
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("blocker");
+        std::fs::write(path.join("x"), b"x").expect("write");
+        assert!(p.apply(0, "s", body(ROTATED), Clock::now()).await);
+        let metrics = p.metrics.render();
+        assert!(
+            metrics.contains(&format!(
+                "oidc_edge_state_write_errors_total{{issuer=\"{ISSUER}\"}} 1\n"
+            )),
+            "{metrics}"
+        );
+        std::fs::remove_dir_all(&path).expect("unblock");
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
+        let on_disk = p.state_file.load().expect("load").expect("persisted");
+        let mut union = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
+        union.sort();
+        union.dedup();
+        assert_eq!(on_disk.kids(), union);
+        assert_eq!(on_disk, p.state.lock().await.ledger);
+        // Written once, not again on every refresh.
+        let written = std::fs::metadata(&path)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::fs::remove_file(&path).expect("rm");
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
+        assert!(
+            !path.exists(),
+            "rewritten although nothing changed (was {written:?})"
+        );
+        let metrics = p.metrics.render();
+        assert!(
+            metrics.contains(
+                "oidc_edge_state_write_errors_total{issuer=\"https://oidc.example.com\"} 1\n"
+            ),
+            "{metrics}"
+        );
+    }
 
     #[test]
     fn success_waits_the_interval_with_ten_percent_jitter() {

@@ -16,7 +16,10 @@ use super::merge::{Ledger, LedgerEntry};
 use super::validate::validate;
 use crate::http::headers::strong_etag;
 
-const FORMAT: u32 = 1;
+/// 2 adds `confirmed_at` (M3) and per-key `sources` (M4); format 1 files still load, with
+/// neither known.
+const FORMAT: u32 = 2;
+const FORMATS_READ: [u32; 2] = [1, 2];
 
 /// Where one issuer's state lives.
 #[derive(Debug, Clone)]
@@ -40,7 +43,18 @@ pub enum PersistError {
 struct StateDoc {
     format: u32,
     issuer: String,
+    /// M3: Unix seconds at which a source last confirmed the set; absent in format 1 and
+    /// before any confirmation. Never inferred from the file's mtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    confirmed_at: Option<u64>,
     keys: Vec<LedgerEntry>,
+}
+
+/// What a state file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persisted {
+    pub ledger: Ledger,
+    pub confirmed_at: Option<u64>,
 }
 
 /// Creates the state directory (0700: it will hold the ACME account key too) if missing, and
@@ -103,6 +117,11 @@ impl StateFile {
 
     /// Loads the persisted ledger: `Ok(None)` when there is none yet.
     pub fn load(&self) -> Result<Option<Ledger>, PersistError> {
+        Ok(self.load_state()?.map(|p| p.ledger))
+    }
+
+    /// Loads the persisted ledger and confirmation time: `Ok(None)` when there is none yet.
+    pub fn load_state(&self) -> Result<Option<Persisted>, PersistError> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -121,7 +140,7 @@ impl StateFile {
             })
     }
 
-    fn parse(&self, bytes: &[u8]) -> Result<Ledger, String> {
+    fn parse(&self, bytes: &[u8]) -> Result<Persisted, String> {
         // Re-validate the keys as if fetched: a private member or a weak key written by
         // anything but us must not be served because it sits in our directory.
         let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -139,8 +158,8 @@ impl StateFile {
             return Err(dropped.to_string());
         }
         let doc: StateDoc = serde_json::from_value(raw).map_err(|e| e.to_string())?;
-        if doc.format != FORMAT {
-            return Err(format!("format {} is not {FORMAT}", doc.format));
+        if !FORMATS_READ.contains(&doc.format) {
+            return Err(format!("format {} is not 1 or {FORMAT}", doc.format));
         }
         if doc.issuer != self.issuer {
             return Err(format!("it belongs to issuer {:?}", doc.issuer));
@@ -151,14 +170,27 @@ impl StateFile {
                 return Err("a kid appears twice".to_owned());
             }
         }
-        Ok(ledger)
+        Ok(Persisted {
+            ledger,
+            confirmed_at: doc.confirmed_at,
+        })
     }
 
     /// Writes the ledger atomically. Blocking: call it from `spawn_blocking`.
     pub fn save(&self, ledger: &Ledger) -> Result<(), PersistError> {
+        self.save_state(ledger, None)
+    }
+
+    /// Writes the ledger and the confirmation time atomically. Blocking.
+    pub fn save_state(
+        &self,
+        ledger: &Ledger,
+        confirmed_at: Option<u64>,
+    ) -> Result<(), PersistError> {
         let doc = StateDoc {
             format: FORMAT,
             issuer: self.issuer.clone(),
+            confirmed_at,
             keys: ledger.keys.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&doc).expect("state serialises");
@@ -361,8 +393,8 @@ mod tests {
                 "belongs to issuer",
             ),
             (
-                good.replacen("\"format\": 1", "\"format\": 9", 1),
-                "format 9 is not 1",
+                good.replacen("\"format\": 2", "\"format\": 9", 1),
+                "format 9 is not 1 or 2",
             ),
             ("{}".to_owned(), "no \"keys\" array"),
         ];

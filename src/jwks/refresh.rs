@@ -25,6 +25,9 @@ use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Failures never wait longer than this, nor longer than the refresh interval.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// M3: a confirmation alone (no change to the keys) is written to the state file at most this
+/// often, so a restart reports it at most this much too old without a write per refresh.
+pub const CONFIRMATION_WRITE_INTERVAL: u64 = 60;
 
 /// The delay before the next fetch of a source: `interval` after a success, capped exponential
 /// backoff after `consecutive_failures`, both spread by ±10 % with `jitter` in `[0, 1)` so that
@@ -80,8 +83,12 @@ struct PipelineState {
     /// M2: the ledger is not on disk yet (a write failed, or it changed since the last one);
     /// every refresh retries until a write succeeds.
     dirty: bool,
-    /// When a source last confirmed the published set (or the state file was written).
+    /// When a source last confirmed the published set: a fetch that was merged, or an
+    /// unchanged answer from a healthy source (M3). Restored from the state file, never from
+    /// its mtime.
     confirmed_at: Option<SystemTime>,
+    /// The confirmation the state file holds (Unix seconds).
+    persisted_confirmed_at: Option<u64>,
 }
 
 /// What `/status` shows of one source.
@@ -141,6 +148,7 @@ impl IssuerPipeline {
                 ledger: Ledger::default(),
                 dirty: false,
                 confirmed_at: None,
+                persisted_confirmed_at: None,
             }),
         }
     }
@@ -152,8 +160,8 @@ impl IssuerPipeline {
     /// Loads the persisted last good set and publishes it at once, so that a restart during an
     /// upstream outage keeps serving. A corrupt file is reported and ignored.
     pub async fn restore(&self) {
-        let loaded = match self.state_file.load() {
-            Ok(Some(ledger)) => ledger,
+        let loaded = match self.state_file.load_state() {
+            Ok(Some(persisted)) => persisted,
             Ok(None) => return,
             Err(e) => {
                 error!(issuer = self.issuer(), error = %e, "persisted key set not used");
@@ -161,14 +169,16 @@ impl IssuerPipeline {
             }
         };
         let mut state = self.state.lock().await;
-        let mut ledger = loaded;
-        ledger.expire(unix_now(), self.cfg.key_retention);
+        let now = unix_now();
+        let mut ledger = loaded.ledger;
+        ledger.expire(now, self.cfg.key_retention);
         if !ledger.is_empty() {
             self.publish(&ledger);
-            // The file is written right after a source confirmed a change.
-            state.confirmed_at = std::fs::metadata(self.state_file.path())
-                .and_then(|m| m.modified())
-                .ok();
+            // M3: the confirmation recorded in the file; a file without one (format 1) leaves
+            // the set unconfirmed. A time in the future (a clock that was ahead) counts as now.
+            let confirmed = loaded.confirmed_at.map(|at| at.min(now));
+            state.confirmed_at = confirmed.map(|at| UNIX_EPOCH + Duration::from_secs(at));
+            state.persisted_confirmed_at = loaded.confirmed_at;
             info!(
                 issuer = self.issuer(),
                 kids = ?ledger.kids(),
@@ -253,6 +263,7 @@ impl IssuerPipeline {
             sets[i] = Some(keys.clone());
         }
         let views: Vec<Option<&[PublicJwk]>> = sets.iter().map(Option::as_deref).collect();
+        let mut merged = false;
         match merge(
             &views,
             &state.ledger,
@@ -261,6 +272,7 @@ impl IssuerPipeline {
             self.cfg.max_keys,
         ) {
             Ok(next) => {
+                merged = true;
                 if let Some(keys) = candidate {
                     state.sets[i] = Some(keys);
                 }
@@ -298,11 +310,26 @@ impl IssuerPipeline {
             }
         }
         let healthy = status.healthy;
-        if healthy && result == RefreshResult::ok {
-            state.confirmed_at = Some(SystemTime::now());
+        // M3: an unchanged answer from a source whose last fetch was good confirms the set as
+        // much as a new body does (a healthy file source only ever answers "unchanged").
+        if healthy && merged && matches!(result, RefreshResult::ok | RefreshResult::unchanged) {
+            state.confirmed_at = Some(UNIX_EPOCH + Duration::from_secs(now));
         }
-        if state.dirty && !state.ledger.is_empty() {
-            state.dirty = !self.persist(&state.ledger).await;
+        let confirmed = state
+            .confirmed_at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        let confirmation_due = match (confirmed, state.persisted_confirmed_at) {
+            (Some(at), Some(on_disk)) => at.saturating_sub(on_disk) >= CONFIRMATION_WRITE_INTERVAL,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if (state.dirty || confirmation_due) && !state.ledger.is_empty() {
+            let written = self.persist(&state.ledger, confirmed).await;
+            state.dirty = !written;
+            if written {
+                state.persisted_confirmed_at = confirmed;
+            }
         }
         healthy
     }
@@ -371,10 +398,11 @@ impl IssuerPipeline {
 
     /// Writes the ledger; returns whether it is on disk. A failure is logged and counted, and
     /// the caller retries on the next refresh (M2).
-    async fn persist(&self, ledger: &Ledger) -> bool {
+    async fn persist(&self, ledger: &Ledger, confirmed_at: Option<u64>) -> bool {
         let file = self.state_file.clone();
         let ledger = ledger.clone();
-        let saved = tokio::task::spawn_blocking(move || file.save(&ledger)).await;
+        let saved =
+            tokio::task::spawn_blocking(move || file.save_state(&ledger, confirmed_at)).await;
         let error = match saved {
             Ok(Ok(())) => return true,
             Ok(Err(e)) => e.to_string(),

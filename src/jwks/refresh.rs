@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Ledger, merge};
+use super::merge::{Ledger, dropped_early, merge};
 use super::persist::StateFile;
 use super::source::{FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
@@ -273,6 +273,11 @@ impl IssuerPipeline {
         ) {
             Ok(next) => {
                 merged = true;
+                let early = dropped_early(&state.ledger, &next, now, self.cfg.key_retention);
+                if !early.is_empty() {
+                    warn!(issuer, source = %name, kids = ?early, max_keys = self.cfg.max_keys,
+                        "retained keys dropped before their rotation grace ran out to stay within max_keys (M4)");
+                }
                 if let Some(keys) = candidate {
                     state.sets[i] = Some(keys);
                 }

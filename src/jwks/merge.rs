@@ -58,6 +58,22 @@ impl Ledger {
     }
 }
 
+/// Kids that name other key material in `next` than in `previous` (L8).
+///
+/// The old material cannot stay published next to the new one: relying parties look a key up
+/// by the token's `kid` and use one match (A-11: the later duplicate wins), and a set must not
+/// name two keys with one kid (D-9, RFC 7517 §4.5; `validate` refuses such a fetch). So the
+/// new material is published, as the source says, and tokens signed by the old one fail at
+/// once: Kubernetes kids are key hashes (K-5), so this is a non-Kubernetes IdP reusing kids or
+/// tampering upstream, and the caller must say so loudly.
+pub fn replaced_material<'a>(previous: &Ledger, next: &'a Ledger) -> Vec<&'a str> {
+    next.keys
+        .iter()
+        .filter(|(kid, e)| previous.keys.get(*kid).is_some_and(|old| old.jwk != e.jwk))
+        .map(|(kid, _)| kid.as_str())
+        .collect()
+}
+
 /// Retained keys of `previous` that `next` dropped before their grace ran out: what `max_keys`
 /// cost (M4), for a warning.
 pub fn dropped_early<'a>(
@@ -232,6 +248,23 @@ mod tests {
         assert_eq!(l2.keys["old"].vanished_at, Some(1010), "grace starts once");
         let l3 = merge(&[Some(&after)], &l2, 1010 + 3600, HOUR, 100).expect("ok");
         assert_eq!(kids(&l3), ["new"]);
+    }
+
+    #[test]
+    fn a_kid_with_new_material_publishes_the_new_material_and_is_reported() {
+        let l0 = merge(
+            &[Some(&[key("a", "1"), key("b", "2")])],
+            &Ledger::default(),
+            0,
+            HOUR,
+            9,
+        )
+        .expect("ok");
+        let l1 = merge(&[Some(&[key("a", "9"), key("b", "2")])], &l0, 10, HOUR, 9).expect("ok");
+        assert_eq!(l1.keys["a"].jwk, key("a", "9"));
+        assert_eq!(l1.keys["a"].vanished_at, None);
+        assert_eq!(replaced_material(&l0, &l1), ["a"]);
+        assert!(replaced_material(&l1, &l1).is_empty());
     }
 
     #[test]

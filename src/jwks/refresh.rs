@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Ledger, dropped_early, merge};
+use super::merge::{Ledger, dropped_early, merge, replaced_material};
 use super::persist::StateFile;
 use super::source::{FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
@@ -273,6 +273,12 @@ impl IssuerPipeline {
         ) {
             Ok(next) => {
                 merged = true;
+                // L8: see `replaced_material` for why the new material wins; once per change.
+                for kid in replaced_material(&state.ledger, &next) {
+                    error!(issuer, source = %name, kid,
+                        "kid {kid:?} now names different key material; publishing the new material, \
+                         tokens signed by the old one no longer verify (a kid names one key: A-11, D-9)");
+                }
                 let early = dropped_early(&state.ledger, &next, now, self.cfg.key_retention);
                 if !early.is_empty() {
                     warn!(issuer, source = %name, kids = ?early, max_keys = self.cfg.max_keys,

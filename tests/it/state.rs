@@ -1,10 +1,11 @@
-//! The persisted state across restarts and what readiness makes of it: confirmations (M3).
+//! The persisted state across restarts and what readiness makes of it: confirmations (M3),
+//! reused kids (L8).
 
 use std::time::{Duration, SystemTime};
 
 use oidc_edge::jwks::persist::StateFile;
 
-use crate::support::{K3S, Scratch, Server, eventually, get, kids};
+use crate::support::{K3S, ROTATED, Scratch, Server, eventually, get, kids};
 
 const ISSUER: &str = "https://oidc.example.com";
 
@@ -118,4 +119,55 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
         )
     );
     assert!(status(&restarted).await["issuers"][0]["confirmed_at"].is_null());
+}
+
+#[tokio::test]
+async fn a_kid_that_comes_back_with_other_key_material_is_a_loud_error() {
+    // L8: the new material is published (relying parties look keys up by kid, A-11, and a set
+    // must not name two keys with one kid, D-9), and the operator hears about it.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut server = Server::start(&scratch.config("50ms"));
+    let url = server.url("/openid/v1/jwks");
+    eventually("first keys", || async { get(&url).await.0 == 200 }).await;
+    // The RSA key of the rotated set under the kid of the first set's RSA key.
+    let k3s: serde_json::Value = serde_json::from_str(K3S).expect("json");
+    let rotated: serde_json::Value = serde_json::from_str(ROTATED).expect("json");
+    let old_rsa = k3s["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kty"] == "RSA")
+        .expect("rsa")
+        .clone();
+    let mut new_rsa = rotated["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kty"] == "RSA" && k["n"] != old_rsa["n"])
+        .expect("other rsa")
+        .clone();
+    new_rsa["kid"] = old_rsa["kid"].clone();
+    let kid = old_rsa["kid"].as_str().expect("kid").to_owned();
+    scratch.replace(
+        "jwks.json",
+        &serde_json::json!({ "keys": [new_rsa] }).to_string(),
+    );
+    let line = server.wait_for_log("now names different key material");
+    assert!(line.contains("ERROR") && line.contains(&kid), "{line}");
+    eventually("the new material", || async {
+        let (_, body) = get(&url).await;
+        let set: serde_json::Value = serde_json::from_str(&body).expect("json");
+        set["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .any(|k| k["kid"] == kid.as_str() && k["n"] == new_rsa["n"])
+    })
+    .await;
+    assert_eq!(
+        server.count_log("now names different key material"),
+        1,
+        "logged once"
+    );
 }

@@ -52,6 +52,26 @@ impl Ledger {
         self.keys.keys().cloned().collect()
     }
 
+    /// L7: a vanish time in the future (written while the clock was ahead) counts as `now`, so
+    /// a loaded key is retained for at most `key_retention` from now.
+    pub fn clamp_vanished(&mut self, now: u64) {
+        for entry in self.keys.values_mut() {
+            if let Some(at) = &mut entry.vanished_at {
+                *at = (*at).min(now);
+            }
+        }
+    }
+
+    /// L7: moves every vanish time `secs` later, after the wall clock stepped forward by that
+    /// much, so that rotation grace counts time that really passed.
+    pub fn shift_vanished(&mut self, secs: u64) {
+        for entry in self.keys.values_mut() {
+            if let Some(at) = &mut entry.vanished_at {
+                *at = at.saturating_add(secs);
+            }
+        }
+    }
+
     /// Drops keys whose grace ran out by `now` (used on a state file loaded at start).
     pub fn expire(&mut self, now: u64, retention: Duration) {
         self.keys.retain(|_, e| !expired(e, now, retention));

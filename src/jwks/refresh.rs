@@ -51,15 +51,33 @@ fn jitter_sample() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// The clock of one refresh: wall-clock Unix seconds (persisted, survives restarts).
+/// The two clocks of one refresh: wall-clock Unix seconds (persisted, survives restarts) and
+/// the monotonic clock (immune to clock steps, L7).
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     wall: u64,
+    mono: std::time::Instant,
 }
 
 impl Clock {
     fn now() -> Self {
-        Self { wall: unix_now() }
+        Self {
+            wall: unix_now(),
+            mono: std::time::Instant::now(),
+        }
+    }
+
+    /// L7: how far the wall clock stepped forward since `earlier`, beyond the time that really
+    /// passed (monotonic); 0 when it did not, within a 2 s allowance for whole seconds. A
+    /// backward step only lengthens grace, the safe direction, and is left alone. Suspend
+    /// also shows as a forward step (the monotonic clock stops), which lengthens grace too.
+    fn forward_step_since(&self, earlier: &Clock) -> u64 {
+        let wall = self.wall.saturating_sub(earlier.wall);
+        let real = self.mono.saturating_duration_since(earlier.mono).as_secs();
+        match wall.saturating_sub(real) {
+            step if step > 2 => step,
+            _ => 0,
+        }
     }
 }
 
@@ -89,6 +107,8 @@ struct PipelineState {
     confirmed_at: Option<SystemTime>,
     /// The confirmation the state file holds (Unix seconds).
     persisted_confirmed_at: Option<u64>,
+    /// The clocks of the last refresh, to notice wall-clock steps (L7).
+    last_clock: Option<Clock>,
 }
 
 /// What `/status` shows of one source.
@@ -149,6 +169,7 @@ impl IssuerPipeline {
                 dirty: false,
                 confirmed_at: None,
                 persisted_confirmed_at: None,
+                last_clock: None,
             }),
         }
     }
@@ -171,6 +192,7 @@ impl IssuerPipeline {
         let mut state = self.state.lock().await;
         let now = unix_now();
         let mut ledger = loaded.ledger;
+        ledger.clamp_vanished(now);
         ledger.expire(now, self.cfg.key_retention);
         if !ledger.is_empty() {
             self.publish(&ledger);
@@ -223,6 +245,21 @@ impl IssuerPipeline {
         let mut state = self.state.lock().await;
         let issuer = self.cfg.issuer.as_str();
         let now = clock.wall;
+        // L7: grace runs on the monotonic clock within a process. After a forward wall-clock
+        // step (an RTC-less board, then NTP), vanish times move with the clock, so that retained
+        // keys keep the grace that really remains instead of vanishing at this merge.
+        if let Some(step) = state.last_clock.map(|last| clock.forward_step_since(&last))
+            && step > 0
+        {
+            warn!(
+                issuer,
+                step_secs = step,
+                "the wall clock stepped forward; rotation grace keeps counting real time"
+            );
+            state.ledger.shift_vanished(step);
+            state.dirty = true;
+        }
+        state.last_clock = Some(clock);
         let mut candidate = None;
         let mut failure = None;
         let mut result = RefreshResult::ok;
@@ -514,6 +551,74 @@ mod tests {
             .collect();
         kids.sort();
         kids
+    }
+
+    fn published(p: &IssuerPipeline) -> Vec<String> {
+        p.store.get(0).expect("published").kids.clone()
+    }
+
+    #[tokio::test]
+    async fn a_forward_wall_clock_step_does_not_cut_rotation_grace() {
+        // L7: a board boots with an old clock, then NTP steps it a year forward.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "key_retention = \"1h\"");
+        let start = Clock {
+            wall: 1_700_000_000,
+            mono: std::time::Instant::now(),
+        };
+        let at = |wall: u64, mono: u64| Clock {
+            wall,
+            mono: start.mono + Duration::from_secs(mono),
+        };
+        assert!(p.apply(0, "s", body(K3S), start).await);
+        let w = start.wall;
+        assert!(p.apply(0, "s", body(ROTATED), at(w + 10, 10)).await);
+        let mut both = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
+        both.sort();
+        both.dedup();
+        assert_eq!(published(&p), both);
+        let year = 365 * 86_400;
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year, 20))
+                .await
+        );
+        assert_eq!(published(&p), both, "grace kept across the step");
+        // The grace runs out one hour after the key vanished, by the monotonic clock.
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3589, 3609))
+                .await
+        );
+        assert_eq!(published(&p), both);
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3590, 3610))
+                .await
+        );
+        assert_eq!(published(&p), sorted_kids(ROTATED));
+    }
+
+    #[tokio::test]
+    async fn restore_clamps_vanish_times_in_the_future_to_now() {
+        // L7: a vanish time written while the clock was far ahead must not retain a key for
+        // years; at most `key_retention` from now.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        let k3s = validate(K3S.as_bytes()).expect("fixture").keys;
+        let rotated = validate(ROTATED.as_bytes()).expect("fixture").keys;
+        let future = unix_now() + 10 * 365 * 86_400;
+        let l0 = merge(&[Some(&k3s)], &Ledger::default(), future, MINUTE, 100).expect("ok");
+        let l1 = merge(&[Some(&rotated)], &l0, future, MINUTE, 100).expect("ok");
+        p.state_file.save(&l1).expect("save");
+        let before = unix_now();
+        p.restore().await;
+        let state = p.state.lock().await;
+        let vanished: Vec<u64> = state
+            .ledger
+            .keys
+            .values()
+            .filter_map(|e| e.vanished_at)
+            .collect();
+        assert_eq!(vanished.len(), 1, "{:?}", state.ledger);
+        assert!((before..=unix_now()).contains(&vanished[0]), "{vanished:?}");
     }
 
     #[tokio::test]

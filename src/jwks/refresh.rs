@@ -558,6 +558,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_an_unchanged_answer_from_a_healthy_source_confirms() {
+        // M3: "unchanged" repeats the source's last result; after a refused body that result
+        // is a failure, and nothing is confirmed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        let at = |wall: u64| Clock {
+            wall,
+            mono: std::time::Instant::now(),
+        };
+        let confirmed = || async { p.status().await.confirmed_at };
+        assert!(p.apply(0, "s", body(K3S), at(1_000)).await);
+        assert_eq!(confirmed().await, Some(1_000));
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), at(1_060)).await);
+        assert_eq!(confirmed().await, Some(1_060));
+        assert!(!p.apply(0, "s", body("{}"), at(1_120)).await);
+        assert!(!p.apply(0, "s", Ok(Fetched::Unchanged), at(1_180)).await);
+        assert_eq!(confirmed().await, Some(1_060));
+        let on_disk = p.state_file.load_state().expect("load").expect("saved");
+        assert_eq!(on_disk.confirmed_at, Some(1_060), "written after 60 s");
+    }
+
+    #[tokio::test]
     async fn a_forward_wall_clock_step_does_not_cut_rotation_grace() {
         // L7: a board boots with an old clock, then NTP steps it a year forward.
         let dir = tempfile::tempdir().expect("tempdir");

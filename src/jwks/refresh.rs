@@ -200,7 +200,7 @@ impl IssuerPipeline {
             // the set unconfirmed. A time in the future (a clock that was ahead) counts as now.
             let confirmed = loaded.confirmed_at.map(|at| at.min(now));
             state.confirmed_at = confirmed.map(|at| UNIX_EPOCH + Duration::from_secs(at));
-            state.persisted_confirmed_at = loaded.confirmed_at;
+            state.persisted_confirmed_at = confirmed;
             info!(
                 issuer = self.issuer(),
                 kids = ?ledger.kids(),

@@ -17,7 +17,9 @@ use crate::issuer::{self, Issuer};
 /// Where `serve` and `check-config` look when neither `--config` nor `$OIDC_EDGE_CONFIG` is set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oidc-edge/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/oidc-edge";
-pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(3600);
+/// at least token TTL + max-age + 5 min (2 h 5 min at the largest max-age); Z-9: 24 h
+/// covers Azure Workload Identity's default token lifetime.
+pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(86_400);
 /// A-9, Z-4: AWS and Azure use at most 100 keys; more is never useful.
 pub const MAX_KEYS_LIMIT: usize = 100;
 pub const DEFAULT_CACHE_MAX_AGE: Duration = Duration::from_secs(300);
@@ -1421,7 +1423,7 @@ mod tests {
         assert_eq!(issuer.jwks_uri, "https://oidc.example.com/openid/v1/jwks");
         assert_eq!(issuer.discovery_path, "/.well-known/openid-configuration");
         assert_eq!(issuer.cache_max_age, Duration::from_secs(300));
-        assert_eq!(issuer.key_retention, Duration::from_secs(3600));
+        assert_eq!(issuer.key_retention, Duration::from_secs(86_400));
         assert_eq!(issuer.max_keys, 100);
         assert_eq!(issuer.jwks_content_type, JwksContentType::Json);
         assert_eq!(issuer.sources[0].refresh_interval, Duration::from_secs(60));

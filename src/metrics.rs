@@ -67,6 +67,8 @@ pub struct Metrics {
     pub issuer_mismatch: Family<SourceLabels, Gauge>,
     pub cert_not_after: Family<ListenerLabels, Gauge>,
     pub acme_events: Family<AcmeEventLabels, Counter>,
+    /// M2: failed writes of an issuer's state file; each is retried on every refresh.
+    pub state_write_errors: Family<IssuerLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +130,12 @@ impl Metrics {
         );
         let acme_events = Family::<AcmeEventLabels, Counter>::default();
         registry.register("acme_events", "ACME events by kind", acme_events.clone());
+        let state_write_errors = Family::<IssuerLabels, Counter>::default();
+        registry.register(
+            "state_write_errors",
+            "Failed writes of the persisted key set, retried on every refresh until one succeeds",
+            state_write_errors.clone(),
+        );
         Self {
             registry,
             requests,
@@ -137,6 +145,7 @@ impl Metrics {
             issuer_mismatch,
             cert_not_after,
             acme_events,
+            state_write_errors,
         }
     }
 

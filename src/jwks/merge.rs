@@ -22,6 +22,12 @@ pub struct LedgerEntry {
     pub jwk: PublicJwk,
     /// Unix seconds at which no source listed the key any more; `None` while some source does.
     pub vanished_at: Option<u64>,
+    /// M4: the indices of the sources that list the key (empty once it vanished); `None` when
+    /// unknown (a state file of format 1). After a restart, a source that has not answered yet
+    /// is taken to list what it listed before, so it neither stops the expiry of other
+    /// sources' keys nor loses its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,10 +52,64 @@ impl Ledger {
         self.keys.keys().cloned().collect()
     }
 
+    /// L7: a vanish time in the future (written while the clock was ahead) counts as `now`, so
+    /// a loaded key is retained for at most `key_retention` from now.
+    pub fn clamp_vanished(&mut self, now: u64) {
+        for entry in self.keys.values_mut() {
+            if let Some(at) = &mut entry.vanished_at {
+                *at = (*at).min(now);
+            }
+        }
+    }
+
+    /// L7: moves every vanish time `secs` later, after the wall clock stepped forward by that
+    /// much, so that rotation grace counts time that really passed.
+    pub fn shift_vanished(&mut self, secs: u64) {
+        for entry in self.keys.values_mut() {
+            if let Some(at) = &mut entry.vanished_at {
+                *at = at.saturating_add(secs);
+            }
+        }
+    }
+
     /// Drops keys whose grace ran out by `now` (used on a state file loaded at start).
     pub fn expire(&mut self, now: u64, retention: Duration) {
         self.keys.retain(|_, e| !expired(e, now, retention));
     }
+}
+
+/// Kids that name other key material in `next` than in `previous` (L8).
+///
+/// The old material cannot stay published next to the new one: relying parties look a key up
+/// by the token's `kid` and use one match (A-11: the later duplicate wins), and a set must not
+/// name two keys with one kid (D-9, RFC 7517 §4.5; `validate` refuses such a fetch). So the
+/// new material is published, as the source says, and tokens signed by the old one fail at
+/// once: Kubernetes kids are key hashes (K-5), so this is a non-Kubernetes IdP reusing kids or
+/// tampering upstream, and the caller must say so loudly.
+pub fn replaced_material<'a>(previous: &Ledger, next: &'a Ledger) -> Vec<&'a str> {
+    next.keys
+        .iter()
+        .filter(|(kid, e)| previous.keys.get(*kid).is_some_and(|old| old.jwk != e.jwk))
+        .map(|(kid, _)| kid.as_str())
+        .collect()
+}
+
+/// Retained keys of `previous` that `next` dropped before their grace ran out: what `max_keys`
+/// cost (M4), for a warning.
+pub fn dropped_early<'a>(
+    previous: &'a Ledger,
+    next: &Ledger,
+    now: u64,
+    retention: Duration,
+) -> Vec<&'a str> {
+    previous
+        .keys
+        .iter()
+        .filter(|(kid, e)| {
+            !next.keys.contains_key(*kid) && e.vanished_at.is_some() && !expired(e, now, retention)
+        })
+        .map(|(kid, _)| kid.as_str())
+        .collect()
 }
 
 fn expired(entry: &LedgerEntry, now: u64, retention: Duration) -> bool {
@@ -61,8 +121,13 @@ fn expired(entry: &LedgerEntry, now: u64, retention: Duration) -> bool {
 /// Computes the next ledger from each source's last good set (`None`: the source has not
 /// succeeded since start) and the previous ledger.
 ///
-/// A key absent from every source that has answered starts its grace now; while some source
-/// has not answered yet, absent keys keep their state, since that source may still list them.
+/// A key listed by no source starts its grace now. A source that has not answered since start
+/// still lists what the previous ledger says it listed (M4): so a dead source neither freezes
+/// the expiry of the other sources' keys nor loses its own. Keys of unknown provenance (a
+/// format-1 state file) keep their state until every source has answered once.
+///
+/// Under `max_keys`, retained keys give way oldest first; only more *current* keys than
+/// `max_keys` refuse the merge (M4), so a new signing key is never held back by old ones.
 pub fn merge(
     sources: &[Option<&[PublicJwk]>],
     previous: &Ledger,
@@ -70,43 +135,81 @@ pub fn merge(
     retention: Duration,
     max_keys: usize,
 ) -> Result<Ledger, MergeError> {
+    let silent = |j: &usize| sources.get(*j).is_some_and(Option::is_none);
     let mut keys: BTreeMap<String, LedgerEntry> = BTreeMap::new();
-    for jwk in sources.iter().flatten().flat_map(|set| set.iter()) {
-        match keys.get(&jwk.kid) {
-            Some(seen) if seen.jwk == *jwk => {}
-            Some(_) => return Err(MergeError::ConflictingKid(jwk.kid.clone())),
-            None => {
-                let entry = LedgerEntry {
-                    jwk: jwk.clone(),
-                    vanished_at: None,
-                };
-                keys.insert(jwk.kid.clone(), entry);
+    for (i, set) in sources.iter().enumerate() {
+        for jwk in set.iter().flat_map(|set| set.iter()) {
+            match keys.get_mut(&jwk.kid) {
+                Some(seen) if seen.jwk == *jwk => {
+                    let listed = seen.sources.get_or_insert_with(Vec::new);
+                    if listed.last() != Some(&i) {
+                        listed.push(i);
+                    }
+                }
+                Some(_) => return Err(MergeError::ConflictingKid(jwk.kid.clone())),
+                None => {
+                    let entry = LedgerEntry {
+                        jwk: jwk.clone(),
+                        vanished_at: None,
+                        sources: Some(vec![i]),
+                    };
+                    keys.insert(jwk.kid.clone(), entry);
+                }
             }
         }
     }
     let all_answered = sources.iter().all(Option::is_some);
     for (kid, old) in &previous.keys {
-        if keys.contains_key(kid) {
+        // What silent sources listed before, by the previous ledger.
+        let silent_claims: Option<Vec<usize>> = match (&old.sources, old.vanished_at) {
+            (_, Some(_)) => Some(Vec::new()),
+            (Some(listed), None) => Some(listed.iter().copied().filter(silent).collect()),
+            (None, None) => None,
+        };
+        if let Some(entry) = keys.get_mut(kid) {
+            if entry.jwk == old.jwk
+                && let (Some(listed), Some(claims)) = (&mut entry.sources, &silent_claims)
+            {
+                listed.extend(claims);
+                listed.sort_unstable();
+                listed.dedup();
+            }
             continue;
         }
-        let vanished_at = match old.vanished_at {
-            Some(at) => Some(at),
-            None if all_answered => Some(now),
-            None => None,
+        let (vanished_at, sources) = match (old.vanished_at, silent_claims) {
+            (Some(at), _) => (Some(at), Some(Vec::new())),
+            (None, Some(claims)) if !claims.is_empty() => (None, Some(claims)),
+            (None, Some(_)) => (Some(now), Some(Vec::new())),
+            // Unknown provenance: some silent source may list it.
+            (None, None) if !all_answered => (None, None),
+            (None, None) => (Some(now), Some(Vec::new())),
         };
         let entry = LedgerEntry {
             jwk: old.jwk.clone(),
             vanished_at,
+            sources,
         };
         if !expired(&entry, now, retention) {
             keys.insert(kid.clone(), entry);
         }
     }
-    if keys.len() > max_keys {
+    let current = keys.values().filter(|e| e.vanished_at.is_none()).count();
+    if current > max_keys {
         return Err(MergeError::TooManyKeys {
-            count: keys.len(),
+            count: current,
             max: max_keys,
         });
+    }
+    while keys.len() > max_keys {
+        let oldest = keys
+            .iter()
+            .filter_map(|(kid, e)| e.vanished_at.map(|at| (at, kid)))
+            .min()
+            .map(|(_, kid)| kid.clone());
+        match oldest {
+            Some(kid) => keys.remove(&kid),
+            None => break,
+        };
     }
     Ok(Ledger { keys })
 }
@@ -168,6 +271,23 @@ mod tests {
     }
 
     #[test]
+    fn a_kid_with_new_material_publishes_the_new_material_and_is_reported() {
+        let l0 = merge(
+            &[Some(&[key("a", "1"), key("b", "2")])],
+            &Ledger::default(),
+            0,
+            HOUR,
+            9,
+        )
+        .expect("ok");
+        let l1 = merge(&[Some(&[key("a", "9"), key("b", "2")])], &l0, 10, HOUR, 9).expect("ok");
+        assert_eq!(l1.keys["a"].jwk, key("a", "9"));
+        assert_eq!(l1.keys["a"].vanished_at, None);
+        assert_eq!(replaced_material(&l0, &l1), ["a"]);
+        assert!(replaced_material(&l1, &l1).is_empty());
+    }
+
+    #[test]
     fn a_key_that_comes_back_is_current_again() {
         let with = [key("a", "1"), key("b", "2")];
         let without = [key("a", "1")];
@@ -201,11 +321,105 @@ mod tests {
     }
 
     #[test]
-    fn more_keys_than_max_keys_is_refused_counting_retained_ones() {
+    fn more_current_keys_than_max_keys_is_refused() {
+        let err = merge(
+            &[Some(&[key("a", "1"), key("b", "2"), key("c", "3")])],
+            &Ledger::default(),
+            0,
+            HOUR,
+            2,
+        )
+        .expect_err("three current keys");
+        assert_eq!(err, MergeError::TooManyKeys { count: 3, max: 2 });
+    }
+
+    #[test]
+    fn retained_keys_give_way_oldest_first_before_a_current_key_is_refused() {
+        // M4: two rotations inside the retention with max_keys = 2 must still publish the new
+        // signing key; the key that vanished first goes first.
         let l0 = merge(&[Some(&[key("a", "1")])], &Ledger::default(), 0, HOUR, 2).expect("ok");
         let l1 = merge(&[Some(&[key("b", "2")])], &l0, 1, HOUR, 2).expect("ok");
-        let err = merge(&[Some(&[key("c", "3")])], &l1, 2, HOUR, 2).expect_err("three");
-        assert_eq!(err, MergeError::TooManyKeys { count: 3, max: 2 });
+        let l2 = merge(&[Some(&[key("c", "3")])], &l1, 2, HOUR, 2).expect("c is published");
+        assert_eq!(kids(&l2), ["b", "c"]);
+        assert_eq!(dropped_early(&l1, &l2, 2, HOUR), ["a"]);
+        assert_eq!(l2.keys["b"].vanished_at, Some(2));
+        assert_eq!(l2.keys["c"].vanished_at, None);
+    }
+
+    #[test]
+    fn a_source_that_never_answers_after_a_restart_does_not_stop_expiry() {
+        // M4, the review's sketch: source 1 never answers again after the restart.
+        let persisted = merge(
+            &[Some(&[key("a", "1")]), Some(&[key("b", "2")])],
+            &Ledger::default(),
+            0,
+            HOUR,
+            100,
+        )
+        .expect("ok");
+        // Source 0 rotates a -> c, then c -> d.
+        let l1 = merge(
+            &[Some(&[key("c", "3")]), None],
+            &persisted,
+            10 * 86_400,
+            HOUR,
+            100,
+        )
+        .expect("ok");
+        assert_eq!(l1.keys["a"].vanished_at, Some(10 * 86_400));
+        // b is what source 1 listed last: it stays current until source 1 says otherwise.
+        assert_eq!(l1.keys["b"].vanished_at, None);
+        let l2 = merge(&[Some(&[key("d", "4")]), None], &l1, 20 * 86_400, HOUR, 3)
+            .expect("the new signing key d must be published");
+        assert_eq!(kids(&l2), ["b", "c", "d"]);
+        assert_eq!(l2.keys["c"].vanished_at, Some(20 * 86_400));
+        // When source 1 answers without b, b's grace starts.
+        let l3 = merge(
+            &[Some(&[key("d", "4")]), Some(&[key("e", "5")])],
+            &l2,
+            20 * 86_400 + 1,
+            HOUR,
+            100,
+        )
+        .expect("ok");
+        assert_eq!(l3.keys["b"].vanished_at, Some(20 * 86_400 + 1));
+    }
+
+    #[test]
+    fn a_key_listed_by_a_silent_source_and_a_live_one_stays_while_either_lists_it() {
+        let persisted = merge(
+            &[Some(&[key("a", "1")]), Some(&[key("a", "1")])],
+            &Ledger::default(),
+            0,
+            HOUR,
+            100,
+        )
+        .expect("ok");
+        let l1 = merge(&[Some(&[key("a", "1")]), None], &persisted, 10, HOUR, 100).expect("ok");
+        let l2 = merge(&[Some(&[key("c", "3")]), None], &l1, 20, HOUR, 100).expect("ok");
+        assert_eq!(l2.keys["a"].vanished_at, None, "source 1 still lists a");
+    }
+
+    #[test]
+    fn the_default_retention_meets_x6_for_every_allowed_max_age() {
+        use crate::config::{DEFAULT_KEY_RETENTION, MAX_CACHE_MAX_AGE};
+        // X-6: keep an old key until token TTL (1 h) + max-age + 5 min skew after its last use.
+        let x6 = HOUR + MAX_CACHE_MAX_AGE + Duration::from_secs(300);
+        assert!(
+            DEFAULT_KEY_RETENTION >= x6,
+            "{DEFAULT_KEY_RETENTION:?} < {x6:?}"
+        );
+        // Z-9: the Azure Workload Identity webhook projects 24 h tokens by default.
+        assert_eq!(DEFAULT_KEY_RETENTION, Duration::from_secs(86_400));
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jwks.json"), "{}").expect("write");
+        let cfg = crate::config::Config::from_toml_str(
+            "[[issuers]]\nissuer = \"https://oidc.example.com\"\n[[issuers.sources]]\n\
+             kind = \"file\"\npath = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            &dir.path().join("config.toml"),
+        )
+        .expect("config");
+        assert_eq!(cfg.issuers[0].key_retention, Duration::from_secs(86_400));
     }
 
     #[test]

@@ -16,7 +16,10 @@ use super::merge::{Ledger, LedgerEntry};
 use super::validate::validate;
 use crate::http::headers::strong_etag;
 
-const FORMAT: u32 = 1;
+/// 2 adds `confirmed_at` (M3) and per-key `sources` (M4); format 1 files still load, with
+/// neither known.
+const FORMAT: u32 = 2;
+const FORMATS_READ: [u32; 2] = [1, 2];
 
 /// Where one issuer's state lives.
 #[derive(Debug, Clone)]
@@ -40,19 +43,44 @@ pub enum PersistError {
 struct StateDoc {
     format: u32,
     issuer: String,
+    /// M3: Unix seconds at which a source last confirmed the set; absent in format 1 and
+    /// before any confirmation. Never inferred from the file's mtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    confirmed_at: Option<u64>,
     keys: Vec<LedgerEntry>,
 }
 
-/// Creates the state directory (0700: it will hold the ACME account key too) if missing.
+/// What a state file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persisted {
+    pub ledger: Ledger,
+    pub confirmed_at: Option<u64>,
+}
+
+/// Creates the state directory (0700: it will hold the ACME account key too) if missing, and
+/// tightens an existing one to 0700 (L10): a directory made by hand or by a packaging script is
+/// often 0755. chmod(2) succeeds only for the owner, so a directory that belongs to someone else
+/// is left as it is (we can still use it if its mode lets us).
 pub fn create_state_dir(dir: &Path) -> Result<(), PersistError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |source| PersistError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| PersistError::Dir {
-            path: dir.to_owned(),
-            source,
-        })
+        .map_err(err)?;
+    let mode = fs::metadata(dir).map_err(err)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        match fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7700)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
 }
 
 impl StateFile {
@@ -89,6 +117,11 @@ impl StateFile {
 
     /// Loads the persisted ledger: `Ok(None)` when there is none yet.
     pub fn load(&self) -> Result<Option<Ledger>, PersistError> {
+        Ok(self.load_state()?.map(|p| p.ledger))
+    }
+
+    /// Loads the persisted ledger and confirmation time: `Ok(None)` when there is none yet.
+    pub fn load_state(&self) -> Result<Option<Persisted>, PersistError> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -107,7 +140,7 @@ impl StateFile {
             })
     }
 
-    fn parse(&self, bytes: &[u8]) -> Result<Ledger, String> {
+    fn parse(&self, bytes: &[u8]) -> Result<Persisted, String> {
         // Re-validate the keys as if fetched: a private member or a weak key written by
         // anything but us must not be served because it sits in our directory.
         let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -125,8 +158,8 @@ impl StateFile {
             return Err(dropped.to_string());
         }
         let doc: StateDoc = serde_json::from_value(raw).map_err(|e| e.to_string())?;
-        if doc.format != FORMAT {
-            return Err(format!("format {} is not {FORMAT}", doc.format));
+        if !FORMATS_READ.contains(&doc.format) {
+            return Err(format!("format {} is not 1 or {FORMAT}", doc.format));
         }
         if doc.issuer != self.issuer {
             return Err(format!("it belongs to issuer {:?}", doc.issuer));
@@ -137,14 +170,27 @@ impl StateFile {
                 return Err("a kid appears twice".to_owned());
             }
         }
-        Ok(ledger)
+        Ok(Persisted {
+            ledger,
+            confirmed_at: doc.confirmed_at,
+        })
     }
 
     /// Writes the ledger atomically. Blocking: call it from `spawn_blocking`.
     pub fn save(&self, ledger: &Ledger) -> Result<(), PersistError> {
+        self.save_state(ledger, None)
+    }
+
+    /// Writes the ledger and the confirmation time atomically. Blocking.
+    pub fn save_state(
+        &self,
+        ledger: &Ledger,
+        confirmed_at: Option<u64>,
+    ) -> Result<(), PersistError> {
         let doc = StateDoc {
             format: FORMAT,
             issuer: self.issuer.clone(),
+            confirmed_at,
             keys: ledger.keys.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&doc).expect("state serialises");
@@ -156,21 +202,50 @@ impl StateFile {
 }
 
 /// Temp file in the same directory, fsync, rename over the target, fsync the directory.
+///
+/// L10: the temp name is unique (pid, a per-process counter and a random part) and created with
+/// O_EXCL, so two processes sharing a state or ACME directory never write into one temp file
+/// and rename a mix of both; a leftover or a symlink at a temp name is never followed. A failed
+/// write removes its temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
+    let (tmp, mut file) = create_temp(dir, name)?;
+    let written = (|| {
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     File::open(dir)?.sync_all()
+}
+
+/// A new file `.{name}.{pid}.{unique}.tmp` in `dir`, created 0600 with O_EXCL.
+fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let mut attempt = 0;
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let tmp = dir.join(format!(".{name}.{pid}.{:016x}.tmp", hasher.finish()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -224,6 +299,84 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_state_dir_is_tightened_to_0700() {
+        // L10: a directory created 0755 by hand or by an older version still ends up 0700.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        fs::create_dir(&state).expect("mkdir");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).expect("chmod");
+        create_state_dir(&state).expect("create");
+        let mode = fs::metadata(&state).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_leftover_at_the_old_fixed_temp_name_does_not_block_writes() {
+        // L10: the temp name is unique per write, so nothing at `.NAME.tmp` (another process's
+        // temp file, a leftover, a directory) is truncated, renamed or in the way.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("state.json");
+        let fixed = dir.path().join(".state.json.tmp");
+        fs::create_dir(&fixed).expect("blocker");
+        fs::write(fixed.join("other"), b"theirs").expect("write");
+        write_atomic(&target, b"ours").expect("write_atomic");
+        assert_eq!(fs::read(&target).expect("read"), b"ours");
+        assert_eq!(fs::read(fixed.join("other")).expect("read"), b"theirs");
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".state.json.tmp", "state.json"],
+            "no temp file left behind"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("state.json");
+        // rename(2) cannot replace a non-empty directory: the write fails after the temp file.
+        fs::create_dir(&target).expect("blocker");
+        fs::write(target.join("x"), b"x").expect("write");
+        let err = write_atomic(&target, b"ours").expect_err("blocked");
+        assert_eq!(err.kind(), io::ErrorKind::IsADirectory, "{err}");
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn concurrent_writers_never_mix_their_bytes() {
+        // L10: two processes sharing a directory each write whole files; the survivor is one of
+        // them, never an interleaving.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("state.json");
+        let a = vec![b'a'; 256 * 1024];
+        let b = vec![b'b'; 200 * 1024];
+        std::thread::scope(|scope| {
+            for bytes in [&a, &b] {
+                let target = &target;
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(target, bytes).expect("write_atomic");
+                    }
+                });
+            }
+        });
+        let survivor = fs::read(&target).expect("read");
+        assert!(
+            survivor == a || survivor == b,
+            "mixed: {} bytes",
+            survivor.len()
+        );
+    }
+
+    #[test]
     fn corrupt_or_foreign_files_are_refused_with_a_reason() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = StateFile::new(dir.path(), ISSUER);
@@ -240,8 +393,8 @@ mod tests {
                 "belongs to issuer",
             ),
             (
-                good.replacen("\"format\": 1", "\"format\": 9", 1),
-                "format 9 is not 1",
+                good.replacen("\"format\": 2", "\"format\": 9", 1),
+                "format 9 is not 1 or 2",
             ),
             ("{}".to_owned(), "no \"keys\" array"),
         ];

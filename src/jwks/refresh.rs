@@ -12,9 +12,9 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Ledger, merge};
+use super::merge::{Ledger, dropped_early, merge, replaced_material};
 use super::persist::StateFile;
-use super::source::{Fetched, KeySource};
+use super::source::{FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
@@ -25,6 +25,9 @@ use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Failures never wait longer than this, nor longer than the refresh interval.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// M3: a confirmation alone (no change to the keys) is written to the state file at most this
+/// often, so a restart reports it at most this much too old without a write per refresh.
+pub const CONFIRMATION_WRITE_INTERVAL: u64 = 60;
 
 /// The delay before the next fetch of a source: `interval` after a success, capped exponential
 /// backoff after `consecutive_failures`, both spread by ±10 % with `jitter` in `[0, 1)` so that
@@ -48,6 +51,36 @@ fn jitter_sample() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The two clocks of one refresh: wall-clock Unix seconds (persisted, survives restarts) and
+/// the monotonic clock (immune to clock steps, L7).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: u64,
+    mono: std::time::Instant,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            wall: unix_now(),
+            mono: std::time::Instant::now(),
+        }
+    }
+
+    /// L7: how far the wall clock stepped forward since `earlier`, beyond the time that really
+    /// passed (monotonic); 0 when it did not, within a 2 s allowance for whole seconds. A
+    /// backward step only lengthens grace, the safe direction, and is left alone. Suspend
+    /// also shows as a forward step (the monotonic clock stops), which lengthens grace too.
+    fn forward_step_since(&self, earlier: &Clock) -> u64 {
+        let wall = self.wall.saturating_sub(earlier.wall);
+        let real = self.mono.saturating_duration_since(earlier.mono).as_secs();
+        match wall.saturating_sub(real) {
+            step if step > 2 => step,
+            _ => 0,
+        }
+    }
+}
+
 /// Fetch results of every source of one issuer, merged, published and persisted.
 #[derive(Debug)]
 pub struct IssuerPipeline {
@@ -65,8 +98,17 @@ struct PipelineState {
     sets: Vec<Option<Vec<PublicJwk>>>,
     sources: Vec<SourceStatus>,
     ledger: Ledger,
-    /// When a source last confirmed the published set (or the state file was written).
+    /// M2: the ledger is not on disk yet (a write failed, or it changed since the last one);
+    /// every refresh retries until a write succeeds.
+    dirty: bool,
+    /// When a source last confirmed the published set: a fetch that was merged, or an
+    /// unchanged answer from a healthy source (M3). Restored from the state file, never from
+    /// its mtime.
     confirmed_at: Option<SystemTime>,
+    /// The confirmation the state file holds (Unix seconds).
+    persisted_confirmed_at: Option<u64>,
+    /// The clocks of the last refresh, to notice wall-clock steps (L7).
+    last_clock: Option<Clock>,
 }
 
 /// What `/status` shows of one source.
@@ -124,7 +166,10 @@ impl IssuerPipeline {
                     })
                     .collect(),
                 ledger: Ledger::default(),
+                dirty: false,
                 confirmed_at: None,
+                persisted_confirmed_at: None,
+                last_clock: None,
             }),
         }
     }
@@ -136,8 +181,8 @@ impl IssuerPipeline {
     /// Loads the persisted last good set and publishes it at once, so that a restart during an
     /// upstream outage keeps serving. A corrupt file is reported and ignored.
     pub async fn restore(&self) {
-        let loaded = match self.state_file.load() {
-            Ok(Some(ledger)) => ledger,
+        let loaded = match self.state_file.load_state() {
+            Ok(Some(persisted)) => persisted,
             Ok(None) => return,
             Err(e) => {
                 error!(issuer = self.issuer(), error = %e, "persisted key set not used");
@@ -145,14 +190,17 @@ impl IssuerPipeline {
             }
         };
         let mut state = self.state.lock().await;
-        let mut ledger = loaded;
-        ledger.expire(unix_now(), self.cfg.key_retention);
+        let now = unix_now();
+        let mut ledger = loaded.ledger;
+        ledger.clamp_vanished(now);
+        ledger.expire(now, self.cfg.key_retention);
         if !ledger.is_empty() {
             self.publish(&ledger);
-            // The file is written right after a source confirmed a change.
-            state.confirmed_at = std::fs::metadata(self.state_file.path())
-                .and_then(|m| m.modified())
-                .ok();
+            // M3: the confirmation recorded in the file; a file without one (format 1) leaves
+            // the set unconfirmed. A time in the future (a clock that was ahead) counts as now.
+            let confirmed = loaded.confirmed_at.map(|at| at.min(now));
+            state.confirmed_at = confirmed.map(|at| UNIX_EPOCH + Duration::from_secs(at));
+            state.persisted_confirmed_at = confirmed;
             info!(
                 issuer = self.issuer(),
                 kids = ?ledger.kids(),
@@ -181,10 +229,37 @@ impl IssuerPipeline {
     /// One fetch of source `i`; returns whether the source is healthy.
     pub async fn refresh<S: KeySource>(&self, i: usize, source: &mut S) -> bool {
         let fetched = source.fetch_key_set().await;
+        self.apply(i, &source.describe(), fetched, Clock::now())
+            .await
+    }
+
+    /// Takes one fetch result of source `i` (called `name`) at `clock`: validate, merge,
+    /// publish, persist. Returns whether the source is healthy.
+    async fn apply(
+        &self,
+        i: usize,
+        name: &str,
+        fetched: Result<Fetched, FetchError>,
+        clock: Clock,
+    ) -> bool {
         let mut state = self.state.lock().await;
         let issuer = self.cfg.issuer.as_str();
-        let name = source.describe();
-        let now = unix_now();
+        let now = clock.wall;
+        // L7: grace runs on the monotonic clock within a process. After a forward wall-clock
+        // step (an RTC-less board, then NTP), vanish times move with the clock, so that retained
+        // keys keep the grace that really remains instead of vanishing at this merge.
+        if let Some(step) = state.last_clock.map(|last| clock.forward_step_since(&last))
+            && step > 0
+        {
+            warn!(
+                issuer,
+                step_secs = step,
+                "the wall clock stepped forward; rotation grace keeps counting real time"
+            );
+            state.ledger.shift_vanished(step);
+            state.dirty = true;
+        }
+        state.last_clock = Some(clock);
         let mut candidate = None;
         let mut failure = None;
         let mut result = RefreshResult::ok;
@@ -225,6 +300,7 @@ impl IssuerPipeline {
             sets[i] = Some(keys.clone());
         }
         let views: Vec<Option<&[PublicJwk]>> = sets.iter().map(Option::as_deref).collect();
+        let mut merged = false;
         match merge(
             &views,
             &state.ledger,
@@ -233,6 +309,18 @@ impl IssuerPipeline {
             self.cfg.max_keys,
         ) {
             Ok(next) => {
+                merged = true;
+                // L8: see `replaced_material` for why the new material wins; once per change.
+                for kid in replaced_material(&state.ledger, &next) {
+                    error!(issuer, source = %name, kid,
+                        "kid {kid:?} now names different key material; publishing the new material, \
+                         tokens signed by the old one no longer verify (a kid names one key: A-11, D-9)");
+                }
+                let early = dropped_early(&state.ledger, &next, now, self.cfg.key_retention);
+                if !early.is_empty() {
+                    warn!(issuer, source = %name, kids = ?early, max_keys = self.cfg.max_keys,
+                        "retained keys dropped before their rotation grace ran out to stay within max_keys (M4)");
+                }
                 if let Some(keys) = candidate {
                     state.sets[i] = Some(keys);
                 }
@@ -243,7 +331,7 @@ impl IssuerPipeline {
                         info!(issuer, source = %name, kids = ?next.kids(), "published key set");
                     }
                     state.ledger = next;
-                    self.persist(&state.ledger).await;
+                    state.dirty = true;
                 }
             }
             Err(e) => {
@@ -270,8 +358,26 @@ impl IssuerPipeline {
             }
         }
         let healthy = status.healthy;
-        if healthy && result == RefreshResult::ok {
-            state.confirmed_at = Some(SystemTime::now());
+        // M3: an unchanged answer from a source whose last fetch was good confirms the set as
+        // much as a new body does (a healthy file source only ever answers "unchanged").
+        if healthy && merged && matches!(result, RefreshResult::ok | RefreshResult::unchanged) {
+            state.confirmed_at = Some(UNIX_EPOCH + Duration::from_secs(now));
+        }
+        let confirmed = state
+            .confirmed_at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        let confirmation_due = match (confirmed, state.persisted_confirmed_at) {
+            (Some(at), Some(on_disk)) => at.saturating_sub(on_disk) >= CONFIRMATION_WRITE_INTERVAL,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if (state.dirty || confirmation_due) && !state.ledger.is_empty() {
+            let written = self.persist(&state.ledger, confirmed).await;
+            state.dirty = !written;
+            if written {
+                state.persisted_confirmed_at = confirmed;
+            }
         }
         healthy
     }
@@ -338,17 +444,24 @@ impl IssuerPipeline {
         }
     }
 
-    async fn persist(&self, ledger: &Ledger) {
+    /// Writes the ledger; returns whether it is on disk. A failure is logged and counted, and
+    /// the caller retries on the next refresh (M2).
+    async fn persist(&self, ledger: &Ledger, confirmed_at: Option<u64>) -> bool {
         let file = self.state_file.clone();
         let ledger = ledger.clone();
-        let saved = tokio::task::spawn_blocking(move || file.save(&ledger)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(issuer = self.issuer(), error = %e, "could not persist the key set")
-            }
-            Err(e) => error!(issuer = self.issuer(), error = %e, "persist task failed"),
-        }
+        let saved =
+            tokio::task::spawn_blocking(move || file.save_state(&ledger, confirmed_at)).await;
+        let error = match saved {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("persist task failed: {e}"),
+        };
+        error!(issuer = self.issuer(), error = %error, "could not persist the key set; retrying on every refresh");
+        self.metrics
+            .state_write_errors
+            .get_or_create(&self.issuer_labels())
+            .inc();
+        false
     }
 }
 
@@ -387,9 +500,196 @@ pub async fn run_source<S: KeySource>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::jwks::persist::create_state_dir;
 
     const MINUTE: Duration = Duration::from_secs(60);
+    const ISSUER: &str = "https://oidc.example.com";
+    const K3S: &str = include_str!("../../tests/fixtures/jwks/k3s.json");
+    const ROTATED: &str = include_str!("../../tests/fixtures/jwks/rotated.json");
+
+    /// A one-source pipeline with its state under `dir/state`; `extra` goes in `[[issuers]]`.
+    fn pipeline(dir: &Path, extra: &str) -> IssuerPipeline {
+        std::fs::write(dir.join("jwks.json"), "{}").expect("write");
+        let text = format!(
+            "[[issuers]]\nissuer = \"{ISSUER}\"\n{extra}\n[[issuers.sources]]\nkind = \"file\"\n\
+             path = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+        );
+        let cfg = crate::config::Config::from_toml_str(&text, &dir.join("config.toml"))
+            .expect("config")
+            .issuers
+            .remove(0);
+        let state = dir.join("state");
+        create_state_dir(&state).expect("state dir");
+        IssuerPipeline::new(
+            0,
+            cfg,
+            Arc::new(DocumentStore::new(1)),
+            StateFile::new(&state, ISSUER),
+            Arc::new(Metrics::new()),
+            vec!["jwks.json".to_owned()],
+        )
+    }
+
+    fn body(set: &'static str) -> Result<Fetched, FetchError> {
+        Ok(Fetched::Body {
+            body: Bytes::from_static(set.as_bytes()),
+            upstream_issuer: None,
+        })
+    }
+
+    fn sorted_kids(set: &str) -> Vec<String> {
+        let mut kids: Vec<String> = validate(set.as_bytes())
+            .expect("fixture")
+            .keys
+            .into_iter()
+            .map(|k| k.kid)
+            .collect();
+        kids.sort();
+        kids
+    }
+
+    fn published(p: &IssuerPipeline) -> Vec<String> {
+        p.store.get(0).expect("published").kids.clone()
+    }
+
+    #[tokio::test]
+    async fn only_an_unchanged_answer_from_a_healthy_source_confirms() {
+        // M3: "unchanged" repeats the source's last result; after a refused body that result
+        // is a failure, and nothing is confirmed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        let at = |wall: u64| Clock {
+            wall,
+            mono: std::time::Instant::now(),
+        };
+        let confirmed = || async { p.status().await.confirmed_at };
+        assert!(p.apply(0, "s", body(K3S), at(1_000)).await);
+        assert_eq!(confirmed().await, Some(1_000));
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), at(1_060)).await);
+        assert_eq!(confirmed().await, Some(1_060));
+        assert!(!p.apply(0, "s", body("{}"), at(1_120)).await);
+        assert!(!p.apply(0, "s", Ok(Fetched::Unchanged), at(1_180)).await);
+        assert_eq!(confirmed().await, Some(1_060));
+        let on_disk = p.state_file.load_state().expect("load").expect("saved");
+        assert_eq!(on_disk.confirmed_at, Some(1_060), "written after 60 s");
+    }
+
+    #[tokio::test]
+    async fn a_forward_wall_clock_step_does_not_cut_rotation_grace() {
+        // L7: a board boots with an old clock, then NTP steps it a year forward.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "key_retention = \"1h\"");
+        let start = Clock {
+            wall: 1_700_000_000,
+            mono: std::time::Instant::now(),
+        };
+        let at = |wall: u64, mono: u64| Clock {
+            wall,
+            mono: start.mono + Duration::from_secs(mono),
+        };
+        assert!(p.apply(0, "s", body(K3S), start).await);
+        let w = start.wall;
+        assert!(p.apply(0, "s", body(ROTATED), at(w + 10, 10)).await);
+        let mut both = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
+        both.sort();
+        both.dedup();
+        assert_eq!(published(&p), both);
+        let year = 365 * 86_400;
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year, 20))
+                .await
+        );
+        assert_eq!(published(&p), both, "grace kept across the step");
+        // The grace runs out one hour after the key vanished, by the monotonic clock.
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3589, 3609))
+                .await
+        );
+        assert_eq!(published(&p), both);
+        assert!(
+            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3590, 3610))
+                .await
+        );
+        assert_eq!(published(&p), sorted_kids(ROTATED));
+    }
+
+    #[tokio::test]
+    async fn restore_clamps_vanish_times_in_the_future_to_now() {
+        // L7: a vanish time written while the clock was far ahead must not retain a key for
+        // years; at most `key_retention` from now.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        let k3s = validate(K3S.as_bytes()).expect("fixture").keys;
+        let rotated = validate(ROTATED.as_bytes()).expect("fixture").keys;
+        let future = unix_now() + 10 * 365 * 86_400;
+        let l0 = merge(&[Some(&k3s)], &Ledger::default(), future, MINUTE, 100).expect("ok");
+        let l1 = merge(&[Some(&rotated)], &l0, future, MINUTE, 100).expect("ok");
+        p.state_file.save(&l1).expect("save");
+        let before = unix_now();
+        p.restore().await;
+        let state = p.state.lock().await;
+        let vanished: Vec<u64> = state
+            .ledger
+            .keys
+            .values()
+            .filter_map(|e| e.vanished_at)
+            .collect();
+        assert_eq!(vanished.len(), 1, "{:?}", state.ledger);
+        assert!((before..=unix_now()).contains(&vanished[0]), "{vanished:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_persist_is_retried_on_later_refreshes_and_counted() {
+        // M2: the disk fails once; the ledger does not change again; the next refresh must
+        // still write it, or a restart during an outage serves a set without the new key.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        assert!(p.apply(0, "s", body(K3S), Clock::now()).await);
+        // rename(2) cannot replace a non-empty directory: stands in for ENOSPC or EIO.
+        let path = p.state_file.path().to_owned();
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("blocker");
+        std::fs::write(path.join("x"), b"x").expect("write");
+        assert!(p.apply(0, "s", body(ROTATED), Clock::now()).await);
+        let metrics = p.metrics.render();
+        assert!(
+            metrics.contains(&format!(
+                "oidc_edge_state_write_errors_total{{issuer=\"{ISSUER}\"}} 1\n"
+            )),
+            "{metrics}"
+        );
+        std::fs::remove_dir_all(&path).expect("unblock");
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
+        let on_disk = p.state_file.load().expect("load").expect("persisted");
+        let mut union = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
+        union.sort();
+        union.dedup();
+        assert_eq!(on_disk.kids(), union);
+        assert_eq!(on_disk, p.state.lock().await.ledger);
+        // Written once, not again on every refresh.
+        let written = std::fs::metadata(&path)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::fs::remove_file(&path).expect("rm");
+        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
+        assert!(
+            !path.exists(),
+            "rewritten although nothing changed (was {written:?})"
+        );
+        let metrics = p.metrics.render();
+        assert!(
+            metrics.contains(
+                "oidc_edge_state_write_errors_total{issuer=\"https://oidc.example.com\"} 1\n"
+            ),
+            "{metrics}"
+        );
+    }
 
     #[test]
     fn success_waits_the_interval_with_ten_percent_jitter() {

@@ -22,6 +22,14 @@ pub const MIN_RSA_BITS: usize = 2048;
 /// Larger moduli buy nothing and cost every relying party verification time.
 pub const MAX_RSA_BITS: usize = 8192;
 
+/// S5: the longest kid we publish. Kubernetes kids are 43 characters (K-5, base64url of a
+/// SHA-256); other IdPs use hex digests, base64 thumbprints or short words. A longer kid is a
+/// broken or hostile upstream, and would otherwise reach every log line and `/status`.
+pub const MAX_KID_BYTES: usize = 256;
+/// S5: `kty`, `use`, `crv` and `alg` are names from short fixed lists (the longest is
+/// "Ed25519"); anything longer is left out without being echoed.
+pub const MAX_NAME_BYTES: usize = 32;
+
 /// A JWK set that passed validation: keys sorted by kid, plus the keys that were left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
@@ -99,10 +107,7 @@ pub fn validate(body: &[u8]) -> Result<Validated, Rejected> {
                 .into_iter()
                 .find(|m| members.contains_key(*m))
         {
-            let kid = members
-                .get("kid")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
+            let kid = echoable_kid(members.get("kid"));
             return Err(Rejected::PrivateMember { index, kid, member });
         }
     }
@@ -120,7 +125,7 @@ pub fn validate(body: &[u8]) -> Result<Validated, Rejected> {
             },
             Err(reason) => dropped.push(Dropped {
                 index,
-                kid: raw.get("kid").and_then(Value::as_str).map(str::to_owned),
+                kid: echoable_kid(raw.get("kid")),
                 reason,
             }),
         }
@@ -143,12 +148,13 @@ fn public_key(raw: &Value) -> Result<PublicJwk, String> {
     if kid.is_empty() {
         return Err("has an empty \"kid\"".to_owned());
     }
-    let kty = string_member(members, "kty")?.ok_or("has no \"kty\"")?;
-    match string_member(members, "use")? {
+    check_bounds("kid", kid, MAX_KID_BYTES)?;
+    let kty = name_member(members, "kty")?.ok_or("has no \"kty\"")?;
+    match name_member(members, "use")? {
         None | Some("sig") => {}
         Some(other) => return Err(format!("\"use\" is {other:?}, not \"sig\" (A-11)")),
     }
-    let alg = string_member(members, "alg")?;
+    let alg = name_member(members, "alg")?;
     let mut jwk = PublicJwk {
         kty: kty.to_owned(),
         use_: "sig".to_owned(),
@@ -170,7 +176,7 @@ fn public_key(raw: &Value) -> Result<PublicJwk, String> {
             &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
         }
         "EC" => {
-            let crv = string_member(members, "crv")?.ok_or("EC key has no \"crv\"")?;
+            let crv = name_member(members, "crv")?.ok_or("EC key has no \"crv\"")?;
             let (len, alg) = match crv {
                 "P-256" => (32, "ES256"),
                 "P-384" => (48, "ES384"),
@@ -195,7 +201,7 @@ fn public_key(raw: &Value) -> Result<PublicJwk, String> {
             return check_alg(jwk, &[alg]);
         }
         "OKP" => {
-            let crv = string_member(members, "crv")?.ok_or("OKP key has no \"crv\"")?;
+            let crv = name_member(members, "crv")?.ok_or("OKP key has no \"crv\"")?;
             if crv != "Ed25519" {
                 return Err(format!(
                     "OKP curve {crv:?} is not a signing curve we publish"
@@ -285,6 +291,39 @@ fn string_member<'a>(
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(format!("\"{name}\" is not a string")),
     }
+}
+
+/// S5: a string member we publish or echo must be short printable ASCII. The reason names the
+/// member and its length, never its text.
+fn check_bounds(name: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.len() > max {
+        return Err(format!(
+            "\"{name}\" is {} bytes long, more than {max}",
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(format!(
+            "\"{name}\" has a character outside printable ASCII"
+        ));
+    }
+    Ok(())
+}
+
+/// `kty`, `use`, `crv` or `alg`: a string within [`MAX_NAME_BYTES`].
+fn name_member<'a>(members: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, String> {
+    let text = string_member(members, name)?;
+    if let Some(text) = text {
+        check_bounds(name, text, MAX_NAME_BYTES)?;
+    }
+    Ok(text)
+}
+
+/// The kid of a refused or dropped key, for the message, only when it is safe to echo (S5).
+fn echoable_kid(kid: Option<&Value>) -> Option<String> {
+    kid.and_then(Value::as_str)
+        .filter(|kid| check_bounds("kid", kid, MAX_KID_BYTES).is_ok())
+        .map(str::to_owned)
 }
 
 /// A required base64url member: its text as published and its decoded bytes.

@@ -14,6 +14,7 @@ mod http; // the public router without sockets: routing, headers, conditional re
 mod pebble; // harness: Pebble and challtestsrv on loopback
 mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod serve; // the real binary: demo, file refresh, refused sets, persistence across SIGKILL
+mod state; // the state file across restarts: confirmations, reused kids
 mod support; // harness: scratch dirs, the binary on 127.0.0.1:0, an HTTP client
 mod systemd; // unit files under systemd-analyze, sd_notify, socket activation
 mod tls; // HTTPS with certificate files, listener limits, redirects

@@ -265,6 +265,88 @@ fn malformed_keys_are_dropped_with_a_reason() {
     }
 }
 
+/// A key with `member` replaced by `value`, validated next to a good key: the reason it was
+/// left out, as the refresher logs it.
+fn logged_reason(member: &str, value: Value) -> String {
+    let mut key = k3s_key(0);
+    key[member] = value;
+    let v = validate(&set_of(vec![key, k3s_key(1)])).expect("the good key stays");
+    assert_eq!(v.keys.len(), 1, "{v:?}");
+    assert_eq!(v.dropped.len(), 1, "{v:?}");
+    v.dropped[0].to_string()
+}
+
+#[test]
+fn out_of_bounds_strings_drop_the_key_without_echoing_it() {
+    // S5: a compromised upstream may send megabyte strings; the warning names the member and
+    // its length, never the string.
+    let huge = "A".repeat(1024 * 1024);
+    assert_eq!(
+        logged_reason("kid", json!(huge)),
+        "key 0: \"kid\" is 1048576 bytes long, more than 256"
+    );
+    let kid = k3s_key(0)["kid"].as_str().expect("kid").to_owned();
+    for member in ["kty", "use", "alg"] {
+        assert_eq!(
+            logged_reason(member, json!(huge)),
+            format!("key 0 (kid {kid:?}): \"{member}\" is 1048576 bytes long, more than 32")
+        );
+    }
+    let mut ec = k3s_key(1);
+    ec["crv"] = json!(huge);
+    let v = validate(&set_of(vec![ec, k3s_key(0)])).expect("the good key stays");
+    let ec_kid = k3s_key(1)["kid"].as_str().expect("kid").to_owned();
+    assert_eq!(
+        v.dropped[0].to_string(),
+        format!("key 0 (kid {ec_kid:?}): \"crv\" is 1048576 bytes long, more than 32")
+    );
+    // Control characters and non-ASCII would garble log lines and /status.
+    assert_eq!(
+        logged_reason("kid", json!("a\nb")),
+        "key 0: \"kid\" has a character outside printable ASCII"
+    );
+    assert_eq!(
+        logged_reason("kid", json!("clé")),
+        "key 0: \"kid\" has a character outside printable ASCII"
+    );
+    assert_eq!(
+        logged_reason("alg", json!("RS\u{0}256")),
+        format!("key 0 (kid {kid:?}): \"alg\" has a character outside printable ASCII")
+    );
+}
+
+#[test]
+fn kids_up_to_256_printable_characters_are_published() {
+    // K-5: Kubernetes kids are 43 characters of base64url; other IdPs use hex, base64 or
+    // words, all far below the bound.
+    assert_eq!(k3s_key(0)["kid"].as_str().expect("kid").len(), 43);
+    for kid in ["A".repeat(256), " !~ printable ASCII ~! ".to_owned()] {
+        let mut key = k3s_key(0);
+        key["kid"] = json!(kid);
+        let v = validate(&set_of(vec![key])).expect("valid");
+        assert_eq!(v.keys[0].kid, kid);
+    }
+    assert_eq!(
+        logged_reason("kid", json!("A".repeat(257))),
+        "key 0: \"kid\" is 257 bytes long, more than 256"
+    );
+}
+
+#[test]
+fn a_private_member_next_to_a_huge_kid_is_reported_without_the_kid() {
+    let mut key = k3s_key(0);
+    key["kid"] = json!("A".repeat(1024 * 1024));
+    key["d"] = json!("AQAB");
+    let err = validate(&set_of(vec![key]))
+        .expect_err("private")
+        .to_string();
+    assert_eq!(
+        err,
+        "PRIVATE KEY MATERIAL: key 0 carries the private member \"d\"; the whole set is refused \
+         and nothing from it is published (D-5)"
+    );
+}
+
 #[test]
 fn use_sig_is_added_and_unknown_members_are_stripped() {
     let mut key = k3s_key(0);

@@ -1,0 +1,173 @@
+//! The persisted state across restarts and what readiness makes of it: confirmations (M3),
+//! reused kids (L8).
+
+use std::time::{Duration, SystemTime};
+
+use oidc_edge::jwks::persist::StateFile;
+
+use crate::support::{K3S, ROTATED, Scratch, Server, eventually, get, kids};
+
+const ISSUER: &str = "https://oidc.example.com";
+
+/// `scratch.config(interval)` with `[admin] max_staleness`.
+fn config_with_staleness(
+    scratch: &Scratch,
+    interval: &str,
+    max_staleness: &str,
+) -> std::path::PathBuf {
+    let config = scratch.config(interval);
+    let text = std::fs::read_to_string(&config).expect("read");
+    scratch.write(
+        "config.toml",
+        &format!("{text}[admin]\nlisten = \"127.0.0.1:0\"\nmax_staleness = \"{max_staleness}\"\n"),
+    )
+}
+
+async fn status(server: &Server) -> serde_json::Value {
+    let (code, body) = get(&server.admin_url("/status")).await;
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+#[tokio::test]
+async fn a_healthy_file_source_keeps_the_issuer_ready_past_max_staleness() {
+    // M3: an unchanged file is the source confirming the published set.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let server = Server::start(&config_with_staleness(&scratch, "50ms", "2s"));
+    let readyz = server.admin_url("/readyz");
+    eventually("ready", || async { get(&readyz).await.0 == 200 }).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(get(&readyz).await, (200, "ready\n".to_owned()));
+    let confirmed = status(&server).await["issuers"][0]["confirmed_at"]
+        .as_u64()
+        .expect("confirmed_at");
+    let now = oidc_edge::jwks::unix_now();
+    assert!(now - confirmed <= 1, "confirmed {} s ago", now - confirmed);
+}
+
+#[tokio::test]
+async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
+    // M3: the state file carries its confirmation time; its mtime is the last write, and a
+    // restored backup may have any mtime at all.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = config_with_staleness(&scratch, "50ms", "1h");
+    let server = Server::start(&config);
+    let file = StateFile::new(&scratch.path("state"), ISSUER);
+    eventually("the state file", || async { file.path().exists() }).await;
+    server.kill();
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(file.path())
+        .expect("open state")
+        .set_modified(two_days_ago)
+        .expect("set mtime");
+    scratch.replace("jwks.json", "garbage");
+
+    let mut restarted = Server::start(&config);
+    restarted.wait_for_log("serving the persisted key set");
+    assert_eq!(
+        get(&restarted.admin_url("/readyz")).await,
+        (200, "ready\n".to_owned())
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file.path()).expect("read state")).expect("json");
+    let persisted = doc["confirmed_at"]
+        .as_u64()
+        .expect("confirmed_at in the state file");
+    let now = oidc_edge::jwks::unix_now();
+    assert!(now - persisted < 60, "persisted {} s ago", now - persisted);
+    assert_eq!(
+        status(&restarted).await["issuers"][0]["confirmed_at"].as_u64(),
+        Some(persisted)
+    );
+}
+
+#[tokio::test]
+async fn a_state_file_of_format_1_loads_as_never_confirmed() {
+    // M3: a file written before confirmations were persisted says nothing about them: the
+    // issuer serves its keys but is not confirmed, whatever the mtime.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = config_with_staleness(&scratch, "50ms", "1h");
+    let server = Server::start(&config);
+    let file = StateFile::new(&scratch.path("state"), ISSUER);
+    eventually("the state file", || async { file.path().exists() }).await;
+    server.kill();
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file.path()).expect("read")).expect("json");
+    let map = doc.as_object_mut().expect("object");
+    map.remove("confirmed_at");
+    map.insert("format".into(), 1.into());
+    for entry in map["keys"].as_array_mut().expect("keys") {
+        entry.as_object_mut().expect("entry").remove("sources");
+    }
+    std::fs::write(file.path(), serde_json::to_vec(&doc).expect("json")).expect("write");
+    scratch.replace("jwks.json", "garbage");
+
+    let mut restarted = Server::start(&config);
+    restarted.wait_for_log("serving the persisted key set");
+    let (code, body) = get(&restarted.url("/openid/v1/jwks")).await;
+    assert_eq!((code, kids(&body).len()), (200, 2));
+    assert_eq!(
+        get(&restarted.admin_url("/readyz")).await,
+        (
+            503,
+            format!("not ready: {ISSUER}: key set never confirmed by a source\n")
+        )
+    );
+    assert!(status(&restarted).await["issuers"][0]["confirmed_at"].is_null());
+}
+
+#[tokio::test]
+async fn a_kid_that_comes_back_with_other_key_material_is_a_loud_error() {
+    // L8: the new material is published (relying parties look keys up by kid, A-11, and a set
+    // must not name two keys with one kid, D-9), and the operator hears about it.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut server = Server::start(&scratch.config("50ms"));
+    let url = server.url("/openid/v1/jwks");
+    eventually("first keys", || async { get(&url).await.0 == 200 }).await;
+    // The RSA key of the rotated set under the kid of the first set's RSA key.
+    let k3s: serde_json::Value = serde_json::from_str(K3S).expect("json");
+    let rotated: serde_json::Value = serde_json::from_str(ROTATED).expect("json");
+    let old_rsa = k3s["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kty"] == "RSA")
+        .expect("rsa")
+        .clone();
+    let mut new_rsa = rotated["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kty"] == "RSA" && k["n"] != old_rsa["n"])
+        .expect("other rsa")
+        .clone();
+    new_rsa["kid"] = old_rsa["kid"].clone();
+    let kid = old_rsa["kid"].as_str().expect("kid").to_owned();
+    scratch.replace(
+        "jwks.json",
+        &serde_json::json!({ "keys": [new_rsa] }).to_string(),
+    );
+    let line = server.wait_for_log("now names different key material");
+    assert!(line.contains("ERROR") && line.contains(&kid), "{line}");
+    eventually("the new material", || async {
+        let (_, body) = get(&url).await;
+        let set: serde_json::Value = serde_json::from_str(&body).expect("json");
+        set["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .any(|k| k["kid"] == kid.as_str() && k["n"] == new_rsa["n"])
+    })
+    .await;
+    assert_eq!(
+        server.count_log("now names different key material"),
+        1,
+        "logged once"
+    );
+}

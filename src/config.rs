@@ -328,6 +328,10 @@ pub struct Limits {
     /// A connection on which no request has started for this long is closed gracefully
     /// (HTTP/2 has no idle limit of its own).
     pub idle_timeout: Duration,
+    /// A response that makes no progress for this long (the client stopped reading, or holds
+    /// an HTTP/2 window at zero) ends its connection, as nginx's `send_timeout`; also how long
+    /// a connection closing gracefully may take before it is dropped.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -339,6 +343,7 @@ impl Default for Limits {
             h2_max_concurrent_streams: 64,
             max_header_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -475,6 +480,7 @@ struct RawLimits {
     h2_max_concurrent_streams: Option<u32>,
     max_header_bytes: Option<usize>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1171,6 +1177,12 @@ impl Validator<'_> {
                 raw.idle_timeout,
                 defaults.idle_timeout,
                 IDLE_TIMEOUT_BOUNDS,
+            )?,
+            send_timeout: self.bounded_duration(
+                "limits.send_timeout",
+                raw.send_timeout,
+                defaults.send_timeout,
+                CLIENT_TIMEOUT_BOUNDS,
             )?,
         })
     }

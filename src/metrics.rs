@@ -69,6 +69,14 @@ pub struct Metrics {
     pub acme_events: Family<AcmeEventLabels, Counter>,
     /// M2: failed writes of an issuer's state file; each is retried on every refresh.
     pub state_write_errors: Family<IssuerLabels, Counter>,
+    pub connections_closed: Family<ConnectionCloseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionCloseLabels {
+    pub listener: &'static str,
+    /// Which limit closed it: see [`crate::listener::Closed`].
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +144,12 @@ impl Metrics {
             "Failed writes of the persisted key set, retried on every refresh until one succeeds",
             state_write_errors.clone(),
         );
+        let connections_closed = Family::<ConnectionCloseLabels, Counter>::default();
+        registry.register(
+            "connections_closed_by_limit",
+            "Connections the server closed because a limit or deadline ran out, by listener and reason",
+            connections_closed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -146,6 +160,7 @@ impl Metrics {
             cert_not_after,
             acme_events,
             state_write_errors,
+            connections_closed,
         }
     }
 

@@ -111,7 +111,8 @@ fn typed_value(key: &'static str) -> BoxedStrategy<toml::Value> {
                 | "max_staleness"
                 | "handshake_timeout"
                 | "header_read_timeout"
-                | "idle_timeout" => &["1s", "10m", "0s", "2h"],
+                | "idle_timeout"
+                | "send_timeout" => &["1s", "10m", "0s", "2h"],
                 _ => &[],
             };
             if usual.is_empty() {
@@ -178,6 +179,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "h2_max_concurrent_streams",
             "max_header_bytes",
             "idle_timeout",
+            "send_timeout",
         ],
     ),
     ("admin", &["listen", "allow_remote", "max_staleness"]),

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -17,13 +16,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, TlsSource};
+use crate::config::{Config, Limits, TlsSource};
 use crate::http::{self, Site};
 use crate::jwks::persist::{StateFile, create_state_dir};
 use crate::jwks::refresh::{IssuerPipeline, run_source};
 use crate::jwks::source::{AnySource, KeySource as _};
 use crate::jwks::store::DocumentStore;
-use crate::listener::{self, TlsTransport, Transport};
+use crate::listener::{self, CloseCounters, TlsTransport, Transport};
 use crate::metrics::Metrics;
 use crate::systemd::{self, Activated};
 use crate::tls::{self, acme, acme::Acme, cache::AcmeCache, files::FileCerts};
@@ -215,11 +214,11 @@ impl Server {
                 .layer(axum::middleware::map_response(hsts_layer(https.hsts)));
             info!(listener = "https", addr = %listener.local_addr()?, "listening");
             tracker.spawn(listener::serve(
-                "https",
                 listener,
                 router,
                 transport,
                 limits,
+                CloseCounters::new("https", &self.metrics),
                 cancel.clone(),
                 SHUTDOWN_GRACE,
             ));
@@ -244,11 +243,11 @@ impl Server {
             }
             info!(listener = "http", addr = %listener.local_addr()?, "listening");
             tracker.spawn(listener::serve(
-                "http",
                 listener,
                 router,
                 Transport::Plain,
                 limits,
+                CloseCounters::new("http", &self.metrics),
                 cancel.clone(),
                 SHUTDOWN_GRACE,
             ));
@@ -265,12 +264,21 @@ impl Server {
             metrics: Arc::clone(&self.metrics),
             max_staleness: self.config.admin.max_staleness,
         });
-        tracker.spawn(serve(
-            "admin",
+        // L2: the admin listener gets the public listeners' deadlines and its own small cap:
+        // a probe or a scrape needs a connection or two, and a container may expose it.
+        info!(listener = "admin", addr = %self.admin.local_addr()?, "listening");
+        tracker.spawn(listener::serve(
             self.admin,
             admin::router(admin),
+            Transport::Plain,
+            Limits {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..limits
+            },
+            CloseCounters::new("admin", &self.metrics),
             cancel.clone(),
-        )?);
+            SHUTDOWN_GRACE,
+        ));
 
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
@@ -354,25 +362,8 @@ fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     bind().with_context(|| format!("cannot listen on {addr} ({key})"))
 }
 
-/// One listener's serve loop, stopping gracefully on `cancel`.
-fn serve(
-    name: &'static str,
-    listener: TcpListener,
-    router: Router,
-    cancel: CancellationToken,
-) -> anyhow::Result<impl Future<Output = ()>> {
-    let addr = listener.local_addr()?;
-    info!(listener = name, %addr, "listening");
-    Ok(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            warn!(listener = name, error = %e, "listener stopped");
-        }
-    }
-    .instrument(info_span!("listener", name)))
-}
+/// Open connections the admin listener holds: probes and scrapes, a few at a time.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// How often certificate files are checked for changes.
 const CERT_FILE_POLL: Duration = Duration::from_secs(2);

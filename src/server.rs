@@ -106,10 +106,9 @@ impl Server {
                     }
                     TlsSource::Acme(settings) => {
                         let cache =
-                            AcmeCache::new(settings.cache_dir.clone(), Arc::clone(&metrics))
-                                .with_context(|| {
-                                    format!("ACME cache {}", settings.cache_dir.display())
-                                })?;
+                            AcmeCache::new(settings.cache_dir.clone()).with_context(|| {
+                                format!("ACME cache {}", settings.cache_dir.display())
+                            })?;
                         Tls::Acme(acme::start(settings, cache, Arc::clone(&metrics))?)
                     }
                 };

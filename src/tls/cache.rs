@@ -6,30 +6,39 @@
 use std::fmt::Write as _;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_lc_rs::digest;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rustls_acme::{AccountCache, CertCache};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
 
 use crate::jwks::persist::{create_state_dir, write_atomic};
-use crate::metrics::Metrics;
 
-#[derive(Debug)]
+/// Cheap to clone: every `AcmeState` the driver builds gets a clone (M1), and they share
+/// what the driver reads back.
+#[derive(Debug, Clone)]
 pub struct AcmeCache {
     dir: PathBuf,
-    metrics: Arc<Metrics>,
+    /// The certificate last loaded or stored (the private key, then the chain): the driver
+    /// serves it through its stable resolver (M1).
+    latest_cert: Arc<Mutex<Option<Arc<Vec<u8>>>>>,
 }
 
 impl AcmeCache {
     /// Creates `dir` 0700 when missing.
-    pub fn new(dir: PathBuf, metrics: Arc<Metrics>) -> io::Result<Self> {
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
         create_state_dir(&dir).map_err(io::Error::other)?;
-        Ok(Self { dir, metrics })
+        Ok(Self {
+            dir,
+            latest_cert: Arc::default(),
+        })
+    }
+
+    /// The certificate last loaded from or stored to the cache.
+    pub fn latest_cert(&self) -> Option<Arc<Vec<u8>>> {
+        self.latest_cert.lock().expect("cache lock").clone()
     }
 
     /// Names depend on the directory URL, so staging and production never mix.
@@ -64,14 +73,8 @@ impl AcmeCache {
             .map_err(io::Error::other)?
     }
 
-    /// Records the expiry of the certificate in `pem` (leaf first) for `/metrics`.
     fn observe(&self, pem: &[u8]) {
-        let leaf = CertificateDer::pem_slice_iter(pem)
-            .next()
-            .and_then(Result::ok);
-        if let Some(not_after) = leaf.as_ref().and_then(super::not_after) {
-            self.metrics.set_cert_not_after("https", not_after);
-        }
+        *self.latest_cert.lock().expect("cache lock") = Some(Arc::new(pem.to_owned()));
     }
 }
 
@@ -99,10 +102,11 @@ impl CertCache for AcmeCache {
         directory_url: &str,
         cert: &[u8],
     ) -> Result<(), io::Error> {
-        self.write(Self::file_name("cert-", domains, directory_url), cert)
-            .await?;
+        // rustls-acme deployed it before storing it: it is served whether or not this write
+        // succeeds.
         self.observe(cert);
-        Ok(())
+        self.write(Self::file_name("cert-", domains, directory_url), cert)
+            .await
     }
 }
 
@@ -140,7 +144,7 @@ mod tests {
     async fn files_are_0600_in_a_0700_directory_and_round_trip() {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = state.path().join("acme");
-        let cache = AcmeCache::new(dir.clone(), Arc::new(Metrics::new())).expect("cache");
+        let cache = AcmeCache::new(dir.clone()).expect("cache");
         let mode =
             |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);

@@ -174,6 +174,7 @@ impl Server {
         };
         let mut file_certs = None;
         let mut http01 = None;
+        let mut https_cert: Option<Arc<dyn tls::CertState>> = None;
         if let Some((listener, tls)) = self.https {
             let https = self
                 .config
@@ -184,9 +185,11 @@ impl Server {
                 match tls {
                     Tls::Files(certs) => {
                         file_certs = Some(Arc::clone(&certs));
+                        https_cert = Some(Arc::clone(&certs) as _);
                         (certs, None)
                     }
                     Tls::Acme(acme) => {
+                        https_cert = Some(Arc::clone(&acme.resolver) as _);
                         if acme.challenge_config.is_none() {
                             http01 = Some(Arc::clone(&acme.resolver));
                         }
@@ -263,6 +266,7 @@ impl Server {
             pipelines: self.pipelines.clone(),
             metrics: Arc::clone(&self.metrics),
             max_staleness: self.config.admin.max_staleness,
+            https: https_cert,
         });
         tracker.spawn(serve(
             "admin",

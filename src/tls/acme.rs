@@ -74,6 +74,8 @@ struct Served {
 pub struct AcmeResolver {
     state: ArcSwap<ResolvesServerCertAcme>,
     served: ArcSwapOption<Served>,
+    /// Why the last attempt failed, until a new certificate is deployed (L4: `/readyz`).
+    last_error: ArcSwapOption<String>,
 }
 
 impl AcmeResolver {
@@ -81,6 +83,7 @@ impl AcmeResolver {
         Self {
             state: ArcSwap::new(state),
             served: ArcSwapOption::empty(),
+            last_error: ArcSwapOption::empty(),
         }
     }
 
@@ -118,6 +121,16 @@ impl AcmeResolver {
         let not_after = served.not_after;
         self.served.store(Some(Arc::new(served)));
         Ok(Some(not_after))
+    }
+}
+
+impl super::CertState for AcmeResolver {
+    fn not_after(&self) -> Option<SystemTime> {
+        AcmeResolver::not_after(self)
+    }
+
+    fn last_acme_error(&self) -> Option<String> {
+        self.last_error.load().as_deref().cloned()
     }
 }
 
@@ -277,6 +290,7 @@ impl Driver {
                         EventOk::DeployedCachedCert => "deployed_cached_cert",
                         EventOk::DeployedNewCert => {
                             *failures = 0;
+                            self.resolver.last_error.store(None);
                             "deployed_new_cert"
                         }
                         EventOk::CertCacheStore => "cert_cache_store",
@@ -287,6 +301,9 @@ impl Driver {
                 }
                 Ok(Some(Err(e))) => {
                     self.metrics.count_acme_event("error");
+                    self.resolver
+                        .last_error
+                        .store(Some(Arc::new(e.to_string())));
                     match e {
                         // The state goes on: the certificate is deployed (or, for a cached
                         // one that does not parse, a new order follows).
@@ -308,6 +325,10 @@ impl Driver {
                 Ok(None) => return,
                 Err(_) => {
                     self.metrics.count_acme_event("timeout");
+                    self.resolver.last_error.store(Some(Arc::new(format!(
+                        "no answer within {}, https.acme.step_timeout",
+                        humantime::format_duration(self.step_timeout)
+                    ))));
                     warn!(
                         step_timeout = ?self.step_timeout, domains = %self.domains,
                         retry_in = ?backoff(*failures),

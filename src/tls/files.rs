@@ -93,3 +93,9 @@ impl ResolvesServerCert for FileCerts {
         Some(self.current.load_full())
     }
 }
+
+impl super::CertState for FileCerts {
+    fn not_after(&self) -> Option<SystemTime> {
+        self.current().cert.first().and_then(super::not_after)
+    }
+}

@@ -426,6 +426,23 @@ async fn a_directory_that_never_answers_times_out_is_counted_and_tried_again() {
         ),
         0.0
     );
+    // L4: not ready, and why.
+    let (code, body) = get(&server.admin_url("/readyz")).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            503,
+            "not ready: https: no certificate yet (last ACME attempt: no answer within 2s, https.acme.step_timeout)\n"
+        )
+    );
+    let (_, status) = get(&server.admin_url("/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["https"]["not_after"], serde_json::Value::Null);
+    assert_eq!(
+        status["https"]["last_acme_error"],
+        "no answer within 2s, https.acme.step_timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,5 +538,15 @@ async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
             "oidc_edge_acme_events_total",
             &[("event", "timeout")]
         ) >= 2.0
+    );
+    // L4: served, but it expires within 7 days and renewal is stuck: not ready, and why.
+    let (code, body) = get(&server.admin_url("/readyz")).await;
+    assert_eq!(code, 503);
+    assert!(
+        body.starts_with("not ready: https: certificate expires on ")
+            && body.ends_with(
+                ", in less than 7 days (last ACME attempt: no answer within 2s, https.acme.step_timeout)\n"
+            ),
+        "{body}"
     );
 }

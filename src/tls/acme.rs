@@ -265,8 +265,10 @@ struct Driver {
 impl Driver {
     async fn run(self, mut state: AcmeState<io::Error>) {
         let mut failures = 0u32;
+        let mut write_failures = 0u32;
         loop {
-            self.until_failure(&mut state, &mut failures).await;
+            self.until_failure(&mut state, &mut failures, &mut write_failures)
+                .await;
             let delay = backoff(failures);
             failures = failures.saturating_add(1);
             tokio::time::sleep(delay).await;
@@ -278,11 +280,26 @@ impl Driver {
     }
 
     /// Polls `state` until a step fails in a way that needs a new state.
-    async fn until_failure(&self, state: &mut AcmeState<io::Error>, failures: &mut u32) {
+    async fn until_failure(
+        &self,
+        state: &mut AcmeState<io::Error>,
+        failures: &mut u32,
+        write_failures: &mut u32,
+    ) {
         loop {
             // A step may include rustls-acme's sleep until renewal: allow that, plus the bound.
             let limit = self.step_timeout + self.resolver.until_renewal(SystemTime::now());
-            let step = tokio::time::timeout(limit, state.next()).await;
+            let deadline = tokio::time::Instant::now() + limit;
+            // S6: failed cache writes are retried while the state sleeps or orders. Dropping
+            // `next()` loses nothing: an AcmeState keeps its progress in itself.
+            let step = loop {
+                tokio::select! {
+                    step = tokio::time::timeout_at(deadline, state.next()) => break step,
+                    () = tokio::time::sleep(backoff(*write_failures)), if self.cache.has_pending() => {
+                        self.retry_cache_writes(write_failures).await;
+                    }
+                }
+            };
             self.adopt_cached_cert();
             match step {
                 Ok(Some(Ok(ok))) => {
@@ -307,10 +324,28 @@ impl Driver {
                     match e {
                         // The state goes on: the certificate is deployed (or, for a cached
                         // one that does not parse, a new order follows).
-                        EventError::CertCacheStore(_)
-                        | EventError::AccountCacheStore(_)
-                        | EventError::CachedCertParse(_) => {
-                            warn!(error = %e, domains = %self.domains, "acme cache problem");
+                        // S6: not "retrying with backoff" (rustls-acme never retries a
+                        // store); the driver retries the write itself.
+                        EventError::CertCacheStore(_) => {
+                            *write_failures = 0;
+                            warn!(
+                                error = %e, domains = %self.domains, retry_in = ?backoff(0),
+                                "acme certificate deployed but not cached; the write is retried \
+                                 (a restart before it succeeds orders a new certificate)"
+                            );
+                        }
+                        EventError::AccountCacheStore(_) => {
+                            *write_failures = 0;
+                            warn!(
+                                error = %e, domains = %self.domains, retry_in = ?backoff(0),
+                                "acme account key not cached; the write is retried"
+                            );
+                        }
+                        EventError::CachedCertParse(_) => {
+                            warn!(
+                                error = %e, domains = %self.domains,
+                                "acme cached certificate unusable; ordering a new one"
+                            );
                         }
                         _ => {
                             warn!(
@@ -336,6 +371,28 @@ impl Driver {
                     );
                     return;
                 }
+            }
+        }
+    }
+
+    async fn retry_cache_writes(&self, write_failures: &mut u32) {
+        match self.cache.retry_pending().await {
+            Ok(stored) => {
+                *write_failures = 0;
+                for kind in stored {
+                    self.metrics.count_acme_event(match kind {
+                        "certificate" => "cert_cache_store",
+                        _ => "account_cache_store",
+                    });
+                    info!(kind, domains = %self.domains, "acme certificate cache write retried: stored");
+                }
+            }
+            Err(e) => {
+                *write_failures = write_failures.saturating_add(1);
+                warn!(
+                    error = %e, domains = %self.domains, retry_in = ?backoff(*write_failures),
+                    "acme cache write failed again"
+                );
             }
         }
     }

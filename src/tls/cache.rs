@@ -3,6 +3,7 @@
 //! gotcha 6), the directory is 0700 and every file is written 0600, atomically, so a crash
 //! mid-write never leaves a file that breaks the next start.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ pub struct AcmeCache {
     /// The certificate last loaded or stored (the private key, then the chain): the driver
     /// serves it through its stable resolver (M1).
     latest_cert: Arc<Mutex<Option<Arc<Vec<u8>>>>>,
+    /// Writes that failed, by file name, until a retry succeeds (S6). Loads see them first,
+    /// so a rebuilt `AcmeState` finds the certificate it would have found on disk.
+    pending: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
 }
 
 impl AcmeCache {
@@ -33,6 +37,7 @@ impl AcmeCache {
         Ok(Self {
             dir,
             latest_cert: Arc::default(),
+            pending: Arc::default(),
         })
     }
 
@@ -54,7 +59,42 @@ impl AcmeCache {
         name
     }
 
+    /// Whether a failed write awaits [`AcmeCache::retry_pending`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.lock().expect("cache lock").is_empty()
+    }
+
+    /// Tries every failed write again (S6). Returns the kinds stored now (`certificate`,
+    /// `account`), or the first error.
+    pub async fn retry_pending(&self) -> io::Result<Vec<&'static str>> {
+        let pending: Vec<(String, Vec<u8>)> = self
+            .pending
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .map(|(name, bytes)| (name.clone(), bytes.clone()))
+            .collect();
+        let mut stored = Vec::new();
+        for (name, bytes) in pending {
+            self.write(name.clone(), &bytes).await?;
+            let mut pending = self.pending.lock().expect("cache lock");
+            // Unless a newer write of the same file failed meanwhile.
+            if pending.get(&name) == Some(&bytes) {
+                pending.remove(&name);
+            }
+            stored.push(if name.starts_with("cert-") {
+                "certificate"
+            } else {
+                "account"
+            });
+        }
+        Ok(stored)
+    }
+
     async fn read(&self, name: String) -> io::Result<Option<Vec<u8>>> {
+        if let Some(bytes) = self.pending.lock().expect("cache lock").get(&name) {
+            return Ok(Some(bytes.clone()));
+        }
         let path = self.dir.join(name);
         tokio::task::spawn_blocking(move || match std::fs::read(&path) {
             Ok(bytes) => Ok(Some(bytes)),
@@ -66,11 +106,17 @@ impl AcmeCache {
     }
 
     async fn write(&self, name: String, bytes: &[u8]) -> io::Result<()> {
-        let path = self.dir.join(name);
-        let bytes = bytes.to_owned();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        let path = self.dir.join(&name);
+        let owned = bytes.to_owned();
+        let written = tokio::task::spawn_blocking(move || write_atomic(&path, &owned))
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?;
+        let mut pending = self.pending.lock().expect("cache lock");
+        match &written {
+            Ok(()) => pending.remove(&name),
+            Err(_) => pending.insert(name, bytes.to_owned()),
+        };
+        written
     }
 
     fn observe(&self, pem: &[u8]) {
@@ -186,5 +232,35 @@ mod tests {
             let path = entry.expect("entry").path();
             assert_eq!(mode(&path), 0o600, "{}", path.display());
         }
+    }
+
+    /// S6: a failed write stays pending, loads see it, and a retry stores it.
+    #[tokio::test]
+    async fn a_failed_write_is_seen_by_loads_and_stored_by_a_retry() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = state.path().join("acme");
+        let cache = AcmeCache::new(dir.clone()).expect("cache");
+        let domains = vec!["oidc.example.com".to_owned()];
+        let url = "https://acme.example/dir";
+        let name = AcmeCache::file_name("cert-", &domains, url);
+        // write_atomic's temporary file cannot be created where a directory is.
+        let blocker = dir.join(format!(".{name}.tmp"));
+        std::fs::create_dir_all(blocker.join("x")).expect("blocker");
+        assert!(cache.store_cert(&domains, url, b"pem").await.is_err());
+        assert!(cache.has_pending());
+        assert_eq!(
+            cache
+                .load_cert(&domains, url)
+                .await
+                .expect("load")
+                .as_deref(),
+            Some(&b"pem"[..])
+        );
+        assert!(cache.retry_pending().await.is_err());
+        assert!(cache.has_pending());
+        std::fs::remove_dir_all(&blocker).expect("unblock");
+        assert_eq!(cache.retry_pending().await.expect("retry"), ["certificate"]);
+        assert!(!cache.has_pending());
+        assert_eq!(std::fs::read(dir.join(&name)).expect("stored"), b"pem");
     }
 }

@@ -550,3 +550,63 @@ async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
         "{body}"
     );
 }
+
+/// S6: a certificate that could not be written to the cache is still served, the failure is
+/// logged as what it is, and the write is retried: otherwise every restart orders a new
+/// certificate (Let's Encrypt allows 5 duplicates a week).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_certificate_cache_write_is_retried() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    let Some(pebble) = Pebble::start(https_port, http_port, 3600).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    // A directory where write_atomic's temporary file goes (`.<name>.tmp`, jwks/persist.rs):
+    // creating it fails with EISDIR, while loading the (absent) certificate still works.
+    let name = cached_cert_name(&[DOMAIN], &pebble.directory);
+    let cached = scratch.path("state/acme").join(&name);
+    let blocker = scratch.path("state/acme").join(format!(".{name}.tmp"));
+    std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
+    std::fs::set_permissions(
+        scratch.path("state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("chmod");
+    let mut server = Server::start(&config);
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_new_cert\"");
+    let line = server.wait_for_log("cert cache store");
+    assert!(line.contains("not cached"), "{line}");
+    assert!(!line.contains("retrying with backoff"), "{line}");
+    let root = pebble.issuing_root_pem().await;
+    let served = served_cert(&root, https)
+        .await
+        .expect("served although not cached");
+
+    std::fs::remove_dir_all(&blocker).expect("remove blocker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cached.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "never stored:\n{}",
+            server.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pem = std::fs::read(&cached).expect("cached");
+    assert!(
+        CertificateDer::pem_slice_iter(&pem).any(|c| c.expect("pem").as_ref() == served),
+        "the served certificate is the one cached"
+    );
+    assert_eq!(mode(&cached), 0o600);
+    server.wait_for_log("acme certificate cache write retried");
+
+    // A restart serves it without a new order.
+    let orders = pebble.orders();
+    server.kill();
+    let mut restarted = Server::start(&config);
+    restarted.wait_for_log("event=\"deployed_cached_cert\"");
+    assert_eq!(served_cert(&root, https).await, Ok(served));
+    assert_eq!(pebble.orders(), orders);
+}

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
 use crate::jwks::unix_now;
 use crate::metrics::Metrics;
+use crate::tls::{CertState, HttpsStatus};
 
 const OPENMETRICS: HeaderValue =
     HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
@@ -24,6 +25,8 @@ pub struct Admin {
     pub pipelines: Vec<Arc<IssuerPipeline>>,
     pub metrics: Arc<Metrics>,
     pub max_staleness: Option<Duration>,
+    /// The HTTPS certificate, when there is an HTTPS listener (L4).
+    pub https: Option<Arc<dyn CertState>>,
 }
 
 pub fn router(admin: Arc<Admin>) -> Router {
@@ -76,8 +79,20 @@ pub fn not_ready_reasons(
     reasons
 }
 
+/// Every reason the server is not ready: the key sets, then HTTPS (L4).
+fn all_reasons(admin: &Admin, issuers: &[IssuerStatus]) -> Vec<String> {
+    let mut reasons = not_ready_reasons(issuers, admin.max_staleness, unix_now());
+    if let Some(https) = &admin.https {
+        reasons.extend(crate::tls::not_ready_reason(
+            https.as_ref(),
+            std::time::SystemTime::now(),
+        ));
+    }
+    reasons
+}
+
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
-    let reasons = not_ready_reasons(&statuses(&admin).await, admin.max_staleness, unix_now());
+    let reasons = all_reasons(&admin, &statuses(&admin).await);
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -100,15 +115,18 @@ struct StatusDoc {
     version: &'static str,
     ready: bool,
     issuers: Vec<IssuerStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    https: Option<HttpsStatus>,
 }
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let issuers = statuses(&admin).await;
-    let ready = not_ready_reasons(&issuers, admin.max_staleness, unix_now()).is_empty();
+    let ready = all_reasons(&admin, &issuers).is_empty();
     let doc = StatusDoc {
         version: env!("CARGO_PKG_VERSION"),
         ready,
         issuers,
+        https: admin.https.as_deref().map(crate::tls::https_status),
     };
     let mut body = serde_json::to_vec_pretty(&doc).expect("status serialises");
     body.push(b'\n');

@@ -294,6 +294,9 @@ pub struct AcmeSettings {
     pub challenge: Challenge,
     /// `state.dir/acme`.
     pub cache_dir: PathBuf,
+    /// The longest one step of the ACME driver may take (M1: rustls-acme's HTTP client has no
+    /// timeout of its own).
+    pub step_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,6 +465,7 @@ struct RawAcme {
     directory: Option<String>,
     directory_ca_file: Option<PathBuf>,
     challenge: Option<String>,
+    step_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1119,6 +1123,19 @@ impl Validator<'_> {
                 ));
             }
         };
+        // M1: bounds a hung ACME request. An order normally takes seconds; an hour is plenty
+        // for the slowest, and below a second every order would be cut short.
+        let step_timeout = self.duration(
+            "https.acme.step_timeout",
+            raw.step_timeout,
+            Duration::from_secs(300),
+        )?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&step_timeout) {
+            return Err(self.err(
+                "https.acme.step_timeout",
+                "must be between \"1s\" and \"1h\"",
+            ));
+        }
         Ok(AcmeSettings {
             domains,
             contact: raw.contact,
@@ -1126,6 +1143,7 @@ impl Validator<'_> {
             directory_ca_file,
             challenge,
             cache_dir: state_dir.join("acme"),
+            step_timeout,
         })
     }
 

@@ -86,8 +86,9 @@ pub struct ListenerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AcmeEventLabels {
-    /// `deployed_cached_cert`, `deployed_new_cert`, `cert_cache_store`, `account_cache_store`,
-    /// or `error`.
+    /// `deployed_cached_cert`, `deployed_new_cert`, `cert_cache_store`, `account_cache_store`
+    /// (also counted when a failed write is retried successfully), `error`, or `timeout` (a
+    /// driver step exceeded `https.acme.step_timeout`, M1).
     pub event: &'static str,
 }
 

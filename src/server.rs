@@ -105,10 +105,9 @@ impl Server {
                     }
                     TlsSource::Acme(settings) => {
                         let cache =
-                            AcmeCache::new(settings.cache_dir.clone(), Arc::clone(&metrics))
-                                .with_context(|| {
-                                    format!("ACME cache {}", settings.cache_dir.display())
-                                })?;
+                            AcmeCache::new(settings.cache_dir.clone()).with_context(|| {
+                                format!("ACME cache {}", settings.cache_dir.display())
+                            })?;
                         Tls::Acme(acme::start(settings, cache, Arc::clone(&metrics))?)
                     }
                 };
@@ -174,6 +173,7 @@ impl Server {
         };
         let mut file_certs = None;
         let mut http01 = None;
+        let mut https_cert: Option<Arc<dyn tls::CertState>> = None;
         if let Some((listener, tls)) = self.https {
             let https = self
                 .config
@@ -184,9 +184,11 @@ impl Server {
                 match tls {
                     Tls::Files(certs) => {
                         file_certs = Some(Arc::clone(&certs));
+                        https_cert = Some(Arc::clone(&certs) as _);
                         (certs, None)
                     }
                     Tls::Acme(acme) => {
+                        https_cert = Some(Arc::clone(&acme.resolver) as _);
                         if acme.challenge_config.is_none() {
                             http01 = Some(Arc::clone(&acme.resolver));
                         }
@@ -263,6 +265,7 @@ impl Server {
             pipelines: self.pipelines.clone(),
             metrics: Arc::clone(&self.metrics),
             max_staleness: self.config.admin.max_staleness,
+            https: https_cert,
         });
         // L2: the admin listener gets the public listeners' deadlines and its own small cap:
         // a probe or a scrape needs a connection or two, and a container may expose it.

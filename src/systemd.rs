@@ -29,8 +29,7 @@ pub fn take_activated_listeners(want_http: bool, want_https: bool) -> anyhow::Re
         .map(|n| n.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
     let mut fds = ListenFd::from_env();
-    let mut activated = Activated::default();
-    let mut unnamed = Vec::new();
+    let mut passed = Vec::with_capacity(fds.len());
     for index in 0..fds.len() {
         let listener = fds
             .take_tcp_listener(index)
@@ -38,14 +37,51 @@ pub fn take_activated_listeners(want_http: bool, want_https: bool) -> anyhow::Re
                 format!("passed socket {index} (LISTEN_FDS) is not a listening TCP socket")
             })?
             .with_context(|| format!("passed socket {index} (LISTEN_FDS) is missing"))?;
-        match names.get(index).map(String::as_str) {
-            Some("http") if want_http => activated.http = Some(listener),
-            Some("https") if want_https => activated.https = Some(listener),
+        passed.push((names.get(index).cloned(), listener));
+    }
+    assign(passed, want_http, want_https)
+}
+
+/// Gives the passed sockets (with their `FileDescriptorName=`, in `LISTEN_FDS` order) to the
+/// listeners.
+fn assign(
+    passed: Vec<(Option<String>, TcpListener)>,
+    want_http: bool,
+    want_https: bool,
+) -> anyhow::Result<Activated> {
+    let mut activated = Activated::default();
+    let mut unnamed = Vec::new();
+    for (index, (name, listener)) in passed.into_iter().enumerate() {
+        // L12: with `Accept=yes` systemd passes connected sockets; accept() on them would fail
+        // every 100 ms for ever. SO_ACCEPTCONN says whether listen() was called.
+        let is_listener = socket2::SockRef::from(&listener)
+            .is_listener()
+            .with_context(|| format!("passed socket {index} (LISTEN_FDS): SO_ACCEPTCONN"))?;
+        if !is_listener {
+            bail!(
+                "passed socket {index} (LISTEN_FDS) is not listening (SO_ACCEPTCONN): use Accept=no in the .socket unit"
+            );
+        }
+        let slot = match name.as_deref() {
+            Some("http") if want_http => &mut activated.http,
+            Some("https") if want_https => &mut activated.https,
             Some(name @ ("http" | "https")) => {
                 bail!("a socket named {name:?} was passed but [{name}] is not configured")
             }
-            _ => unnamed.push(listener),
+            _ => {
+                unnamed.push(listener);
+                continue;
+            }
+        };
+        // L12: one .socket unit gives all its ListenStream=s the same FileDescriptorName=; the
+        // second socket used to replace (and close) the first in silence.
+        if slot.is_some() {
+            bail!(
+                "two passed sockets are named {:?} (FileDescriptorName=); give each socket unit its own name",
+                name.unwrap_or_default()
+            );
         }
+        *slot = Some(listener);
     }
     let mut unnamed = unnamed.into_iter();
     if want_https && activated.https.is_none() {
@@ -83,5 +119,64 @@ pub fn watchdog_ping() {
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listening() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").expect("bind")
+    }
+
+    fn port(listener: &TcpListener) -> u16 {
+        listener.local_addr().expect("addr").port()
+    }
+
+    #[test]
+    fn named_and_unnamed_sockets_go_to_their_listeners() {
+        let (a, b) = (listening(), listening());
+        let (pa, pb) = (port(&a), port(&b));
+        let activated =
+            assign(vec![(None, a), (Some("http".into()), b)], true, true).expect("assigned");
+        assert_eq!(activated.https.as_ref().map(port), Some(pa));
+        assert_eq!(activated.http.as_ref().map(port), Some(pb));
+    }
+
+    /// L12: one `.socket` unit names all its `ListenStream=`s alike. The second socket used to
+    /// replace (and close) the first in silence.
+    #[test]
+    fn two_sockets_with_the_same_name_are_refused() {
+        let err = assign(
+            vec![
+                (Some("https".into()), listening()),
+                (Some("https".into()), listening()),
+            ],
+            true,
+            true,
+        )
+        .expect_err("duplicate name");
+        assert_eq!(
+            err.to_string(),
+            "two passed sockets are named \"https\" (FileDescriptorName=); give each socket unit its own name"
+        );
+    }
+
+    /// L12: a socket that is not listening (`Accept=yes` passes connected sockets) is refused
+    /// at start, not retried by the accept loop every 100 ms.
+    #[test]
+    fn a_socket_that_is_not_listening_is_refused() {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let err = assign(vec![(None, TcpListener::from(socket))], false, true)
+            .expect_err("not listening");
+        assert_eq!(
+            err.to_string(),
+            "passed socket 0 (LISTEN_FDS) is not listening (SO_ACCEPTCONN): use Accept=no in the .socket unit"
+        );
     }
 }

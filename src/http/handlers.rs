@@ -149,8 +149,8 @@ pub fn redirect(
 }
 
 /// The key authorization of a pending HTTP-01 challenge (RFC 8555 §8.3).
-pub fn http01(resolver: &rustls_acme::ResolvesServerCertAcme, token: &str) -> Response {
-    match resolver.get_http_01_key_auth(token) {
+pub fn http01(resolver: &crate::tls::acme::AcmeResolver, token: &str) -> Response {
+    match resolver.http01_key_auth(token) {
         Some(key_auth) => {
             let mut response = Response::new(Body::from(key_auth));
             response.headers_mut().insert(

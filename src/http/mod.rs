@@ -178,7 +178,7 @@ pub fn redirect_router(issuers: &[IssuerConfig], https_port: Option<u16>) -> Rou
 
 /// Adds the ACME HTTP-01 challenge route (`/.well-known/acme-challenge/{token}`) in front of
 /// `router`: the one path of the plain listener that is never redirected.
-pub fn with_http01(router: Router, resolver: Arc<rustls_acme::ResolvesServerCertAcme>) -> Router {
+pub fn with_http01(router: Router, resolver: Arc<crate::tls::acme::AcmeResolver>) -> Router {
     router.route(
         "/.well-known/acme-challenge/{token}",
         axum::routing::get(

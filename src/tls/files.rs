@@ -49,7 +49,25 @@ pub struct FileCerts {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: ArcSwap<CertifiedKey>,
-    stamp: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
+    stamps: std::sync::Mutex<Stamps>,
+}
+
+/// What a file looked like: length, mtime and inode, as `FileSource` keys on (L15). Linux
+/// mtimes are coarse, so a rewrite within one tick keeps the mtime; it rarely keeps the
+/// length too, and an atomic rename always changes the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: SystemTime,
+    inode: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stamps {
+    /// The files of the certificate served now.
+    loaded: Option<(Stamp, Stamp)>,
+    /// The files of the last failed load: reported once, but retried on every poll.
+    failed: Option<Option<(Stamp, Stamp)>>,
 }
 
 impl FileCerts {
@@ -59,7 +77,10 @@ impl FileCerts {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             current: ArcSwap::from_pointee(certified),
-            stamp: std::sync::Mutex::new(stamps(cert_file, key_file)),
+            stamps: std::sync::Mutex::new(Stamps {
+                loaded: stamps(cert_file, key_file),
+                failed: None,
+            }),
         })
     }
 
@@ -68,28 +89,154 @@ impl FileCerts {
         self.current.load_full()
     }
 
-    /// Reloads when a file's mtime changed (or always, with `force`). `Ok(true)`: swapped.
+    /// Reloads when a file changed since the certificate served now was loaded (or always,
+    /// with `force`). `Ok(true)`: swapped. A failed load is retried on every call (L15: the
+    /// file may have been read half-written, and its final write may keep every stamp), but
+    /// reported only once per state of the files.
     pub fn reload(&self, force: bool) -> Result<bool, LoadError> {
         let now = stamps(&self.cert_file, &self.key_file);
-        let mut seen = self.stamp.lock().expect("stamp lock");
-        if !force && now == *seen {
+        let mut seen = self.stamps.lock().expect("stamp lock");
+        if !force && now.is_some() && now == seen.loaded {
             return Ok(false);
         }
-        // Remember the stamp even on failure: a broken file is reported once, not every poll.
-        *seen = now;
-        let certified = load(&self.cert_file, &self.key_file)?;
-        self.current.store(Arc::new(certified));
-        Ok(true)
+        match load(&self.cert_file, &self.key_file) {
+            Ok(certified) => {
+                self.current.store(Arc::new(certified));
+                *seen = Stamps {
+                    loaded: now,
+                    failed: None,
+                };
+                Ok(true)
+            }
+            Err(e) => {
+                let reported = !force && seen.failed == Some(now);
+                seen.failed = Some(now);
+                if reported { Ok(false) } else { Err(e) }
+            }
+        }
     }
 }
 
-fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((modified(cert)?, modified(key)?))
+fn stamps(cert: &Path, key: &Path) -> Option<(Stamp, Stamp)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let stamp = |p: &Path| {
+        let meta = std::fs::metadata(p).ok()?;
+        Some(Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok()?,
+            inode: meta.ino(),
+        })
+    };
+    Some((stamp(cert)?, stamp(key)?))
 }
 
 impl ResolvesServerCert for FileCerts {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
+    }
+}
+
+impl super::CertState for FileCerts {
+    fn not_after(&self) -> Option<SystemTime> {
+        self.current().cert.first().and_then(super::not_after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Pair {
+        cert: String,
+        key: String,
+    }
+
+    fn pair() -> Pair {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params =
+            rcgen::CertificateParams::new(vec!["oidc.example.com".to_owned()]).expect("params");
+        Pair {
+            cert: params.self_signed(&key).expect("cert").pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// Writes `bytes` with the modification time `mtime`: in place (same inode) or by rename.
+    fn write(path: &Path, bytes: &[u8], mtime: SystemTime, in_place: bool) {
+        let target = if in_place {
+            path.to_owned()
+        } else {
+            path.with_extension("new")
+        };
+        std::fs::write(&target, bytes).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&target)
+            .and_then(|f| f.set_modified(mtime))
+            .expect("set mtime");
+        if !in_place {
+            std::fs::rename(&target, path).expect("rename");
+        }
+    }
+
+    fn served(certs: &FileCerts) -> Vec<u8> {
+        certs.current().cert[0].to_vec()
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("der")
+            .to_vec()
+    }
+
+    /// L15: a half-written file read once is retried, and changes that keep the mtime (coarse
+    /// timestamps) are still seen through the length and the inode.
+    #[test]
+    fn reload_retries_a_failed_load_and_keys_on_length_and_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let a = pair();
+        write(&cert_file, a.cert.as_bytes(), t, true);
+        write(&key_file, a.key.as_bytes(), t, true);
+        let certs = FileCerts::load(&cert_file, &key_file).expect("load");
+        assert_eq!(served(&certs), der(&a.cert));
+
+        // `cat > cert.pem` caught mid-write: same length, mtime and inode as the final file
+        // (mtimes are coarse: the last write lands in the same tick).
+        let t = t + Duration::from_secs(60);
+        let b = pair();
+        write(&key_file, b.key.as_bytes(), t, true);
+        let mut torn = b.cert.clone().into_bytes();
+        torn[40..80].fill(b'!');
+        write(&cert_file, &torn, t, true);
+        assert!(certs.reload(false).is_err());
+        assert_eq!(certs.reload(false), Ok(false), "retried, reported once");
+        assert_eq!(
+            served(&certs),
+            der(&a.cert),
+            "the previous certificate stays"
+        );
+        write(&cert_file, b.cert.as_bytes(), t, true);
+        assert_eq!(certs.reload(false), Ok(true), "retried without SIGHUP");
+        assert_eq!(served(&certs), der(&b.cert));
+        assert_eq!(certs.reload(false), Ok(false), "nothing changed since");
+
+        // Same mtime and inode, another length.
+        let c = pair();
+        write(&key_file, c.key.as_bytes(), t, true);
+        write(&cert_file, format!("{}\n\n", c.cert).as_bytes(), t, true);
+        assert_eq!(certs.reload(false), Ok(true));
+        assert_eq!(served(&certs), der(&c.cert));
+
+        // Same mtime and length, another inode (an atomic rename).
+        let d = pair();
+        let padded = format!("{:\n<width$}", d.cert, width = c.cert.len() + 2);
+        write(&key_file, d.key.as_bytes(), t, false);
+        write(&cert_file, padded.as_bytes(), t, false);
+        assert_eq!(certs.reload(false), Ok(true));
+        assert_eq!(served(&certs), der(&d.cert));
     }
 }

@@ -4,11 +4,18 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::fake_apiserver::{Leaf, Pki};
 use crate::pebble::{Pebble, free_tcp_port};
 use crate::support::{
-    K3S, Scratch, Server, assert_serves_both_documents_everywhere, get, plain_client, served_cert,
+    K3S, Scratch, Server, assert_serves_both_documents_everywhere, get, metric, plain_client,
+    scrape, served_cert,
 };
 
 const DOMAIN: &str = "oidc.example.com";
@@ -262,4 +269,344 @@ async fn kill_9_during_cache_writes_never_breaks_the_next_start() {
         assert!(Instant::now() < deadline, "{:?}", server.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+// M1: an ACME server that stalls. rustls-acme's HTTP client has no timeout; each step of the
+// driver is bounded by `https.acme.step_timeout` (2 s here), and the state is rebuilt.
+// None of these needs Pebble.
+
+/// A TCP port that accepts connections and never answers; it counts what it accepted.
+struct Stall {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stall {
+    /// Accepts and holds every connection, never sending a byte.
+    async fn silent() -> Self {
+        Self::serve(|stream| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(stream);
+        })
+        .await
+    }
+
+    /// Completes TLS with `leaf` (for 127.0.0.1), then drips a valid HTTP answer one byte
+    /// every 500 ms: the whole answer would take about 20 s.
+    async fn dripping(leaf: &Leaf) -> Self {
+        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+        let tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        Self::serve(move |stream| {
+            let acceptor = acceptor.clone();
+            async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut request = [0u8; 1024];
+                let _ = tls.read(&mut request).await;
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}" {
+                    if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        })
+        .await
+    }
+
+    async fn serve<F, Fut>(handle: F) -> Self
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handle(stream));
+            }
+        });
+        Self {
+            url: format!("https://127.0.0.1:{port}/dir"),
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` connections were accepted, at most `limit`.
+    async fn wait_for(&self, n: usize, limit: Duration, server: &Server) -> Duration {
+        let started = Instant::now();
+        while self.accepted() < n {
+            assert!(
+                started.elapsed() < limit,
+                "{} connection(s) after {limit:?}, wanted {n}:\n{}",
+                self.accepted(),
+                server.log().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config whose ACME directory is `directory`, with a 2 s step timeout.
+fn stalled_config(
+    scratch: &Scratch,
+    directory: &str,
+    ca_file: Option<&std::path::Path>,
+) -> PathBuf {
+    scratch.write("jwks.json", K3S);
+    let ca = ca_file.map_or(String::new(), |f| {
+        format!("directory_ca_file = \"{}\"\n", f.display())
+    });
+    scratch.write(
+        "config.toml",
+        &format!(
+            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [https]\nlisten = \"127.0.0.1:0\"\n[https.acme]\ncontact = [\"mailto:ops@example.com\"]\n\
+             directory = \"{directory}\"\n{ca}step_timeout = \"2s\"\n[state]\ndir = \"state\"\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_never_answers_times_out_is_counted_and_tried_again() {
+    let stall = Stall::silent().await;
+    let scratch = Scratch::new();
+    let server = Server::start(&stalled_config(&scratch, &stall.url, None));
+    stall.wait_for(1, Duration::from_secs(10), &server).await;
+    // 2 s step timeout, then a 1 s backoff, then a new state connects again.
+    let second = stall.wait_for(2, Duration::from_secs(8), &server).await;
+    println!("acme stall: second attempt {second:?} after the first");
+    let scrape = scrape(&server).await;
+    assert!(
+        metric(
+            &scrape,
+            "oidc_edge_acme_events_total",
+            &[("event", "timeout")]
+        ) >= 1.0
+    );
+    assert!(
+        server.count_log("acme step timed out") >= 1,
+        "{:?}",
+        server.log()
+    );
+    // Never deployed anything.
+    assert_eq!(
+        metric(
+            &scrape,
+            "oidc_edge_acme_events_total",
+            &[("event", "deployed_new_cert")]
+        ),
+        0.0
+    );
+    // L4: not ready, and why.
+    let (code, body) = get(&server.admin_url("/readyz")).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            503,
+            "not ready: https: no certificate yet (last ACME attempt: no answer within 2s, https.acme.step_timeout)\n"
+        )
+    );
+    let (_, status) = get(&server.admin_url("/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["https"]["not_after"], serde_json::Value::Null);
+    assert_eq!(
+        status["https"]["last_acme_error"],
+        "no answer within 2s, https.acme.step_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_answers_slower_than_the_step_timeout_is_tried_again() {
+    crate::support::install_crypto_provider();
+    let pki = Pki::new("slow ACME CA");
+    let stall = Stall::dripping(&pki.server_for(&["localhost", "127.0.0.1"])).await;
+    let scratch = Scratch::new();
+    let ca = scratch.write("acme-ca.pem", &pki.ca_pem);
+    let server = Server::start(&stalled_config(&scratch, &stall.url, Some(&ca)));
+    stall.wait_for(1, Duration::from_secs(10), &server).await;
+    // The answer would take 20 s; the step gives up after 2 s and tries again.
+    stall.wait_for(2, Duration::from_secs(8), &server).await;
+    let scrape = scrape(&server).await;
+    assert!(
+        metric(
+            &scrape,
+            "oidc_edge_acme_events_total",
+            &[("event", "timeout")]
+        ) >= 1.0
+    );
+}
+
+/// The file name `AcmeCache` gives the certificate of `domains` from `directory`.
+fn cached_cert_name(domains: &[&str], directory: &str) -> String {
+    use base64::Engine as _;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for domain in domains {
+        ctx.update(domain.as_bytes());
+        ctx.update(&[0]);
+    }
+    ctx.update(directory.as_bytes());
+    format!(
+        "cert-{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.finish().as_ref())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
+    crate::support::install_crypto_provider();
+    let stall = Stall::silent().await;
+    let scratch = Scratch::new();
+    // A certificate from an earlier run, past 2/3 of its lifetime: renewal starts at once,
+    // into the stall.
+    let pki = Pki::new("earlier ACME CA");
+    let now = std::time::SystemTime::now();
+    const DAY: Duration = Duration::from_secs(86_400);
+    let leaf = pki.server_valid_between(&[DOMAIN], now - 60 * DAY, now + 3 * DAY);
+    let cache = scratch.path("state/acme");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    std::fs::set_permissions(
+        scratch.path("state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("chmod");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::write(
+        cache.join(cached_cert_name(&[DOMAIN], &stall.url)),
+        format!("{}\n{}", leaf.key_pem, leaf.cert_pem),
+    )
+    .expect("seed cache");
+    let leaf_der = CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())
+        .expect("der")
+        .to_vec();
+
+    let mut server = Server::start(&stalled_config(&scratch, &stall.url, None));
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_cached_cert\"");
+    assert_eq!(served_cert(&pki.ca_pem, https).await, Ok(leaf_der.clone()));
+    // Two timeouts and rebuilds (2 s + 1 s, 2 s + 2 s): the same certificate throughout.
+    let started = Instant::now();
+    while stall.accepted() < 3 {
+        assert_eq!(
+            served_cert(&pki.ca_pem, https).await,
+            Ok(leaf_der.clone()),
+            "after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{} attempts:\n{}",
+            stall.accepted(),
+            server.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served_cert(&pki.ca_pem, https).await, Ok(leaf_der));
+    let scrape = scrape(&server).await;
+    assert!(
+        metric(
+            &scrape,
+            "oidc_edge_acme_events_total",
+            &[("event", "timeout")]
+        ) >= 2.0
+    );
+    // L4: served, but it expires within 7 days and renewal is stuck: not ready, and why.
+    let (code, body) = get(&server.admin_url("/readyz")).await;
+    assert_eq!(code, 503);
+    assert!(
+        body.starts_with("not ready: https: certificate expires on ")
+            && body.ends_with(
+                ", in less than 7 days (last ACME attempt: no answer within 2s, https.acme.step_timeout)\n"
+            ),
+        "{body}"
+    );
+}
+
+/// S6: a certificate that could not be written to the cache is still served, the failure is
+/// logged as what it is, and the write is retried: otherwise every restart orders a new
+/// certificate (Let's Encrypt allows 5 duplicates a week).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_certificate_cache_write_is_retried() {
+    let (https_port, http_port) = (free_tcp_port(), free_tcp_port());
+    let Some(pebble) = Pebble::start(https_port, http_port, 3600).await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    // A directory where write_atomic's temporary file goes (`.<name>.tmp`, jwks/persist.rs):
+    // creating it fails with EISDIR, while loading the (absent) certificate still works.
+    let name = cached_cert_name(&[DOMAIN], &pebble.directory);
+    let cached = scratch.path("state/acme").join(&name);
+    let blocker = scratch.path("state/acme").join(format!(".{name}.tmp"));
+    std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
+    std::fs::set_permissions(
+        scratch.path("state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("chmod");
+    let mut server = Server::start(&config);
+    let https = server.listening("https");
+    server.wait_for_log("event=\"deployed_new_cert\"");
+    let line = server.wait_for_log("cert cache store");
+    assert!(line.contains("not cached"), "{line}");
+    assert!(!line.contains("retrying with backoff"), "{line}");
+    let root = pebble.issuing_root_pem().await;
+    let served = served_cert(&root, https)
+        .await
+        .expect("served although not cached");
+
+    std::fs::remove_dir_all(&blocker).expect("remove blocker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cached.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "never stored:\n{}",
+            server.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pem = std::fs::read(&cached).expect("cached");
+    assert!(
+        CertificateDer::pem_slice_iter(&pem).any(|c| c.expect("pem").as_ref() == served),
+        "the served certificate is the one cached"
+    );
+    assert_eq!(mode(&cached), 0o600);
+    server.wait_for_log("acme certificate cache write retried");
+
+    // A restart serves it without a new order.
+    let orders = pebble.orders();
+    server.kill();
+    let mut restarted = Server::start(&config);
+    restarted.wait_for_log("event=\"deployed_cached_cert\"");
+    assert_eq!(served_cert(&root, https).await, Ok(served));
+    assert_eq!(pebble.orders(), orders);
 }

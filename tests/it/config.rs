@@ -271,6 +271,15 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "https.acme.domains: \"10.0.0.1\" is not a lowercase DNS name (punycode for international names)",
         ),
         (
+            "acme step timeout above an hour",
+            valid_with(
+                "",
+                "",
+                "[https]\nlisten = \"127.0.0.1:8443\"\n[https.acme]\nstep_timeout = \"2h\"\n",
+            ),
+            "https.acme.step_timeout: must be between \"1s\" and \"1h\"",
+        ),
+        (
             "certificate file that is not PEM",
             valid_with(
                 "",

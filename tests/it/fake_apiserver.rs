@@ -110,6 +110,36 @@ impl Pki {
         }
     }
 
+    /// A serving certificate valid from `not_before` to `not_after` (whole seconds).
+    pub fn server_valid_between(
+        &self,
+        sans: &[&str],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Leaf {
+        let at = |t: std::time::SystemTime| {
+            rcgen::date_time_ymd(1970, 1, 1)
+                + Duration::from_secs(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .expect("after 1970")
+                        .as_secs(),
+                )
+        };
+        let key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, sans[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate, as in k3s's admin kubeconfig (`CN=system:admin`).
     pub fn client(&self, common_name: &str) -> Leaf {
         self.leaf(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)

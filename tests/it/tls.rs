@@ -194,3 +194,48 @@ async fn the_plain_listener_redirects_to_https_when_asked() {
         .expect("GET");
     assert_eq!(other.status(), 404);
 }
+
+/// L4: readiness covers the HTTPS certificate. An expired one, or one that expires within
+/// 7 days, makes `/readyz` 503 with the reason, and `/status` says when it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_an_expired_or_expiring_certificate() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (server, _https) = start(&scratch, &pki.expired_server_for(&[HTTPS_DOMAIN]), "");
+    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            503,
+            "not ready: https: certificate expired on 2022-01-01T00:00:00Z\n"
+        )
+    );
+    let (_, status) = crate::support::get(&server.admin_url("/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["https"]["not_after"], "2022-01-01T00:00:00Z");
+    drop(server);
+
+    // Valid for 3 more days: still served, but not ready.
+    let now = std::time::SystemTime::now();
+    let scratch = Scratch::new();
+    let expiring = pki.server_valid_between(&[HTTPS_DOMAIN], now - DAY, now + 3 * DAY);
+    let (server, https) = start(&scratch, &expiring, "");
+    assert!(served_cert(&pki.ca_pem, https).await.is_ok());
+    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    assert_eq!(code, 503);
+    assert!(
+        body.starts_with("not ready: https: certificate expires on ")
+            && body.ends_with(", in less than 7 days\n"),
+        "{body}"
+    );
+    drop(server);
+
+    // Valid for 30 more days: ready.
+    let scratch = Scratch::new();
+    let fine = pki.server_valid_between(&[HTTPS_DOMAIN], now - DAY, now + 30 * DAY);
+    let (server, _https) = start(&scratch, &fine, "");
+    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+}

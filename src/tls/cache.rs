@@ -243,8 +243,8 @@ mod tests {
         let domains = vec!["oidc.example.com".to_owned()];
         let url = "https://acme.example/dir";
         let name = AcmeCache::file_name("cert-", &domains, url);
-        // write_atomic's temporary file cannot be created where a directory is.
-        let blocker = dir.join(format!(".{name}.tmp"));
+        // write_atomic's temporary file cannot be renamed onto a non-empty directory.
+        let blocker = dir.join(&name);
         std::fs::create_dir_all(blocker.join("x")).expect("blocker");
         assert!(cache.store_cert(&domains, url, b"pem").await.is_err());
         assert!(cache.has_pending());

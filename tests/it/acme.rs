@@ -562,12 +562,13 @@ async fn a_failed_certificate_cache_write_is_retried() {
     };
     let scratch = Scratch::new();
     let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
-    // A directory where write_atomic's temporary file goes (`.<name>.tmp`, jwks/persist.rs):
-    // creating it fails with EISDIR, while loading the (absent) certificate still works.
     let name = cached_cert_name(&[DOMAIN], &pebble.directory);
     let cached = scratch.path("state/acme").join(&name);
-    let blocker = scratch.path("state/acme").join(format!(".{name}.tmp"));
-    std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
+    // A non-empty directory where the certificate goes: the rename of write_atomic's
+    // temporary file onto it fails. Put there once the startup load (which would fail on
+    // it) is done: the account is stored after it and before the certificate is ordered.
+    let blocker = cached.clone();
+    std::fs::create_dir_all(scratch.path("state/acme")).expect("state dir");
     std::fs::set_permissions(
         scratch.path("state"),
         std::fs::Permissions::from_mode(0o700),
@@ -575,6 +576,8 @@ async fn a_failed_certificate_cache_write_is_retried() {
     .expect("chmod");
     let mut server = Server::start(&config);
     let https = server.listening("https");
+    server.wait_for_log("event=\"account_cache_store\"");
+    std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
     server.wait_for_log("event=\"deployed_new_cert\"");
     let line = server.wait_for_log("cert cache store");
     assert!(line.contains("not cached"), "{line}");

@@ -324,3 +324,69 @@ async fn the_public_listener_serves_only_the_two_documents() {
     }
     assert!(server.admin.ip().is_loopback());
 }
+
+/// L2 of the reliability review: the admin listener has the public listeners' deadlines and
+/// a cap of 64 connections at which silent ones make room, so that a pod that can reach it
+/// (the container binds it to 0.0.0.0) cannot hold descriptors or keep probes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_drops_silent_and_slow_clients_and_keeps_answering_probes() {
+    use std::io::{Read as _, Write as _};
+    use std::time::Instant;
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = scratch.config("60s");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!("{text}[limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n"),
+    )
+    .expect("config");
+    let server = Server::start(&config);
+    let admin = server.admin;
+    // 100 silent connections, beyond the cap, and one that drips half a request.
+    let silent: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(admin).expect("connect"))
+        .collect();
+    let mut dripping = std::net::TcpStream::connect(admin).expect("connect");
+    dripping
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x")
+        .expect("write");
+    // A probe still gets in at once.
+    let started = Instant::now();
+    assert_eq!(get(&server.admin_url("/livez")).await.0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let held: Vec<_> = silent
+        .into_iter()
+        .chain([dripping])
+        .map(|mut stream| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(6)))
+                    .expect("timeout");
+                let mut buf = [0u8; 512];
+                while matches!(stream.read(&mut buf), Ok(1..)) {}
+                started.elapsed()
+            })
+        })
+        .collect();
+    for stream in held {
+        let waited = stream.join().expect("reader");
+        // Closed by the 1 s limits or to make room, not by the reader's 6 s.
+        assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
+    }
+    let scrape = scrape(&server).await;
+    let closed = |reason: &str| {
+        metric(
+            &scrape,
+            "oidc_edge_connections_closed_by_limit_total",
+            &[("listener", "admin"), ("reason", reason)],
+        )
+    };
+    assert!(closed("make_room") >= 36.0, "{}", closed("make_room"));
+    assert!(closed("handshake_timeout") >= 1.0);
+}

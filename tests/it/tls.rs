@@ -239,3 +239,86 @@ async fn readiness_reports_an_expired_or_expiring_certificate() {
     let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
     assert_eq!((code, body.as_str()), (200, "ready\n"));
 }
+
+/// A TLS connection to `addr` with ALPN `alpn`, handshake completed.
+fn tls_connected(
+    ca_pem: &str,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA"))
+        .expect("root");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(HTTPS_DOMAIN).expect("name");
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+    let mut tcp = TcpStream::connect(addr).expect("connect");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("handshake");
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// L3 of the reliability review: silence after the TLS handshake, or half an HTTP/2 preface
+/// (TLS or h2c), is closed at `header_read_timeout` (1 s here), not held until `idle_timeout`
+/// (60 s) as hyper's version detection would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_after_tls_or_half_a_preface_is_closed_at_the_header_timeout() {
+    crate::support::install_crypto_provider();
+    let pki = Pki::new("test public CA");
+    let scratch = Scratch::new();
+    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
+    let preface = b"PRI * HTTP/2.0\r\n";
+    let mut cases: Vec<(&str, std::thread::JoinHandle<(Duration, Vec<u8>)>)> = Vec::new();
+    for (what, alpn, first) in [
+        ("silent after TLS (h2)", &b"h2"[..], &b""[..]),
+        ("silent after TLS (http/1.1)", b"http/1.1", b""),
+        ("half a preface over TLS", b"h2", preface),
+    ] {
+        let mut tls = tls_connected(&pki.ca_pem, https, alpn);
+        tls.write_all(first).expect("write");
+        tls.flush().expect("flush");
+        cases.push((
+            what,
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                tls.sock
+                    .set_read_timeout(Some(Duration::from_secs(6)))
+                    .expect("timeout");
+                let mut buf = [0u8; 256];
+                loop {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return (started.elapsed(), Vec::new()),
+                        Ok(_) => {}
+                    }
+                }
+            }),
+        ));
+    }
+    let mut h2c = TcpStream::connect(server.addr).expect("connect");
+    h2c.write_all(preface).expect("write");
+    cases.push((
+        "half a preface over h2c",
+        std::thread::spawn(move || read_until_closed(h2c)),
+    ));
+    for (what, case) in cases {
+        let (waited, _) = case.join().expect("reader");
+        // 1 s and hyper's 0.5 s to answer 408 first, with scheduling slack; not 6 s or 60 s.
+        assert!(
+            waited < Duration::from_secs(4),
+            "{what}: closed after {waited:?}"
+        );
+    }
+    let scrape = crate::support::scrape(&server).await;
+    let closed = crate::support::metric(
+        &scrape,
+        "oidc_edge_connections_closed_by_limit_total",
+        &[("reason", "first_request_timeout")],
+    );
+    assert_eq!(closed, 4.0, "each counted once");
+}

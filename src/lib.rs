@@ -8,7 +8,8 @@
 //! - [`issuer`]: the issuer URL and the generated discovery document;
 //! - [`jwks`]: the pipeline fetch → validate → merge → publish → persist;
 //! - [`http`]: the public router (host + path routing, caching headers);
-//! - [`server`]: binds listeners and spawns every task; [`shutdown`]: signals;
+//! - [`server`]: binds listeners and spawns every task; [`supervisor`]: watches them;
+//!   [`shutdown`]: signals;
 //!   [`telemetry`]: logging.
 //!
 //! The two published documents live in one immutable snapshot per issuer behind an `ArcSwap`
@@ -30,6 +31,7 @@ mod properties;
 pub mod render;
 pub mod server;
 pub mod shutdown;
+pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;

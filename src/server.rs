@@ -12,8 +12,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, error, info, info_span, warn};
+use tracing::{Instrument as _, error, info, info_span};
 
 use crate::admin::{self, Admin};
 use crate::config::{Config, Limits, TlsSource};
@@ -24,6 +23,7 @@ use crate::jwks::source::{AnySource, KeySource as _};
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, CloseCounters, TlsTransport, Transport};
 use crate::metrics::Metrics;
+use crate::supervisor::{Heartbeats, Supervisor};
 use crate::systemd::{self, Activated};
 use crate::tls::{self, acme, acme::Acme, cache::AcmeCache, files::FileCerts};
 
@@ -142,8 +142,9 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains within [`SHUTDOWN_GRACE`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let supervisor = Supervisor::default();
+        let cancel = supervisor.cancel().clone();
+        let heartbeats = Arc::new(Heartbeats::default());
         let (refresh_tx, refresh_rx) = watch::channel(());
 
         for ((pipeline, cfg), fetchers) in self
@@ -153,6 +154,10 @@ impl Server {
             .zip(self.sources)
         {
             for (index, (source, fetcher)) in cfg.sources.iter().zip(fetchers).enumerate() {
+                let name = format!("source {index} of {}", cfg.issuer);
+                // A fetch is bounded by its timeout; validation, merge and the state write
+                // take milliseconds, unless a disk or a lock hangs.
+                let heartbeat = heartbeats.register(name.clone(), source.timeout + REFRESH_SLACK);
                 let task = run_source(
                     Arc::clone(pipeline),
                     index,
@@ -160,8 +165,9 @@ impl Server {
                     source.refresh_interval,
                     cancel.clone(),
                     refresh_rx.clone(),
+                    heartbeat,
                 );
-                tracker.spawn(task.instrument(info_span!("source", index)));
+                supervisor.spawn(name, task.instrument(info_span!("source", index)));
             }
         }
 
@@ -194,7 +200,8 @@ impl Server {
                         }
                         let stop = cancel.clone();
                         let driver = acme.driver;
-                        tracker.spawn(
+                        supervisor.spawn(
+                            "acme",
                             async move {
                                 tokio::select! {
                                     _ = stop.cancelled() => {}
@@ -215,15 +222,18 @@ impl Server {
             let router = http::router(site, Arc::clone(&self.store))
                 .layer(axum::middleware::map_response(hsts_layer(https.hsts)));
             info!(listener = "https", addr = %listener.local_addr()?, "listening");
-            tracker.spawn(listener::serve(
-                listener,
-                router,
-                transport,
-                limits,
-                CloseCounters::new("https", &self.metrics),
-                cancel.clone(),
-                SHUTDOWN_GRACE,
-            ));
+            supervisor.spawn(
+                "listener https",
+                listener::serve(
+                    listener,
+                    router,
+                    transport,
+                    limits,
+                    CloseCounters::new("https", &self.metrics),
+                    cancel.clone(),
+                    SHUTDOWN_GRACE,
+                ),
+            );
         }
         if let Some(listener) = self.http {
             let plain = self
@@ -244,22 +254,24 @@ impl Server {
                 router = http::with_http01(router, resolver);
             }
             info!(listener = "http", addr = %listener.local_addr()?, "listening");
-            tracker.spawn(listener::serve(
-                listener,
-                router,
-                Transport::Plain,
-                limits,
-                CloseCounters::new("http", &self.metrics),
-                cancel.clone(),
-                SHUTDOWN_GRACE,
-            ));
+            supervisor.spawn(
+                "listener http",
+                listener::serve(
+                    listener,
+                    router,
+                    Transport::Plain,
+                    limits,
+                    CloseCounters::new("http", &self.metrics),
+                    cancel.clone(),
+                    SHUTDOWN_GRACE,
+                ),
+            );
         }
         if let Some(certs) = file_certs.clone() {
-            tracker.spawn(watch_cert_files(
-                certs,
-                Arc::clone(&self.metrics),
-                cancel.clone(),
-            ));
+            supervisor.spawn(
+                "certificate files",
+                watch_cert_files(certs, Arc::clone(&self.metrics), cancel.clone()),
+            );
         }
         let admin = Arc::new(Admin {
             pipelines: self.pipelines.clone(),
@@ -270,24 +282,27 @@ impl Server {
         // L2: the admin listener gets the public listeners' deadlines and its own small cap:
         // a probe or a scrape needs a connection or two, and a container may expose it.
         info!(listener = "admin", addr = %self.admin.local_addr()?, "listening");
-        tracker.spawn(listener::serve(
-            self.admin,
-            admin::router(admin),
-            Transport::Plain,
-            Limits {
-                max_connections: ADMIN_MAX_CONNECTIONS,
-                ..limits
-            },
-            CloseCounters::new("admin", &self.metrics),
-            cancel.clone(),
-            SHUTDOWN_GRACE,
-        ));
+        supervisor.spawn(
+            "listener admin",
+            listener::serve(
+                self.admin,
+                admin::router(admin),
+                Transport::Plain,
+                Limits {
+                    max_connections: ADMIN_MAX_CONNECTIONS,
+                    ..limits
+                },
+                CloseCounters::new("admin", &self.metrics),
+                cancel.clone(),
+                SHUTDOWN_GRACE,
+            ),
+        );
 
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let stop = cancel.clone();
         let metrics = Arc::clone(&self.metrics);
-        tracker.spawn(async move {
+        supervisor.spawn("signals", async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -303,30 +318,42 @@ impl Server {
         });
 
         if let Some(interval) = systemd::watchdog_interval() {
-            let stop = cancel.clone();
-            tracker.spawn(async move {
-                loop {
-                    systemd::watchdog_ping();
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(interval) => {}
-                    }
-                }
-            });
+            supervisor.spawn("watchdog", watchdog(interval, heartbeats, cancel.clone()));
         }
         systemd::ready(&format!("serving {} issuer(s)", self.config.issuers.len()));
 
-        shutdown.await;
+        let failed = tokio::select! {
+            () = shutdown => None,
+            why = supervisor.failure() => Some(why),
+        };
         systemd::stopping();
-        cancel.cancel();
-        tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(grace = ?SHUTDOWN_GRACE, "tasks still running at the end of the grace period");
+        let failed_while_stopping = supervisor.stop(SHUTDOWN_GRACE).await;
+        match failed.or(failed_while_stopping) {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+/// What a refresh may take beyond its source's fetch timeout before the watchdog stops.
+const REFRESH_SLACK: Duration = Duration::from_secs(60);
+
+/// L5: pings systemd's watchdog every `interval` while no refresh is stuck, so that a hung
+/// disk or lock gets the process restarted rather than serving stale keys "alive".
+async fn watchdog(interval: Duration, heartbeats: Arc<Heartbeats>, cancel: CancellationToken) {
+    let mut was_stuck = Vec::new();
+    loop {
+        let stuck = heartbeats.stuck();
+        if stuck.is_empty() {
+            systemd::watchdog_ping();
+        } else if stuck != was_stuck {
+            error!(sources = ?stuck, "a refresh is stuck; no more watchdog pings, for systemd to restart oidc-edge");
+        }
+        was_stuck = stuck;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use super::validate::validate;
 use super::{PublicJwk, unix_now};
 use crate::config::IssuerConfig;
 use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
+use crate::supervisor::Heartbeat;
 
 /// The first retry after a failure; each further failure doubles it.
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -473,12 +474,13 @@ pub async fn run_source<S: KeySource>(
     interval: Duration,
     cancel: CancellationToken,
     mut refresh_now: watch::Receiver<()>,
+    heartbeat: Arc<Heartbeat>,
 ) {
     let mut failures = 0u32;
     loop {
         let healthy = tokio::select! {
             _ = cancel.cancelled() => return,
-            healthy = pipeline.refresh(index, &mut source) => healthy,
+            healthy = heartbeat.beat(pipeline.refresh(index, &mut source)) => healthy,
         };
         failures = if healthy {
             0

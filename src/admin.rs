@@ -30,13 +30,30 @@ pub struct Admin {
 }
 
 pub fn router(admin: Arc<Admin>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .with_state(admin)
+        .with_state(admin);
+    guarded(router)
 }
+
+/// The admin router's request deadline and panic guard.
+fn guarded(router: Router) -> Router {
+    router
+        // L5: /readyz, /status and /metrics wait on each issuer's pipeline lock, which a hung
+        // state write would hold: a probe then gets a 503, not a request that never ends.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            ADMIN_REQUEST_TIMEOUT,
+        ))
+        // A bug in a handler answers 500 and is logged, rather than dropping the connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+}
+
+/// How long an admin request may take: a probe's own timeout is usually 1 s to 10 s.
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn statuses(admin: &Admin) -> Vec<IssuerStatus> {
     let mut all = Vec::with_capacity(admin.pipelines.len());
@@ -140,6 +157,39 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt as _;
+
+    async fn answer(router: Router, path: &str) -> (u16, String) {
+        let request = http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = router.oneshot(request).await.expect("infallible");
+        let status = response.status().as_u16();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn panics() -> &'static str {
+        panic!("a bug")
+    }
+
+    /// L5: a handler stuck on a lock (a hung state write holds the pipeline's) answers 503
+    /// after ADMIN_REQUEST_TIMEOUT; a panicking one answers 500.
+    #[tokio::test(start_paused = true)]
+    async fn stuck_or_panicking_admin_handlers_still_answer() {
+        let router = guarded(
+            Router::new()
+                .route("/stuck", get(std::future::pending::<&str>))
+                .route("/panics", get(panics)),
+        );
+        let started = tokio::time::Instant::now();
+        assert_eq!(answer(router.clone(), "/stuck").await.0, 503);
+        assert_eq!(started.elapsed(), ADMIN_REQUEST_TIMEOUT);
+        assert_eq!(answer(router, "/panics").await.0, 500);
+    }
 
     fn issuer(published: bool, confirmed_at: Option<u64>) -> IssuerStatus {
         IssuerStatus {

@@ -44,8 +44,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 #[derive(Default)]
 struct Tally {
     /// Attacker connections open now, and the most at once.
-    held: AtomicU64,
-    peak_held: AtomicU64,
+    held: Open,
     /// Attacker connections opened in all.
     opened: AtomicU64,
     /// Attacker connections the server closed (deadline, limit, or GOAWAY).
@@ -62,9 +61,7 @@ struct Tally {
 impl Tally {
     fn opened(&self) -> Held<'_> {
         self.opened.fetch_add(1, Ordering::Relaxed);
-        let now = self.held.fetch_add(1, Ordering::Relaxed) + 1;
-        self.peak_held.fetch_max(now, Ordering::Relaxed);
-        Held(self)
+        self.held.enter()
     }
 
     fn get(counter: &AtomicU64) -> u64 {
@@ -72,12 +69,27 @@ impl Tally {
     }
 }
 
-/// One open attacker connection, counted in `held` while it lives.
-struct Held<'a>(&'a Tally);
+/// Connections open now, and the most at once.
+#[derive(Default)]
+struct Open {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Open {
+    fn enter(&self) -> Held<'_> {
+        let now = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Held(self)
+    }
+}
+
+/// One open attacker connection, counted in [`Open`] while it lives.
+struct Held<'a>(&'a Open);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::Relaxed);
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -670,7 +682,7 @@ async fn abuse(what: &str, limits: &str, attack: Attack) {
          and GOAWAYs {}; ordinary client {} requests ok, {} failed, p50 {:?} p99 {:?} max {:?} \
          (slowest fresh HTTPS {:?}, kept-alive HTTPS {:?}, plain {:?}); server RSS peak {} KiB sampled, VmHWM {} KiB",
         t(&tally.opened),
-        t(&tally.peak_held),
+        t(&tally.held.peak),
         t(&tally.dropped),
         t(&tally.answered_431),
         t(&tally.bodies_answered),
@@ -696,9 +708,9 @@ async fn abuse(what: &str, limits: &str, attack: Attack) {
     );
     // Every attack happened: otherwise this test proves nothing.
     assert!(
-        t(&tally.peak_held) >= conns * 9 / 10,
+        t(&tally.held.peak) >= conns * 9 / 10,
         "only {} held",
-        t(&tally.peak_held)
+        t(&tally.held.peak)
     );
     if !attack.floods {
         // Beyond the cap, the server made room again and again.
@@ -786,24 +798,13 @@ struct StallTally {
     /// Of those, the ones the server closed.
     closed: AtomicU64,
     /// Stalled connections open now, and the most at once.
-    held: AtomicU64,
-    peak_held: AtomicU64,
+    held: Open,
 }
 
 impl StallTally {
-    fn stalled(&self) -> StallHeld<'_> {
+    fn stalled(&self) -> Held<'_> {
         self.stalled.fetch_add(1, Ordering::Relaxed);
-        let now = self.held.fetch_add(1, Ordering::Relaxed) + 1;
-        self.peak_held.fetch_max(now, Ordering::Relaxed);
-        StallHeld(self)
-    }
-}
-
-struct StallHeld<'a>(&'a StallTally);
-
-impl Drop for StallHeld<'_> {
-    fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::Relaxed);
+        self.held.enter()
     }
 }
 
@@ -1024,7 +1025,7 @@ async fn clients_that_stop_reading_cannot_hold_the_listeners() {
             "{what}: {} opened, {} stalled ({} at once at peak), {} of them closed by the server",
             t(&tally.opened),
             t(&tally.stalled),
-            t(&tally.peak_held),
+            t(&tally.held.peak),
             t(&tally.closed)
         );
     }

@@ -444,6 +444,12 @@ impl IssuerPipeline {
         }
     }
 
+    /// Whether the published ledger is on disk, with no write pending after a failure (M2).
+    /// `render` runs once and has no later refresh to retry in, so it asks (L6).
+    pub async fn persisted(&self) -> bool {
+        !self.state.lock().await.dirty
+    }
+
     /// Writes the ledger; returns whether it is on disk. A failure is logged and counted, and
     /// the caller retries on the next refresh (M2).
     async fn persist(&self, ledger: &Ledger, confirmed_at: Option<u64>) -> bool {

@@ -278,6 +278,21 @@ impl IssuerPipeline {
                         for dropped in &valid.dropped {
                             warn!(issuer, source = %name, "key left out: {dropped}");
                         }
+                        // S4, D-11: once per key, not on every refresh: only a key this source
+                        // did not already list with the same material is news.
+                        let known = state.sets[i].as_deref().unwrap_or_default();
+                        for note in &valid.non_minimal {
+                            let listed = valid
+                                .keys
+                                .iter()
+                                .find(|k| k.kid == note.kid)
+                                .is_some_and(|k| known.contains(k));
+                            if !listed {
+                                let members: Vec<&str> =
+                                    note.members.iter().map(|(m, _)| *m).collect();
+                                warn!(issuer, source = %name, kid = %note.kid, members = ?members, "{note}");
+                            }
+                        }
                         candidate = Some(valid.keys);
                     }
                     Err(rejected) => {

@@ -817,3 +817,84 @@ fn render_fails_and_keeps_the_old_files_when_the_state_cannot_be_saved() {
         "the files of the last good render stay"
     );
 }
+
+#[test]
+fn trust_policy_keeps_a_trailing_slash_of_the_issuer_and_says_why() {
+    // S7, A-2: IAM keeps the provider URL as created (a trailing '/' makes another provider),
+    // and STS finds the provider by the token's `iss`, which carries the '/' of such an
+    // issuer. So the ARN and the condition keys keep it; stripping it would name a provider
+    // that does not exist.
+    for (issuer, provider) in [
+        ("https://oidc.example.com/", "oidc.example.com/"),
+        (
+            "https://edge.example.com/cluster-a/",
+            "edge.example.com/cluster-a/",
+        ),
+    ] {
+        let out = run(&[
+            "aws",
+            "trust-policy",
+            "--issuer",
+            issuer,
+            "--account-id",
+            "123456789012",
+            "--namespace",
+            "default",
+            "--service-account",
+            "s3-lister",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{issuer}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                r#"{{
+  "Statement": [
+    {{
+      "Action": "sts:AssumeRoleWithWebIdentity",
+      "Condition": {{
+        "StringEquals": {{
+          "{provider}:aud": "sts.amazonaws.com",
+          "{provider}:sub": "system:serviceaccount:default:s3-lister"
+        }}
+      }},
+      "Effect": "Allow",
+      "Principal": {{
+        "Federated": "arn:aws:iam::123456789012:oidc-provider/{provider}"
+      }}
+    }}
+  ],
+  "Version": "2012-10-17"
+}}
+"#
+            )
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "oidc-edge: note: the issuer ends in '/', so the provider {provider} in the ARN and \
+                 in the condition keys does too: IAM keeps a provider URL as it was created, and \
+                 STS finds the provider by the token's iss, which ends in '/' as well (A-2, F-1). \
+                 Create the provider with --url {issuer} exactly, as `oidc-edge aws provider` \
+                 prints it.\n"
+            )
+        );
+    }
+    let out = run(&[
+        "aws",
+        "trust-policy",
+        "--issuer",
+        ISSUER,
+        "--account-id",
+        "123456789012",
+        "--namespace",
+        "default",
+        "--service-account",
+        "s3-lister",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "no note without a '/'"
+    );
+}

@@ -61,6 +61,13 @@ pub async fn provider_command(
     ))
 }
 
+/// A trust policy and what to tell the operator about it (on stderr, so stdout stays JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustPolicy {
+    pub policy: String,
+    pub note: Option<String>,
+}
+
 /// The role trust policy for one service account.
 pub fn trust_policy(
     issuer: &str,
@@ -68,7 +75,7 @@ pub fn trust_policy(
     namespace: &str,
     service_account: &str,
     audience: &str,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<TrustPolicy> {
     Issuer::parse(issuer).map_err(|e| anyhow::anyhow!("--issuer {e}"))?;
     if account_id.len() != 12 || !account_id.bytes().all(|b| b.is_ascii_digit()) {
         bail!("--account-id {account_id:?} is not a 12-digit AWS account id");
@@ -87,8 +94,23 @@ pub fn trust_policy(
             bail!("{flag} {value:?} is not a Kubernetes name (lowercase letters, digits, '-')");
         }
     }
-    // A-2: the provider is named by the issuer without its scheme.
+    // A-2: the provider is named by the issuer without its scheme, byte for byte.
+    //
+    // S7: a trailing '/' stays. IAM does not normalise a provider URL (`https://h` and
+    // `https://h/` are two providers), and STS looks the provider up by the token's `iss`,
+    // which for such an issuer ends in '/' (we publish the issuer byte-exact, D-6, and the
+    // apiserver must sign with the same string, F-1). A working provider for an issuer with a
+    // '/' is named `h/` in its ARN and in its `h/:aud` keys; stripping the '/' here would name
+    // a provider that does not exist. Refusing would refuse a valid setup; say it instead.
     let provider = issuer.trim_start_matches("https://");
+    let note = issuer.ends_with('/').then(|| {
+        format!(
+            "the issuer ends in '/', so the provider {provider} in the ARN and in the condition \
+             keys does too: IAM keeps a provider URL as it was created, and STS finds the \
+             provider by the token's iss, which ends in '/' as well (A-2, F-1). Create the \
+             provider with --url {issuer} exactly, as `oidc-edge aws provider` prints it."
+        )
+    });
     let policy = json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -105,5 +127,5 @@ pub fn trust_policy(
     });
     let mut text = serde_json::to_string_pretty(&policy).expect("a policy serialises");
     text.push('\n');
-    Ok(text)
+    Ok(TrustPolicy { policy: text, note })
 }

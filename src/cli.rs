@@ -24,7 +24,8 @@ pub enum Command {
     /// (exit 0 all pass, 2 any fails).
     Check(CheckArgs),
     /// Fetch the configured sources once and write the static files to publish elsewhere
-    /// (Cloudflare Pages, S3), byte-identical to what `serve` answers.
+    /// (Cloudflare Pages, S3), byte-identical to what `serve` answers. Like `serve`, it keeps
+    /// vanished keys for `key_retention` through the state in `[state] dir`.
     Render(RenderArgs),
     /// Helpers for AWS IAM.
     Aws {

@@ -105,7 +105,12 @@ fn main() -> ExitCode {
                 &service_account,
                 &audience,
             )
-            .map(|p| print(&p)),
+            .map(|p| {
+                if let Some(note) = &p.note {
+                    eprintln!("oidc-edge: note: {note}");
+                }
+                print(&p.policy);
+            }),
         }),
     }
 }

@@ -2,20 +2,26 @@
 //! through the same validation and merge as `serve`, and the documents are written as files,
 //! byte-identical to what `serve` answers, plus what the host needs to serve them with the
 //! right headers: `_headers` for Cloudflare Pages, or an object manifest for S3.
+//!
+//! L6: each issuer goes through `serve`'s own pipeline, driven once: restore the ledger from
+//! `[state] dir`, refresh every source, save the ledger back. So a key that vanished upstream
+//! stays published for `key_retention` across renders (cron, CI) as it does in `serve`
+//! (X-6, Z-9), and the bytes are `serve`'s by construction, not by a second copy of the merge.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use tracing::warn;
 
 use crate::cli::Layout;
 use crate::config::{Config, JwksContentType};
-use crate::jwks::merge::{Ledger, merge};
-use crate::jwks::source::{AnySource, Fetched, KeySource as _};
-use crate::jwks::store::Snapshot;
-use crate::jwks::validate::validate;
+use crate::jwks::persist::{StateFile, create_state_dir, write_public};
+use crate::jwks::refresh::IssuerPipeline;
+use crate::jwks::source::{AnySource, KeySource as _};
+use crate::jwks::store::DocumentStore;
+use crate::metrics::Metrics;
 
 /// One written object and the headers it must be served with.
 #[derive(Debug, Clone, Serialize)]
@@ -28,43 +34,55 @@ pub struct Object {
 
 /// Fetches every source once and writes the tree under `out`. Several hosts each get a
 /// directory named after the host (a Pages site or bucket per host).
+///
+/// Any failing source, refused set or refused merge fails the render before that issuer's
+/// files are touched, so the files already published stay the last good ones. So does a
+/// state file that cannot be written: the next render would otherwise drop retained keys.
 pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Result<Vec<Object>> {
     let mut hosts: Vec<&str> = config.issuers.iter().map(|i| i.issuer.host()).collect();
     hosts.sort_unstable();
     hosts.dedup();
     let per_host = hosts.len() > 1;
-    let now = crate::jwks::unix_now();
+    create_state_dir(&config.state_dir)?;
+    let store = Arc::new(DocumentStore::new(config.issuers.len()));
+    let metrics = Arc::new(Metrics::new());
     let mut written: Vec<(PathBuf, Object)> = Vec::new();
-    for cfg in &config.issuers {
-        let mut sets = Vec::with_capacity(cfg.sources.len());
-        for source in &cfg.sources {
-            let mut fetcher = AnySource::from_config(&source.kind, source.timeout)?;
-            let name = fetcher.describe();
-            let body = match fetcher
-                .fetch_key_set()
-                .await
-                .with_context(|| format!("{}: {name}", cfg.issuer))?
-            {
-                Fetched::Body { body, .. } => body,
-                Fetched::Unchanged => bail!("{}: {name}: nothing fetched", cfg.issuer),
-            };
-            let valid = validate(&body)
-                .with_context(|| format!("{}: {name}: key set refused", cfg.issuer))?;
-            for dropped in &valid.dropped {
-                warn!(issuer = %cfg.issuer, source = %name, "key left out: {dropped}");
+    for (index, cfg) in config.issuers.iter().enumerate() {
+        let mut fetchers = cfg
+            .sources
+            .iter()
+            .map(|source| AnySource::from_config(&source.kind, source.timeout))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let state_file = StateFile::new(&config.state_dir, cfg.issuer.as_str());
+        let state_path = state_file.path().to_owned();
+        let pipeline = IssuerPipeline::new(
+            index,
+            cfg.clone(),
+            Arc::clone(&store),
+            state_file,
+            Arc::clone(&metrics),
+            fetchers.iter().map(|f| f.describe()).collect(),
+        );
+        pipeline.restore().await;
+        for (i, fetcher) in fetchers.iter_mut().enumerate() {
+            if !pipeline.refresh(i, fetcher).await {
+                let status = pipeline.status().await;
+                let source = &status.sources[i];
+                let reason = source.last_error.as_deref().unwrap_or("nothing fetched");
+                bail!("{}: {}: {reason}", cfg.issuer, source.source);
             }
-            sets.push(valid.keys);
         }
-        let views: Vec<Option<&[_]>> = sets.iter().map(|s| Some(s.as_slice())).collect();
-        let ledger = merge(
-            &views,
-            &Ledger::default(),
-            now,
-            cfg.key_retention,
-            cfg.max_keys,
-        )
-        .with_context(|| format!("{}: merged key set refused", cfg.issuer))?;
-        let snapshot = Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger);
+        if !pipeline.persisted().await {
+            bail!(
+                "{}: could not save the key set to {}; without it the next render loses \
+                 rotation grace",
+                cfg.issuer,
+                state_path.display()
+            );
+        }
+        let snapshot = store
+            .get(index)
+            .with_context(|| format!("{}: no key set to publish", cfg.issuer))?;
         let base = if per_host {
             out.join(cfg.issuer.host())
         } else {
@@ -89,7 +107,7 @@ pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Resu
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            std::fs::write(&file, body)
+            write_public(&file, body)
                 .with_context(|| format!("cannot write {}", file.display()))?;
             written.push((
                 base.clone(),
@@ -112,14 +130,14 @@ pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Resu
         match layout {
             Layout::Pages => {
                 let file = base.join("_headers");
-                std::fs::write(&file, pages_headers(&objects))
+                write_public(&file, pages_headers(&objects).as_bytes())
                     .with_context(|| format!("cannot write {}", file.display()))?;
             }
             Layout::S3 => {
                 let file = base.join("s3-objects.json");
                 let mut json = serde_json::to_vec_pretty(&objects).expect("objects serialise");
                 json.push(b'\n');
-                std::fs::write(&file, json)
+                write_public(&file, &json)
                     .with_context(|| format!("cannot write {}", file.display()))?;
             }
         }

@@ -77,6 +77,25 @@ impl Site {
                     .push((cfg.issuer.host().into(), Route { issuer, doc }));
             }
         }
+        // F-1: discovery also where naive concatenation lands for an issuer ending in '/'.
+        // Same route, so the same bytes and headers. A configured path of another issuer on
+        // the same host (`https://h/a//` against `https://h/a/`) keeps its own document.
+        for (issuer, cfg) in issuers.iter().enumerate() {
+            let Some(path) = cfg.issuer.concatenated_discovery_path() else {
+                continue;
+            };
+            let host = cfg.issuer.host();
+            let routes = by_path.entry(path.into()).or_default();
+            if !routes.hosts.iter().any(|(h, _)| &**h == host) {
+                routes.hosts.push((
+                    host.into(),
+                    Route {
+                        issuer,
+                        doc: Doc::Discovery,
+                    },
+                ));
+            }
+        }
         let issuers = issuers
             .iter()
             .map(|cfg| IssuerHeaders {

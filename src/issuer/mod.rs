@@ -114,6 +114,16 @@ impl Issuer {
         format!("{}{DISCOVERY_SUFFIX}", self.prefix)
     }
 
+    /// F-1: the path a client asks that builds `<issuer>/.well-known/openid-configuration` by
+    /// string concatenation, when the issuer ends in '/': `//.well-known/…` for `https://h/`,
+    /// `/a//.well-known/…` for `https://h/a/`. F-1 recommends answering discovery there as well.
+    /// `None` for an issuer without a trailing '/', where concatenation gives the D-3 path.
+    pub fn concatenated_discovery_path(&self) -> Option<String> {
+        self.raw
+            .ends_with('/')
+            .then(|| format!("{}/{DISCOVERY_SUFFIX}", self.prefix))
+    }
+
     /// `<issuer path>/openid/v1/jwks`, where kube-apiserver serves its JWKS.
     pub fn default_jwks_path(&self) -> String {
         format!("{}{DEFAULT_JWKS_SUFFIX}", self.prefix)
@@ -188,6 +198,30 @@ mod tests {
             issuer.default_jwks_path(),
             "/cluster/identifier/openid/v1/jwks"
         );
+    }
+
+    #[test]
+    fn concatenation_on_a_trailing_slash_gives_a_double_slash_path() {
+        let cases = [
+            ("https://oidc.example.com", None),
+            (
+                "https://oidc.example.com/",
+                Some("//.well-known/openid-configuration"),
+            ),
+            ("https://edge.example.com/cluster-a", None),
+            (
+                "https://edge.example.com/cluster-a/",
+                Some("/cluster-a//.well-known/openid-configuration"),
+            ),
+        ];
+        for (raw, want) in cases {
+            let issuer = Issuer::parse(raw).expect(raw);
+            assert_eq!(
+                issuer.concatenated_discovery_path().as_deref(),
+                want,
+                "{raw}"
+            );
+        }
     }
 
     #[test]

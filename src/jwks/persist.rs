@@ -208,9 +208,20 @@ impl StateFile {
 /// and rename a mix of both; a leftover or a symlink at a temp name is never followed. A failed
 /// write removes its temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+/// [`write_atomic`] for a public document (`render`'s output): created 0644 (less the umask),
+/// like the plain write it replaces, so that a web server running as another user can read
+/// it (L6).
+pub fn write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let (tmp, mut file) = create_temp(dir, name)?;
+    let (tmp, mut file) = create_temp(dir, name, mode)?;
     let written = (|| {
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -224,8 +235,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// A new file `.{name}.{pid}.{unique}.tmp` in `dir`, created 0600 with O_EXCL.
-fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+/// A new file `.{name}.{pid}.{unique}.tmp` in `dir`, created with `mode` and O_EXCL.
+fn create_temp(dir: &Path, name: &str, mode: u32) -> io::Result<(PathBuf, File)> {
     use std::hash::{BuildHasher as _, Hasher as _};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -238,7 +249,7 @@ fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
         match OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)
         {
             Ok(file) => return Ok((tmp, file)),

@@ -279,6 +279,21 @@ impl IssuerPipeline {
                         for dropped in &valid.dropped {
                             warn!(issuer, source = %name, "key left out: {dropped}");
                         }
+                        // S4, D-11: once per key, not on every refresh: only a key this source
+                        // did not already list with the same material is news.
+                        let known = state.sets[i].as_deref().unwrap_or_default();
+                        for note in &valid.non_minimal {
+                            let listed = valid
+                                .keys
+                                .iter()
+                                .find(|k| k.kid == note.kid)
+                                .is_some_and(|k| known.contains(k));
+                            if !listed {
+                                let members: Vec<&str> =
+                                    note.members.iter().map(|(m, _)| *m).collect();
+                                warn!(issuer, source = %name, kid = %note.kid, members = ?members, "{note}");
+                            }
+                        }
                         candidate = Some(valid.keys);
                     }
                     Err(rejected) => {
@@ -443,6 +458,12 @@ impl IssuerPipeline {
             confirmed_at: confirmed_at.map(|d| d.as_secs()),
             sources: state.sources.clone(),
         }
+    }
+
+    /// Whether the published ledger is on disk, with no write pending after a failure (M2).
+    /// `render` runs once and has no later refresh to retry in, so it asks (L6).
+    pub async fn persisted(&self) -> bool {
+        !self.state.lock().await.dirty
     }
 
     /// Writes the ledger; returns whether it is on disk. A failure is logged and counted, and

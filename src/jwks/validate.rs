@@ -5,6 +5,9 @@
 //!   nothing usable left): the caller keeps its last good set;
 //! - single keys are [`Dropped`] with a reason (weak, unknown type, malformed): the caller warns
 //!   and publishes the rest.
+//!
+//! Keys that are published but bend a rule a strict relying party may enforce come back as
+//! [`NonMinimal`] notes, for the caller to warn about.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +38,39 @@ pub const MAX_NAME_BYTES: usize = 32;
 pub struct Validated {
     pub keys: Vec<PublicJwk>,
     pub dropped: Vec<Dropped>,
+    /// Published keys whose RSA integers carry leading zero octets (S4, D-11), by kid.
+    pub non_minimal: Vec<NonMinimal>,
+}
+
+/// S4, D-11: an RSA key whose `n` or `e` has leading zero octets. RFC 7518 §2 says a
+/// Base64urlUInt "MUST utilize the minimum number of octets", so a strict relying party may
+/// refuse the key; most decode it fine. It is published as the source wrote it anyway:
+/// re-encoding would change its bytes against upstream (X-1) and against every replica that
+/// fetched the same set. The caller warns, once per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonMinimal {
+    pub kid: String,
+    /// Each member with its count of leading zero octets, `n` before `e`.
+    pub members: Vec<(&'static str, usize)>,
+}
+
+impl fmt::Display for NonMinimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kid {:?}: ", self.kid)?;
+        for (i, (member, zeros)) in self.members.iter().enumerate() {
+            let plural = if *zeros == 1 { "" } else { "s" };
+            let and = if i == 0 { "" } else { " and " };
+            write!(
+                f,
+                "{and}\"{member}\" has {zeros} leading zero octet{plural}"
+            )?;
+        }
+        f.write_str(
+            "; Base64urlUInt must use the fewest octets (D-11, RFC 7518 §2). Published as the \
+             source wrote it, since re-encoding would change its bytes; a strict relying party \
+             may refuse this key",
+        )
+    }
 }
 
 /// A key left out of the published set, and why.
@@ -114,12 +150,14 @@ pub fn validate(body: &[u8]) -> Result<Validated, Rejected> {
 
     let mut by_kid: BTreeMap<String, PublicJwk> = BTreeMap::new();
     let mut dropped = Vec::new();
+    let mut non_minimal = Vec::new();
     for (index, raw) in raw_keys.iter().enumerate() {
         match public_key(raw) {
             Ok(jwk) => match by_kid.get(&jwk.kid) {
                 Some(seen) if *seen == jwk => {}
                 Some(_) => return Err(Rejected::ConflictingKid(jwk.kid)),
                 None => {
+                    non_minimal.extend(non_minimal_integers(&jwk));
                     by_kid.insert(jwk.kid.clone(), jwk);
                 }
             },
@@ -133,9 +171,28 @@ pub fn validate(body: &[u8]) -> Result<Validated, Rejected> {
     if by_kid.is_empty() {
         return Err(Rejected::NoUsableKey(dropped));
     }
+    non_minimal.sort_by(|a, b| a.kid.cmp(&b.kid));
     Ok(Validated {
         keys: by_kid.into_values().collect(),
         dropped,
+        non_minimal,
+    })
+}
+
+/// S4: the leading zero octets of an accepted RSA key's `n` and `e`, if any.
+fn non_minimal_integers(jwk: &PublicJwk) -> Option<NonMinimal> {
+    let members: Vec<(&'static str, usize)> = [("n", &jwk.n), ("e", &jwk.e)]
+        .into_iter()
+        .filter_map(|(member, text)| {
+            // Accepted keys decode (`required_b64`); a value that did not counts as minimal.
+            let bytes = URL_SAFE_NO_PAD.decode(text.as_deref()?).ok()?;
+            let zeros = bytes.iter().take_while(|b| **b == 0).count();
+            (zeros > 0).then_some((member, zeros))
+        })
+        .collect();
+    (!members.is_empty()).then(|| NonMinimal {
+        kid: jwk.kid.clone(),
+        members,
     })
 }
 

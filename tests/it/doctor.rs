@@ -544,6 +544,20 @@ async fn aws_provider_prints_the_thumbprint_check_reports_and_trust_policy_has_t
     );
 }
 
+/// A child process stopped (SIGTERM by its PID, then reaped) when dropped, also when an
+/// assertion fails first: a leaked nginx would hold the test's stdout open.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn render_writes_what_serve_serves_byte_for_byte() {
     let scratch = Scratch::new();
@@ -584,11 +598,13 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
             site = out_dir.display()
         ),
     );
-    let mut nginx = std::process::Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .spawn()
-        .expect("nginx");
+    let nginx = StopOnDrop(
+        std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx"),
+    );
     let server = Server::start(&config);
     let http = crate::support::client();
     for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
@@ -614,11 +630,7 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
             .expect("body");
         assert_eq!(from_files.expect("nginx answered"), served, "{path}");
     }
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(nginx.id().to_string())
-        .status();
-    let _ = nginx.wait();
+    drop(nginx);
 
     let s3 = run(&[
         "render",
@@ -637,4 +649,252 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
     assert_eq!(objects[1]["key"], "openid/v1/jwks");
     assert_eq!(objects[1]["content_type"], "application/json");
     assert_eq!(objects[1]["cache_control"], "public, max-age=300");
+}
+
+/// `render` with key_retention and a state directory: the config for the L6 test.
+fn render_config(scratch: &Scratch) -> std::path::PathBuf {
+    scratch.write(
+        "config.toml",
+        "[[issuers]]\nissuer = \"https://oidc.example.com\"\nkey_retention = \"1h\"\n\
+         [[issuers.sources]]\nkind = \"file\"\npath = \"jwks.json\"\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n[log]\nlevel = \"info\"\n",
+    )
+}
+
+/// `oidc-edge render` into `scratch/site`; panics unless it succeeds.
+fn render_site(scratch: &Scratch, config: &std::path::Path) {
+    let out = run(&[
+        "render",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        scratch.path("site").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The JWKS `serve` publishes for `sets` merged (keys sorted by kid), as exact bytes.
+fn jwks_of(sets: &[&str]) -> String {
+    let mut keys: Vec<oidc_edge::jwks::PublicJwk> = sets
+        .iter()
+        .flat_map(|set| {
+            oidc_edge::jwks::validate::validate(set.as_bytes())
+                .expect("fixture")
+                .keys
+        })
+        .collect();
+    keys.sort_by(|a, b| a.kid.cmp(&b.kid));
+    keys.dedup();
+    String::from_utf8(oidc_edge::jwks::render_jwks(&keys).to_vec()).expect("utf-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_keeps_rotation_grace_across_runs_like_serve() {
+    // L6: cron renders {3wms, 08az}, the cluster rotates to {jvAl, 08az}, cron renders again.
+    // Tokens signed by 3wms stay valid for a while (X-6, Z-9), so 3wms must stay published
+    // for key_retention, exactly as `serve` keeps it.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = render_config(&scratch);
+    render_site(&scratch, &config);
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("site/openid/v1/jwks")).expect("jwks"),
+        jwks_of(&[K3S])
+    );
+    scratch.replace("jwks.json", crate::support::ROTATED);
+    render_site(&scratch, &config);
+    let rendered = std::fs::read_to_string(scratch.path("site/openid/v1/jwks")).expect("jwks");
+    assert_eq!(rendered, jwks_of(&[K3S, crate::support::ROTATED]));
+    let names: Vec<String> = std::fs::read_dir(scratch.path("site/openid/v1"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["jwks"], "no temporary file left behind");
+
+    // `serve` on the same state and source, once the source has answered, publishes the
+    // same bytes.
+    let server = Server::start(&config);
+    crate::support::eventually("the source answered", || async {
+        let (_, status) = crate::support::get(&server.admin_url("/status")).await;
+        let status: Value = serde_json::from_str(&status).expect("status is JSON");
+        status["issuers"][0]["sources"][0]["healthy"] == true
+    })
+    .await;
+    let http = crate::support::client();
+    for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+        let served = http
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        let file = std::fs::read_to_string(scratch.path(&format!("site{path}"))).expect("file");
+        assert_eq!(file, served, "{path}");
+    }
+    server.kill();
+
+    // Once 3wms's grace has run out (its vanish time set two hours back), the next render
+    // drops it.
+    let state = std::fs::read_dir(scratch.path("state"))
+        .expect("state dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("jwks-"))
+        })
+        .expect("render saved the state");
+    let mut doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let past = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        - 7200;
+    let mut retained = 0;
+    for entry in doc["keys"].as_array_mut().expect("keys") {
+        if !entry["vanished_at"].is_null() {
+            entry["vanished_at"] = json!(past);
+            retained += 1;
+        }
+    }
+    assert_eq!(retained, 1, "{doc:#}");
+    std::fs::write(&state, doc.to_string()).expect("write state");
+    render_site(&scratch, &config);
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("site/openid/v1/jwks")).expect("jwks"),
+        jwks_of(&[crate::support::ROTATED])
+    );
+}
+
+#[test]
+fn render_fails_and_keeps_the_old_files_when_the_state_cannot_be_saved() {
+    // L6: a render whose ledger is not on disk would let the next one drop retained keys at
+    // once, so it fails loudly instead (cron mails, CI goes red) and publishes nothing new.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = render_config(&scratch);
+    render_site(&scratch, &config);
+    let state = std::fs::read_dir(scratch.path("state"))
+        .expect("state dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("jwks-"))
+        })
+        .expect("render saved the state");
+    // rename(2) cannot replace a non-empty directory: stands in for ENOSPC or EROFS.
+    std::fs::remove_file(&state).expect("rm");
+    std::fs::create_dir(&state).expect("blocker");
+    std::fs::write(state.join("x"), "x").expect("write");
+    scratch.replace("jwks.json", crate::support::ROTATED);
+    let out = run(&[
+        "render",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        scratch.path("site").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "https://oidc.example.com: could not save the key set to {}; without it the next \
+             render loses rotation grace",
+            state.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("site/openid/v1/jwks")).expect("jwks"),
+        jwks_of(&[K3S]),
+        "the files of the last good render stay"
+    );
+}
+
+#[test]
+fn trust_policy_keeps_a_trailing_slash_of_the_issuer_and_says_why() {
+    // S7, A-2: IAM keeps the provider URL as created (a trailing '/' makes another provider),
+    // and STS finds the provider by the token's `iss`, which carries the '/' of such an
+    // issuer. So the ARN and the condition keys keep it; stripping it would name a provider
+    // that does not exist.
+    for (issuer, provider) in [
+        ("https://oidc.example.com/", "oidc.example.com/"),
+        (
+            "https://edge.example.com/cluster-a/",
+            "edge.example.com/cluster-a/",
+        ),
+    ] {
+        let out = run(&[
+            "aws",
+            "trust-policy",
+            "--issuer",
+            issuer,
+            "--account-id",
+            "123456789012",
+            "--namespace",
+            "default",
+            "--service-account",
+            "s3-lister",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{issuer}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                r#"{{
+  "Statement": [
+    {{
+      "Action": "sts:AssumeRoleWithWebIdentity",
+      "Condition": {{
+        "StringEquals": {{
+          "{provider}:aud": "sts.amazonaws.com",
+          "{provider}:sub": "system:serviceaccount:default:s3-lister"
+        }}
+      }},
+      "Effect": "Allow",
+      "Principal": {{
+        "Federated": "arn:aws:iam::123456789012:oidc-provider/{provider}"
+      }}
+    }}
+  ],
+  "Version": "2012-10-17"
+}}
+"#
+            )
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "oidc-edge: note: the issuer ends in '/', so the provider {provider} in the ARN and \
+                 in the condition keys does too: IAM keeps a provider URL as it was created, and \
+                 STS finds the provider by the token's iss, which ends in '/' as well (A-2, F-1). \
+                 Create the provider with --url {issuer} exactly, as `oidc-edge aws provider` \
+                 prints it.\n"
+            )
+        );
+    }
+    let out = run(&[
+        "aws",
+        "trust-policy",
+        "--issuer",
+        ISSUER,
+        "--account-id",
+        "123456789012",
+        "--namespace",
+        "default",
+        "--service-account",
+        "s3-lister",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "no note without a '/'"
+    );
 }

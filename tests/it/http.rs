@@ -406,3 +406,117 @@ async fn a_request_body_is_ignored() {
     let response = f.app.clone().oneshot(request).await.expect("infallible");
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn naive_concatenation_on_a_trailing_slash_issuer_gets_the_same_discovery_document() {
+    // F-1: a client that builds `<issuer>/.well-known/openid-configuration` by string
+    // concatenation asks `https://oidc.example.com//.well-known/...` when the issuer ends in
+    // '/'. F-1 says to serve discovery there too; only discovery, with identical bytes and
+    // headers.
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = Config::from_toml_str(
+        "[[issuers]]\nissuer = \"https://oidc.example.com/\"\n[[issuers.sources]]\n\
+         kind = \"file\"\npath = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        &scratch.path("config.toml"),
+    )
+    .expect("valid");
+    let store = Arc::new(DocumentStore::new(1));
+    let cfg = &config.issuers[0];
+    store.publish(
+        0,
+        Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(K3S)),
+    );
+    let root = router(
+        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        store,
+    );
+    let f = fixture();
+    // (router, host, the D-3 path, the concatenated path, the issuer the document names)
+    let cases = [
+        (
+            &root,
+            "oidc.example.com",
+            "/.well-known/openid-configuration",
+            "//.well-known/openid-configuration",
+            "https://oidc.example.com/",
+        ),
+        (
+            &f.app,
+            "edge.example.com",
+            "/cluster-b/.well-known/openid-configuration",
+            "/cluster-b//.well-known/openid-configuration",
+            "https://edge.example.com/cluster-b/",
+        ),
+    ];
+    for (app, host, path, concatenated, issuer) in cases {
+        for method in ["GET", "HEAD"] {
+            let want = send(app, method, host, path, &[]).await;
+            let got = send(app, method, host, concatenated, &[]).await;
+            assert_eq!(got.status(), StatusCode::OK, "{concatenated}");
+            assert_eq!(got.headers(), want.headers(), "{method} {concatenated}");
+            assert_eq!(body(got).await, body(want).await, "{method} {concatenated}");
+        }
+        let doc = send(app, "GET", host, concatenated, &[]).await;
+        let doc: serde_json::Value = serde_json::from_slice(&body(doc).await).expect("json");
+        assert_eq!(doc["issuer"], issuer);
+        let etag = header_of(&send(app, "GET", host, path, &[]).await, "etag").to_owned();
+        let again = send(app, "GET", host, concatenated, &[("if-none-match", &etag)]).await;
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    }
+
+    // Only the discovery document, and only for issuers that end in '/'.
+    for (app, host, path) in [
+        (&root, "oidc.example.com", "//openid/v1/jwks"),
+        (&f.app, "edge.example.com", "/cluster-b//keys/b"),
+        (
+            &f.app,
+            "oidc.example.com",
+            "//.well-known/openid-configuration",
+        ),
+        (
+            &f.app,
+            "edge.example.com",
+            "/cluster-a//.well-known/openid-configuration",
+        ),
+        (
+            &root,
+            "oidc.example.com",
+            "///.well-known/openid-configuration",
+        ),
+    ] {
+        let response = send(app, "GET", host, path, &[]).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{host}{path}");
+        assert_eq!(body(response).await, b"not found\n");
+    }
+
+    // An issuer whose own discovery path is that double-slash path keeps it.
+    let config = Config::from_toml_str(
+        "[[issuers]]\nissuer = \"https://edge.example.com/a/\"\n[[issuers.sources]]\n\
+         kind = \"file\"\npath = \"jwks.json\"\n[[issuers]]\nissuer = \"https://edge.example.com/a//\"\n\
+         [[issuers.sources]]\nkind = \"file\"\npath = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        &scratch.path("config.toml"),
+    )
+    .expect("valid");
+    let store = Arc::new(DocumentStore::new(2));
+    for (i, cfg) in config.issuers.iter().enumerate() {
+        store.publish(
+            i,
+            Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(K3S)),
+        );
+    }
+    let app = router(
+        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        store,
+    );
+    let response = send(
+        &app,
+        "GET",
+        "edge.example.com",
+        "/a//.well-known/openid-configuration",
+        &[],
+    )
+    .await;
+    let doc: serde_json::Value = serde_json::from_slice(&body(response).await).expect("json");
+    assert_eq!(doc["issuer"], "https://edge.example.com/a//");
+}

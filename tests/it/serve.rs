@@ -386,3 +386,58 @@ async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appe
     .await;
     restarted.kill();
 }
+
+#[tokio::test]
+async fn non_minimal_rsa_integers_are_published_verbatim_and_warned_about_once_per_key() {
+    // S4, D-11: Base64urlUInt must use the fewest octets, but re-encoding would change the
+    // bytes relative to upstream (X-1), so the key is published as written and the operator
+    // is told once, naming the kid and the members.
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut set: serde_json::Value = serde_json::from_str(K3S).expect("fixture");
+    let rsa = &mut set["keys"][0];
+    assert_eq!(rsa["kty"], "RSA");
+    let kid = rsa["kid"].as_str().expect("kid").to_owned();
+    let n = URL_SAFE_NO_PAD
+        .decode(rsa["n"].as_str().expect("n"))
+        .expect("base64url");
+    let padded = URL_SAFE_NO_PAD.encode([&[0u8][..], &n].concat());
+    rsa["n"] = serde_json::json!(padded);
+    rsa["e"] = serde_json::json!("AAABAAE");
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", &set.to_string());
+    let mut server = Server::start(&scratch.config("50ms"));
+    let line = server.wait_for_log("leading zero");
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains(&format!(
+            "kid {kid:?}: \"n\" has 1 leading zero octet and \"e\" has 2 leading zero octets; \
+             Base64urlUInt must use the fewest octets (D-11, RFC 7518 §2). Published as the \
+             source wrote it, since re-encoding would change its bytes; a strict relying party \
+             may refuse this key"
+        )),
+        "{line}"
+    );
+    let (status, served) = get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(status, 200);
+    assert!(
+        served.contains(&format!(
+            "\"kid\":\"{kid}\",\"alg\":\"RS256\",\"n\":\"{padded}\",\"e\":\"AAABAAE\"}}"
+        )),
+        "{served}"
+    );
+
+    // The source keeps listing the key (and adds one): no second warning for it.
+    let rotated: serde_json::Value = serde_json::from_str(ROTATED).expect("fixture");
+    set["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .push(rotated["keys"][0].clone());
+    scratch.replace("jwks.json", &set.to_string());
+    let new_kid = rotated["keys"][0]["kid"].as_str().expect("kid").to_owned();
+    eventually("the added key", || async {
+        kids(&get(&server.url("/openid/v1/jwks")).await.1).contains(&new_kid)
+    })
+    .await;
+    assert_eq!(server.count_log("leading zero"), 1, "{:#?}", server.log());
+}

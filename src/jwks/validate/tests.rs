@@ -379,6 +379,55 @@ fn duplicate_kids_are_merged_when_identical_and_rejected_when_not() {
 }
 
 #[test]
+fn non_minimal_rsa_integers_are_published_verbatim_and_noted() {
+    // S4, D-11: leading zero octets in `n`/`e` keep the key, as written, with a note.
+    assert!(
+        validate(K3S.as_bytes())
+            .expect("valid")
+            .non_minimal
+            .is_empty()
+    );
+    let mut key = k3s_key(0);
+    assert_eq!(key["kty"], "RSA");
+    let kid = key["kid"].as_str().expect("kid").to_owned();
+    let n = URL_SAFE_NO_PAD
+        .decode(key["n"].as_str().expect("n"))
+        .expect("b64");
+    let padded = URL_SAFE_NO_PAD.encode([&[0u8, 0][..], &n].concat());
+    key["n"] = json!(padded);
+    let v = validate(&set_of(vec![key.clone(), k3s_key(1)])).expect("valid");
+    assert!(v.dropped.is_empty());
+    let rsa = v.keys.iter().find(|k| k.kid == kid).expect("published");
+    assert_eq!(rsa.n.as_deref(), Some(padded.as_str()), "verbatim");
+    assert_eq!(
+        v.non_minimal,
+        [NonMinimal {
+            kid: kid.clone(),
+            members: vec![("n", 2)]
+        }]
+    );
+    assert_eq!(
+        v.non_minimal[0].to_string(),
+        format!(
+            "kid {kid:?}: \"n\" has 2 leading zero octets; Base64urlUInt must use the fewest \
+             octets (D-11, RFC 7518 §2). Published as the source wrote it, since re-encoding \
+             would change its bytes; a strict relying party may refuse this key"
+        )
+    );
+    // `e` alone, and a key listed twice is noted once.
+    key["n"] = k3s_key(0)["n"].clone();
+    key["e"] = json!("AAEAAQ");
+    let v = validate(&set_of(vec![key.clone(), key])).expect("valid");
+    assert_eq!(
+        v.non_minimal,
+        [NonMinimal {
+            kid,
+            members: vec![("e", 1)]
+        }]
+    );
+}
+
+#[test]
 fn bit_length_counts_from_the_first_set_bit() {
     assert_eq!(bit_length(&[]), 0);
     assert_eq!(bit_length(&[0, 0]), 0);

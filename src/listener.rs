@@ -65,6 +65,10 @@ const MAKE_ROOM_WAIT: Duration = Duration::from_millis(250);
 /// hyper hands them to the kernel at once.
 const LONG_AT_CAP: Duration = Duration::from_millis(250);
 
+/// At the cap, how long a connection asked to close gracefully gets before it is dropped
+/// (a responsive client needs a round trip; its answers in flight must not be cut).
+const CLOSING_AT_CAP: Duration = Duration::from_secs(1);
+
 /// At the cap, a connection that has sent nothing for this long goes first. Shorter than
 /// [`LONG_AT_CAP`]: a real client's first bytes leave with its connection.
 const SILENT_AT_CAP: Duration = Duration::from_millis(100);
@@ -499,10 +503,10 @@ impl ConnState {
         let rank = if busy && long {
             Rank::Drop
         } else if closing != 0 {
-            // Asked to close gracefully (an HTTP/2 GOAWAY takes a PING round trip): it gets
-            // LONG_AT_CAP, then it is dropped, but only when nothing stalled or idle is left.
-            let late = now.saturating_sub(closing) >= LONG_AT_CAP.as_millis() as u64;
-            if !late && round == Round::Old {
+            // Asked to close gracefully (an HTTP/2 GOAWAY takes a PING round trip, an answer
+            // may be under way): it gets CLOSING_AT_CAP in every round, then it is dropped,
+            // but only when nothing stalled or idle is left.
+            if now.saturating_sub(closing) < CLOSING_AT_CAP.as_millis() as u64 {
                 return None;
             }
             Rank::Closing
@@ -954,7 +958,7 @@ mod tests {
         assert_eq!(connections.make_room(Round::Old), Some("idle the longest"));
         assert!(proven_idle.state.make_room.is_cancelled());
         assert!(!proven_idle.state.kill.is_cancelled());
-        // While it closes (it gets LONG_AT_CAP for that), the next idlest.
+        // While it closes (it gets CLOSING_AT_CAP for that), the next idlest.
         assert_eq!(connections.make_room(Round::Old), Some("idle the longest"));
         assert!(proven_busy.state.make_room.is_cancelled());
         assert_eq!(
@@ -963,7 +967,7 @@ mod tests {
             "closes get their time"
         );
         // Met again once that time has run out: dropped at once.
-        let late = now_ms() - LONG_AT_CAP.as_millis() as u64;
+        let late = now_ms() - CLOSING_AT_CAP.as_millis() as u64;
         proven_idle.state.closing_ms.store(late, Ordering::Relaxed);
         assert_eq!(
             connections.make_room(Round::Old),

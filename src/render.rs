@@ -17,9 +17,9 @@ use serde::Serialize;
 
 use crate::cli::Layout;
 use crate::config::{Config, JwksContentType};
-use crate::jwks::persist::{StateFile, create_state_dir, write_public};
+use crate::jwks::persist::{create_state_dir, write_public};
 use crate::jwks::refresh::IssuerPipeline;
-use crate::jwks::source::{AnySource, KeySource as _};
+use crate::jwks::source::AnySource;
 use crate::jwks::store::DocumentStore;
 use crate::metrics::Metrics;
 
@@ -53,17 +53,9 @@ pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Resu
             .iter()
             .map(|source| AnySource::from_config(&source.kind, source.timeout))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let state_file = StateFile::new(&config.state_dir, cfg.issuer.as_str());
-        let state_path = state_file.path().to_owned();
-        let pipeline = IssuerPipeline::new(
-            index,
-            cfg.clone(),
-            Arc::clone(&store),
-            state_file,
-            Arc::clone(&metrics),
-            fetchers.iter().map(|f| f.describe()).collect(),
-        );
-        pipeline.restore().await;
+        let pipeline =
+            IssuerPipeline::restored(index, cfg, &config.state_dir, &store, &metrics, &fetchers)
+                .await;
         for (i, fetcher) in fetchers.iter_mut().enumerate() {
             if !pipeline.refresh(i, fetcher).await {
                 let status = pipeline.status().await;
@@ -77,7 +69,7 @@ pub async fn render(config: &Config, out: &Path, layout: Layout) -> anyhow::Resu
                 "{}: could not save the key set to {}; without it the next render loses \
                  rotation grace",
                 cfg.issuer,
-                state_path.display()
+                pipeline.state_path().display()
             );
         }
         let snapshot = store

@@ -17,9 +17,9 @@ use tracing::{Instrument as _, error, info, info_span};
 use crate::admin::{self, Admin};
 use crate::config::{Config, Limits, TlsSource};
 use crate::http::{self, Site};
-use crate::jwks::persist::{StateFile, create_state_dir};
+use crate::jwks::persist::create_state_dir;
 use crate::jwks::refresh::{IssuerPipeline, run_source};
-use crate::jwks::source::{AnySource, KeySource as _};
+use crate::jwks::source::AnySource;
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, CloseCounters, TlsTransport, Transport};
 use crate::metrics::Metrics;
@@ -75,17 +75,9 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let mut pipelines = Vec::with_capacity(config.issuers.len());
         for (index, (cfg, fetchers)) in config.issuers.iter().zip(&sources).enumerate() {
-            let state_file = StateFile::new(&config.state_dir, cfg.issuer.as_str());
-            let names = fetchers.iter().map(|f| f.describe()).collect();
-            let pipeline = IssuerPipeline::new(
-                index,
-                cfg.clone(),
-                Arc::clone(&store),
-                state_file,
-                Arc::clone(&metrics),
-                names,
-            );
-            pipeline.restore().await;
+            let pipeline =
+                IssuerPipeline::restored(index, cfg, &config.state_dir, &store, &metrics, fetchers)
+                    .await;
             pipelines.push(Arc::new(pipeline));
         }
         let http = match &config.http {

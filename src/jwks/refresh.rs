@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use super::merge::{Ledger, dropped_early, merge, replaced_material};
 use super::persist::StateFile;
-use super::source::{FetchError, Fetched, KeySource};
+use super::source::{AnySource, FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
@@ -142,6 +142,33 @@ pub struct IssuerStatus {
 }
 
 impl IssuerPipeline {
+    /// Issuer `index`'s pipeline over `sources`, its persisted set under `state_dir` restored
+    /// and published: how `serve` and `render` both start, so that they serve the same bytes.
+    pub async fn restored(
+        index: usize,
+        cfg: &IssuerConfig,
+        state_dir: &std::path::Path,
+        store: &Arc<DocumentStore>,
+        metrics: &Arc<Metrics>,
+        sources: &[AnySource],
+    ) -> Self {
+        let pipeline = Self::new(
+            index,
+            cfg.clone(),
+            Arc::clone(store),
+            StateFile::new(state_dir, cfg.issuer.as_str()),
+            Arc::clone(metrics),
+            sources.iter().map(KeySource::describe).collect(),
+        );
+        pipeline.restore().await;
+        pipeline
+    }
+
+    /// Where the last good set is persisted.
+    pub fn state_path(&self) -> &std::path::Path {
+        self.state_file.path()
+    }
+
     pub fn new(
         index: usize,
         cfg: IssuerConfig,

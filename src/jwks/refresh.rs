@@ -607,6 +607,95 @@ mod tests {
         p.store.get(0).expect("published").kids.clone()
     }
 
+    /// The value of `oidc_edge_refreshes_total` for `result`, from the exposition text.
+    fn refreshes(p: &IssuerPipeline, result: &str) -> u64 {
+        let needle = format!("source=\"0\",result=\"{result}\"}} ");
+        p.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("oidc_edge_refreshes_total{") && l.contains(&needle))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .expect("value")
+                    .parse::<u64>()
+                    .expect("count")
+            })
+            .sum()
+    }
+
+    /// Every refresh outcome, in a row, against one pipeline: what `refresh` returns, the
+    /// result it counts, the error `/status` shows, and that a failure never changes what is
+    /// published (DESIGN §4: "a failed fetch, a refused set or a refused merge never changes
+    /// what is served").
+    #[tokio::test]
+    async fn each_refresh_outcome_is_counted_and_failures_keep_the_published_set() {
+        const PRIVATE: &str = include_str!("../../tests/fixtures/jwks/private-rsa.json");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "");
+        let clock = || Clock {
+            wall: 1_000,
+            mono: std::time::Instant::now(),
+        };
+        let missing = || {
+            Err(FetchError::File {
+                path: "jwks.json".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+        };
+        // (fetched, healthy, counted as, last error shown)
+        type Row = (
+            Result<Fetched, FetchError>,
+            bool,
+            &'static str,
+            Option<&'static str>,
+        );
+        let table: [Row; 5] = [
+            (body(K3S), true, "ok", None),
+            (Ok(Fetched::Unchanged), true, "unchanged", None),
+            (
+                missing(),
+                false,
+                "fetch_error",
+                Some("jwks.json: entity not found"),
+            ),
+            (body("{}"), false, "rejected", Some("not a JWK set")),
+            (body(PRIVATE), false, "rejected", Some("private")),
+        ];
+        for (n, (fetched, healthy, result, error)) in table.into_iter().enumerate() {
+            let before = refreshes(&p, result);
+            assert_eq!(p.apply(0, "s", fetched, clock()).await, healthy, "row {n}");
+            assert_eq!(
+                refreshes(&p, result),
+                before + 1,
+                "row {n}: counted as {result}"
+            );
+            assert_eq!(
+                published(&p),
+                sorted_kids(K3S),
+                "row {n}: still the first set"
+            );
+            let status = p.status().await.sources[0].clone();
+            assert_eq!(status.healthy, healthy, "row {n}");
+            match error {
+                None => assert_eq!(status.last_error, None, "row {n}"),
+                Some(text) => {
+                    let shown = status.last_error.expect("an error");
+                    assert!(shown.contains(text), "row {n}: {shown}");
+                }
+            }
+        }
+        // A set the merge refuses: more current keys than max_keys.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path(), "max_keys = 1");
+        assert!(!p.apply(0, "s", body(K3S), clock()).await);
+        assert_eq!(refreshes(&p, "merge_rejected"), 1);
+        assert!(
+            p.store.get(0).is_none(),
+            "nothing published, never an empty set"
+        );
+    }
+
     #[tokio::test]
     async fn only_an_unchanged_answer_from_a_healthy_source_confirms() {
         // M3: "unchanged" repeats the source's last result; after a refused body that result

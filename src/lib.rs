@@ -19,6 +19,7 @@ pub mod admin;
 pub mod aws;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod issuer;

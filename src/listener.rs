@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
+use crate::clock::{instant_at, now_ms};
 use crate::config::Limits;
 use crate::metrics::{ConnectionCloseLabels, Metrics};
 
@@ -379,25 +380,6 @@ async fn open(
     }
 }
 
-/// The process's clock for connection activity, in milliseconds: one clock read and one
-/// relaxed store per event, and comparable across connections for eviction.
-static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
-
-/// The clock starts at one day, so that "long ago" is a time like any other (no underflow
-/// for a process that just started).
-const CLOCK_START_MS: u64 = 86_400_000;
-
-fn now_ms() -> u64 {
-    u64::try_from(EPOCH.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(CLOCK_START_MS)
-}
-
-fn instant_at(ms: u64, after: Duration) -> tokio::time::Instant {
-    let since_epoch = Duration::from_millis(ms.saturating_sub(CLOCK_START_MS));
-    tokio::time::Instant::from_std(*EPOCH + since_epoch + after)
-}
-
 /// Every open connection of one listener, so that a full listener can make room. Closed
 /// first: the oldest of those that have sent nothing; then the oldest of those still in the
 /// TLS handshake or their first headers; then the proven one whose last activity is oldest:
@@ -427,16 +409,16 @@ struct ConnState {
     kill: CancellationToken,
     /// Set at the first request.
     proven: AtomicBool,
-    /// When a graceful close began, in ms of [`EPOCH`]; 0 while none has.
+    /// When a graceful close began, in ms of [`crate::clock`]; 0 while none has.
     closing_ms: AtomicU64,
     /// The connection's writes stalled for `send_timeout` ([`SendTimeout`]).
     send_timed_out: AtomicBool,
     /// Responses produced and not yet fully handed to the connection.
     in_flight: AtomicU32,
-    /// When a write started to block ([`SendTimeout`]), in ms of [`EPOCH`]; 0 when none is.
+    /// When a write started to block ([`SendTimeout`]), in ms of [`crate::clock`]; 0 when none is.
     write_blocked_ms: AtomicU64,
     /// When a request last started or a response was last sent (or the connection opened),
-    /// in ms of [`EPOCH`].
+    /// in ms of [`crate::clock`].
     last_activity_ms: AtomicU64,
 }
 

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
+use crate::clock::now_ms;
+
 /// Spawns and watches the long-lived tasks; see the module documentation.
 #[derive(Debug, Clone, Default)]
 pub struct Supervisor {
@@ -115,16 +117,8 @@ pub struct Heartbeats {
 pub struct Heartbeat {
     name: String,
     bound: Duration,
-    /// Milliseconds since [`Heartbeats::epoch`] when the refresh under way started, plus one;
-    /// 0 when none is.
+    /// When the refresh under way started, in ms of [`crate::clock`]; 0 when none is.
     busy_since: AtomicU64,
-}
-
-/// The clock of [`Heartbeat::busy_since`].
-fn since_start_ms() -> u64 {
-    static START: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Heartbeats {
@@ -141,13 +135,13 @@ impl Heartbeats {
 
     /// The names of the sources whose refresh has been under way for longer than its bound.
     pub fn stuck(&self) -> Vec<String> {
-        let now = since_start_ms();
+        let now = now_ms();
         self.lock()
             .iter()
             .filter(|b| {
                 let since = b.busy_since.load(Ordering::Relaxed);
                 since != 0
-                    && now.saturating_sub(since - 1)
+                    && now.saturating_sub(since)
                         > u64::try_from(b.bound.as_millis()).unwrap_or(u64::MAX)
             })
             .map(|b| b.name.clone())
@@ -164,8 +158,7 @@ impl Heartbeats {
 impl Heartbeat {
     /// Runs `refresh`, marked as under way.
     pub async fn beat<T>(&self, refresh: impl Future<Output = T>) -> T {
-        self.busy_since
-            .store(since_start_ms() + 1, Ordering::Relaxed);
+        self.busy_since.store(now_ms(), Ordering::Relaxed);
         let result = refresh.await;
         self.busy_since.store(0, Ordering::Relaxed);
         result

@@ -465,21 +465,30 @@ impl ConnState {
         self.last_activity_ms.load(Ordering::Relaxed)
     }
 
+    /// How long the connection has been waiting on its client, when it is: a write blocked
+    /// since then, or a response in flight since its last activity.
+    fn busy_for(&self, now: u64) -> Option<u64> {
+        let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
+        let since = if blocked != 0 {
+            blocked
+        } else if self.in_flight.load(Ordering::Relaxed) > 0 {
+            self.activity()
+        } else {
+            return None;
+        };
+        Some(now.saturating_sub(since))
+    }
+
     fn stalled(&self, now: u64, limit: Duration) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0
-            && now.saturating_sub(self.activity()) >= limit.as_millis() as u64
+        self.busy_for(now)
+            .is_some_and(|age| age >= limit.as_millis() as u64)
     }
 
     /// At the cap: which proven connection to give up first, and how. `None`: not now.
     fn at_cap(&self, now: u64, round: Round) -> Option<(Rank, u64)> {
-        let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
-        let busy = blocked != 0 || self.in_flight.load(Ordering::Relaxed) > 0;
-        let since = if blocked != 0 {
-            blocked
-        } else {
-            self.activity()
-        };
-        let age = now.saturating_sub(since);
+        let busy_for = self.busy_for(now);
+        let busy = busy_for.is_some();
+        let age = busy_for.unwrap_or_else(|| now.saturating_sub(self.activity()));
         let long = age >= LONG_AT_CAP.as_millis() as u64;
         let closing = self.closing_ms.load(Ordering::Relaxed);
         let rank = if busy && long {

@@ -280,15 +280,7 @@ async fn pipelined(addr: SocketAddr, read: bool, tally: Arc<Tally>, until: Insta
 }
 
 fn h2_connector(ca_pem: &str) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    TlsConnector::from(Arc::new(config))
+    tls_connector(ca_pem, b"h2")
 }
 
 async fn h2_connect(

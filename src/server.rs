@@ -128,6 +128,18 @@ impl Server {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The bound address of the HTTPS listener.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// The bound address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
     pub fn store(&self) -> Arc<DocumentStore> {
         Arc::clone(&self.store)
     }

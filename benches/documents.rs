@@ -10,6 +10,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use oidc_edge::config::Config;
 use oidc_edge::http::{Site, router};
+use oidc_edge::issuer::Issuer;
+use oidc_edge::issuer::endpoint::IssuerEndpoint;
 use oidc_edge::jwks::merge::{Ledger, merge};
 use oidc_edge::jwks::store::{DocumentStore, Snapshot};
 use oidc_edge::jwks::validate::validate;
@@ -40,6 +42,7 @@ fn sets() -> [(&'static str, Vec<u8>); 2] {
 }
 
 fn validate_and_render(c: &mut Criterion) {
+    let endpoint = IssuerEndpoint::new(Issuer::parse("https://oidc.example.com").expect("issuer"));
     for (name, body) in sets() {
         c.bench_function(&format!("validate+merge+render {name}"), |b| {
             b.iter(|| {
@@ -52,11 +55,7 @@ fn validate_and_render(c: &mut Criterion) {
                     100,
                 )
                 .expect("merge");
-                Snapshot::render(
-                    "https://oidc.example.com",
-                    "https://oidc.example.com/openid/v1/jwks",
-                    &ledger,
-                )
+                Snapshot::build(&endpoint, &ledger)
             });
         });
     }
@@ -71,22 +70,11 @@ fn routes(c: &mut Criterion) {
     )
     .expect("config");
     let store = Arc::new(DocumentStore::new(1));
-    let keys = validate(K3S.as_bytes()).expect("valid").keys;
-    let ledger = merge(
-        &[Some(&keys)],
-        &Ledger::default(),
-        0,
-        Duration::from_secs(3600),
-        100,
-    )
-    .expect("merge");
     let cfg = &config.issuers[0];
-    store.publish(
-        0,
-        Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger),
-    );
+    let snapshot = Snapshot::first(&cfg.endpoint, cfg.keys, &[K3S.as_bytes()]).expect("valid");
+    store.publish(0, snapshot);
     let app = router(
-        Site::new(&config.issuers, &Metrics::new()),
+        Site::new(&config.endpoints(), &Metrics::new()),
         Arc::clone(&store),
     );
     let etag = store

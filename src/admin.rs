@@ -1,6 +1,7 @@
 //! The admin listener (loopback by default, never public): `/livez`, `/readyz`, `/metrics`,
 //! `/status`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +15,19 @@ use serde::Serialize;
 
 use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
 use crate::jwks::unix_now;
+use crate::listener::{Limits, PublicListener, Transport};
 use crate::metrics::Metrics;
 use crate::tls::{CertState, HttpsStatus};
+
+/// The admin listener: `/livez`, `/readyz`, `/metrics`, `/status`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// When set, an issuer whose key set no source confirmed for this long is not ready.
+    pub max_staleness: Option<Duration>,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 const OPENMETRICS: HeaderValue =
     HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
@@ -27,6 +39,24 @@ pub struct Admin {
     pub max_staleness: Option<Duration>,
     /// The HTTPS certificate, when there is an HTTPS listener (L4).
     pub https: Option<Arc<dyn CertState>>,
+}
+
+/// Open connections the admin listener holds: probes and scrapes, a few at a time.
+const MAX_CONNECTIONS: usize = 64;
+
+/// The admin listener on `listener`. L2: it gets the public listeners' deadlines and its own
+/// small cap: a probe or a scrape needs a connection or two, and a container may expose it.
+pub fn listener(listener: tokio::net::TcpListener, admin: Admin, limits: Limits) -> PublicListener {
+    PublicListener {
+        name: "admin",
+        listener,
+        router: router(Arc::new(admin)),
+        transport: Transport::Plain,
+        limits: Limits {
+            max_connections: MAX_CONNECTIONS,
+            ..limits
+        },
+    }
 }
 
 pub fn router(admin: Arc<Admin>) -> Router {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_CONFIG_PATH;
+use crate::render::Layout;
 
 /// Publishes a Kubernetes service-account issuer (OIDC discovery + JWKS) to the internet.
 #[derive(Debug, Parser)]
@@ -83,12 +84,6 @@ pub struct RenderArgs {
     /// `pages` writes a Cloudflare Pages `_headers` file; `s3` writes `s3-objects.json`.
     #[arg(long, value_enum, default_value = "pages")]
     pub layout: Layout,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Layout {
-    Pages,
-    S3,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use oidc_edge::cli::{AwsCommand, Cli, Command};
 use oidc_edge::config::Config;
-use oidc_edge::{aws, check, render, server::Server, shutdown, telemetry};
+use oidc_edge::{aws, check, render, server::Server, signals, telemetry};
 
 /// sysexits.h `EX_USAGE`: bad command line or configuration.
 const EX_USAGE: u8 = 64;
@@ -51,12 +51,16 @@ fn main() -> ExitCode {
             };
             telemetry::init(&config.log);
             log_warnings(&config);
+            let options = render::Options {
+                out: args.out,
+                layout: args.layout,
+            };
             exit(block_on(async {
-                let objects = render::render(&config, &args.out, args.layout).await?;
+                let objects = render::render(&config, &options).await?;
                 for object in objects {
                     print(&format!(
                         "{} ({})\n",
-                        args.out.join(&object.key).display(),
+                        options.out.join(&object.key).display(),
                         object.content_type
                     ));
                 }
@@ -166,6 +170,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let server = Server::bind_activated(config, activated).await?;
-        server.run(shutdown::terminate()).await
+        server.run(signals::terminate()).await
     })
 }

@@ -15,8 +15,9 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use crate::check::{self, Report};
-use crate::config::{Config, SourceKind};
+use crate::config::Config;
 use crate::issuer::Issuer;
+use crate::jwks::source::SourceKind;
 use crate::jwks::validate::PRIVATE_MEMBERS;
 
 /// Short strings that are often meaningful somewhere in the schema, and arbitrary ones.
@@ -503,12 +504,13 @@ proptest! {
         std::fs::write(dir.path().join("jwks.json"), "{}").expect("jwks");
         let config = Config::from_toml_str(&text, &dir.path().join("config.toml")).expect("valid");
         let read = &config.issuers[0];
-        prop_assert_eq!(read.issuer.as_str(), issuer.as_str());
-        let reparsed = Issuer::parse(read.issuer.as_str()).expect("reparse");
-        prop_assert_eq!(reparsed.as_str(), read.issuer.as_str());
+        let endpoint = &read.endpoint;
+        prop_assert_eq!(endpoint.issuer.as_str(), issuer.as_str());
+        let reparsed = Issuer::parse(endpoint.issuer.as_str()).expect("reparse");
+        prop_assert_eq!(reparsed.as_str(), endpoint.issuer.as_str());
         prop_assert_eq!(read.sources[0].refresh_interval.as_millis(), u128::from(millis));
         prop_assert_eq!(&read.sources[0].kind, &SourceKind::File { path: dir.path().join("jwks.json") });
-        prop_assert!(read.jwks_uri.starts_with(&format!("https://{host}/")), "{}", read.jwks_uri);
+        prop_assert!(endpoint.jwks_uri.starts_with(&format!("https://{host}/")), "{}", endpoint.jwks_uri);
     }
 
     // --- the issuer URL ---
@@ -526,7 +528,7 @@ proptest! {
 
     #[test]
     fn kubeconfig_text_never_panics(text in "\\PC{0,200}") {
-        let _ = crate::kubeconfig::parse(&text, Path::new("/etc/rancher/k3s/k3s.yaml"), None);
+        let _ = crate::jwks::source::kubeconfig::parse(&text, Path::new("/etc/rancher/k3s/k3s.yaml"), None);
     }
 
     /// Never panics; accepts only an https server with a pinned CA; and the token or client
@@ -535,7 +537,7 @@ proptest! {
     fn kubeconfigs_never_panic_or_leak_credentials(doc in kubeconfig_document(), context in prop::option::of(prop::sample::select(vec!["default", "k3s", "missing"]))) {
         let yaml = serde_norway::to_string(&doc).expect("YAML");
         let key_b64 = base64::engine::general_purpose::STANDARD.encode(SECRET_KEY);
-        let result = crate::kubeconfig::parse(&yaml, Path::new("/etc/rancher/k3s/k3s.yaml"), context);
+        let result = crate::jwks::source::kubeconfig::parse(&yaml, Path::new("/etc/rancher/k3s/k3s.yaml"), context);
         let shown = match &result {
             Ok(source) => {
                 prop_assert_eq!(source.server.scheme(), "https");
@@ -628,7 +630,7 @@ fn the_generators_make_accepted_and_refused_documents() {
                 .expect("tree")
                 .current();
             let yaml = serde_norway::to_string(&doc).expect("YAML");
-            crate::kubeconfig::parse(&yaml, Path::new("/k.yaml"), None).is_ok()
+            crate::jwks::source::kubeconfig::parse(&yaml, Path::new("/k.yaml"), None).is_ok()
         })
         .count();
     assert!(

@@ -187,8 +187,8 @@ pub fn relying_party_client(
     // The very root set the TLS probe verifies with (`tls::roots`: the given CA, else
     // webpki-roots), not reqwest's system roots: the scratch image has none, and a host's
     // extra roots would make the fetch trust a chain the probe calls untrusted (L9).
-    builder =
-        builder.tls_backend_preconfigured(crate::jwks::remote::tls_config(tls::roots(ca_pem)?));
+    builder = builder
+        .tls_backend_preconfigured(crate::jwks::source::remote::tls_config(tls::roots(ca_pem)?));
     if let Some(addr) = connect_to {
         for host in hosts {
             builder = builder.resolve(host, addr);

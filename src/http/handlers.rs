@@ -73,10 +73,9 @@ fn answer(
         response.headers_mut().insert(RETRY_AFTER, RETRY_AFTER_SECS);
         return (Some(route), response);
     };
-    let issuer_headers = app.site.headers(route.issuer);
-    let (doc, content_type) = match route.doc {
-        Doc::Discovery => (&snapshot.discovery, headers::APPLICATION_JSON),
-        Doc::Jwks => (&snapshot.jwks, issuer_headers.jwks_content_type.clone()),
+    let doc = match route.doc {
+        Doc::Discovery => &snapshot.discovery,
+        Doc::Jwks => &snapshot.jwks,
     };
 
     let not_modified = req_headers
@@ -92,11 +91,11 @@ fn answer(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
-    h.insert(CONTENT_TYPE, content_type);
+    h.insert(CONTENT_TYPE, doc.content_type.clone());
     if status == StatusCode::OK {
         h.insert(CONTENT_LENGTH, HeaderValue::from(doc.body.len()));
     }
-    h.insert(CACHE_CONTROL, issuer_headers.cache_control.clone());
+    h.insert(CACHE_CONTROL, doc.cache_control.clone());
     h.insert(ETAG, doc.etag.clone());
     h.insert(X_CONTENT_TYPE_OPTIONS, headers::NOSNIFF);
     h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, headers::ANY_ORIGIN);

@@ -7,15 +7,34 @@ pub mod handlers;
 pub mod headers;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::{IssuerConfig, JwksContentType};
+use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::store::DocumentStore;
 use crate::metrics::Metrics;
+use crate::tls::TlsSource;
+
+/// `[http]`: the plain listener.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// 301 every request to https, except ACME HTTP-01 challenges.
+    pub redirect_to_https: bool,
+}
+
+/// `[https]`: the TLS listener.
+#[derive(Debug, Clone)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsSource,
+    /// `Strict-Transport-Security` on HTTPS answers (default on).
+    pub hsts: bool,
+}
 
 /// Which document a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +53,8 @@ pub struct Route {
 #[derive(Debug)]
 pub struct Site {
     by_path: HashMap<Box<str>, PathRoutes>,
-    issuers: Vec<IssuerHeaders>,
+    /// Per issuer, its request counters by `DOCUMENT_CODES`: `[discovery, jwks]`.
+    counters: Vec<[[Counter; 4]; 2]>,
     not_found: Counter,
     access_log: bool,
 }
@@ -53,17 +73,8 @@ struct PathRoutes {
     hosts: Vec<(Box<str>, Route)>,
 }
 
-/// Pre-rendered per-issuer header values.
-#[derive(Debug)]
-pub struct IssuerHeaders {
-    pub jwks_content_type: HeaderValue,
-    pub cache_control: HeaderValue,
-    /// Request counters by `DOCUMENT_CODES`: `[discovery, jwks]`.
-    counters: [[Counter; 4]; 2],
-}
-
 impl Site {
-    pub fn new(issuers: &[IssuerConfig], metrics: &Metrics) -> Self {
+    pub fn new(issuers: &[IssuerEndpoint], metrics: &Metrics) -> Self {
         let mut by_path: HashMap<Box<str>, PathRoutes> = HashMap::new();
         for (issuer, cfg) in issuers.iter().enumerate() {
             for (path, doc) in [
@@ -96,24 +107,19 @@ impl Site {
                 ));
             }
         }
-        let issuers = issuers
+        let counters = issuers
             .iter()
-            .map(|cfg| IssuerHeaders {
-                jwks_content_type: match cfg.jwks_content_type {
-                    JwksContentType::Json => headers::APPLICATION_JSON,
-                    JwksContentType::JwkSetJson => headers::JWK_SET_JSON,
-                },
-                cache_control: headers::cache_control(cfg.cache_max_age.as_secs()),
-                counters: ["discovery", "jwks"].map(|document| {
+            .map(|cfg| {
+                ["discovery", "jwks"].map(|document| {
                     DOCUMENT_CODES.map(|code| {
                         metrics.request_counter(cfg.issuer.as_str(), document, code.as_u16())
                     })
-                }),
+                })
             })
             .collect();
         Self {
             by_path,
-            issuers,
+            counters,
             not_found: metrics.request_counter("", "none", 404),
             access_log: false,
         }
@@ -140,7 +146,7 @@ impl Site {
             Doc::Jwks => 1,
         };
         if let Some(code) = DOCUMENT_CODES.iter().position(|c| *c == status) {
-            self.issuers[route.issuer].counters[document][code].inc();
+            self.counters[route.issuer][document][code].inc();
         }
     }
 
@@ -162,10 +168,6 @@ impl Site {
             _ => None,
         }
     }
-
-    pub fn headers(&self, issuer: usize) -> &IssuerHeaders {
-        &self.issuers[issuer]
-    }
 }
 
 /// Shared state of the public handlers.
@@ -185,7 +187,7 @@ pub fn router(site: Site, store: Arc<DocumentStore>) -> Router {
 /// The plain listener with `redirect_to_https`: every request for a configured issuer host is
 /// answered `301` to the same path on https; other hosts get 404, so the redirect never points
 /// anywhere the configuration does not name.
-pub fn redirect_router(issuers: &[IssuerConfig], https_port: Option<u16>) -> Router {
+pub fn redirect_router(issuers: &[IssuerEndpoint], https_port: Option<u16>) -> Router {
     let hosts: Arc<Vec<String>> =
         Arc::new(issuers.iter().map(|i| i.issuer.host().to_owned()).collect());
     let port = https_port.filter(|p| *p != 443);

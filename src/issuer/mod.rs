@@ -5,6 +5,7 @@
 //! re-serialised form of it.
 
 pub mod discovery;
+pub mod endpoint;
 
 use std::fmt;
 

@@ -11,6 +11,27 @@ use serde::{Deserialize, Serialize};
 
 use super::PublicJwk;
 
+/// X-6: at least token TTL + max-age + 5 min (2 h 5 min at the largest max-age); Z-9: 24 h
+/// covers Azure Workload Identity's default token lifetime.
+pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// The key side of one issuer: how long a vanished key stays published (rotation grace), and
+/// how many keys are published at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPolicy {
+    pub retention: Duration,
+    pub max_keys: usize,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            retention: DEFAULT_KEY_RETENTION,
+            max_keys: crate::relying_party::MAX_KEYS,
+        }
+    }
+}
+
 /// The keys of one issuer, by kid, with the moment each one vanished from every source.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
@@ -402,7 +423,7 @@ mod tests {
 
     #[test]
     fn the_default_retention_meets_x6_for_every_allowed_max_age() {
-        use crate::config::{DEFAULT_KEY_RETENTION, MAX_CACHE_MAX_AGE};
+        use crate::issuer::endpoint::MAX_CACHE_MAX_AGE;
         // X-6: keep an old key until token TTL (1 h) + max-age + 5 min skew after its last use.
         let x6 = HOUR + MAX_CACHE_MAX_AGE + Duration::from_secs(300);
         assert!(
@@ -411,15 +432,7 @@ mod tests {
         );
         // Z-9: the Azure Workload Identity webhook projects 24 h tokens by default.
         assert_eq!(DEFAULT_KEY_RETENTION, Duration::from_secs(86_400));
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("jwks.json"), "{}").expect("write");
-        let cfg = crate::config::Config::from_toml_str(
-            "[[issuers]]\nissuer = \"https://oidc.example.com\"\n[[issuers.sources]]\n\
-             kind = \"file\"\npath = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            &dir.path().join("config.toml"),
-        )
-        .expect("config");
-        assert_eq!(cfg.issuers[0].key_retention, Duration::from_secs(86_400));
+        assert_eq!(KeyPolicy::default().retention, DEFAULT_KEY_RETENTION);
     }
 
     #[test]

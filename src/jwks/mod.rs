@@ -10,7 +10,6 @@
 pub mod merge;
 pub mod persist;
 pub mod refresh;
-pub mod remote;
 pub mod source;
 pub mod store;
 pub mod validate;

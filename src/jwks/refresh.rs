@@ -12,13 +12,13 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Ledger, dropped_early, merge, replaced_material};
+use super::merge::{KeyPolicy, Ledger, dropped_early, merge, replaced_material};
 use super::persist::StateFile;
 use super::source::{AnySource, FetchError, Fetched, KeySource};
 use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
-use crate::config::IssuerConfig;
+use crate::issuer::endpoint::IssuerEndpoint;
 use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
 use crate::supervisor::Heartbeat;
 
@@ -86,7 +86,8 @@ impl Clock {
 #[derive(Debug)]
 pub struct IssuerPipeline {
     index: usize,
-    cfg: IssuerConfig,
+    endpoint: IssuerEndpoint,
+    keys: KeyPolicy,
     store: Arc<DocumentStore>,
     state_file: StateFile,
     metrics: Arc<Metrics>,
@@ -146,7 +147,8 @@ impl IssuerPipeline {
     /// and published: how `serve` and `render` both start, so that they serve the same bytes.
     pub async fn restored(
         index: usize,
-        cfg: &IssuerConfig,
+        endpoint: &IssuerEndpoint,
+        keys: KeyPolicy,
         state_dir: &std::path::Path,
         store: &Arc<DocumentStore>,
         metrics: &Arc<Metrics>,
@@ -154,9 +156,10 @@ impl IssuerPipeline {
     ) -> Self {
         let pipeline = Self::new(
             index,
-            cfg.clone(),
+            endpoint.clone(),
+            keys,
             Arc::clone(store),
-            StateFile::new(state_dir, cfg.issuer.as_str()),
+            StateFile::new(state_dir, endpoint.issuer.as_str()),
             Arc::clone(metrics),
             sources.iter().map(KeySource::describe).collect(),
         );
@@ -171,16 +174,18 @@ impl IssuerPipeline {
 
     pub fn new(
         index: usize,
-        cfg: IssuerConfig,
+        endpoint: IssuerEndpoint,
+        keys: KeyPolicy,
         store: Arc<DocumentStore>,
         state_file: StateFile,
         metrics: Arc<Metrics>,
         names: Vec<String>,
     ) -> Self {
-        let count = cfg.sources.len();
+        let count = names.len();
         Self {
             index,
-            cfg,
+            endpoint,
+            keys,
             store,
             state_file,
             metrics,
@@ -203,7 +208,7 @@ impl IssuerPipeline {
     }
 
     pub fn issuer(&self) -> &str {
-        self.cfg.issuer.as_str()
+        self.endpoint.issuer.as_str()
     }
 
     /// Loads the persisted last good set and publishes it at once, so that a restart during an
@@ -221,7 +226,7 @@ impl IssuerPipeline {
         let now = unix_now();
         let mut ledger = loaded.ledger;
         ledger.clamp_vanished(now);
-        ledger.expire(now, self.cfg.key_retention);
+        ledger.expire(now, self.keys.retention);
         if !ledger.is_empty() {
             self.publish(&ledger);
             // M3: the confirmation recorded in the file; a file without one (format 1) leaves
@@ -240,7 +245,7 @@ impl IssuerPipeline {
     }
 
     fn publish(&self, ledger: &Ledger) {
-        let snapshot = Snapshot::render(self.cfg.issuer.as_str(), &self.cfg.jwks_uri, ledger);
+        let snapshot = Snapshot::build(&self.endpoint, ledger);
         self.store.publish(self.index, snapshot);
         self.metrics
             .keys
@@ -271,7 +276,7 @@ impl IssuerPipeline {
         clock: Clock,
     ) -> bool {
         let mut state = self.state.lock().await;
-        let issuer = self.cfg.issuer.as_str();
+        let issuer = self.endpoint.issuer.as_str();
         let now = clock.wall;
         // L7: grace runs on the monotonic clock within a process. After a forward wall-clock
         // step (an RTC-less board, then NTP), vanish times move with the clock, so that retained
@@ -348,8 +353,8 @@ impl IssuerPipeline {
             &views,
             &state.ledger,
             now,
-            self.cfg.key_retention,
-            self.cfg.max_keys,
+            self.keys.retention,
+            self.keys.max_keys,
         ) {
             Ok(next) => {
                 merged = true;
@@ -359,9 +364,9 @@ impl IssuerPipeline {
                         "kid {kid:?} now names different key material; publishing the new material, \
                          tokens signed by the old one no longer verify (a kid names one key: A-11, D-9)");
                 }
-                let early = dropped_early(&state.ledger, &next, now, self.cfg.key_retention);
+                let early = dropped_early(&state.ledger, &next, now, self.keys.retention);
                 if !early.is_empty() {
-                    warn!(issuer, source = %name, kids = ?early, max_keys = self.cfg.max_keys,
+                    warn!(issuer, source = %name, kids = ?early, max_keys = self.keys.max_keys,
                         "retained keys dropped before their rotation grace ran out to stay within max_keys (M4)");
                 }
                 if let Some(keys) = candidate {
@@ -432,7 +437,7 @@ impl IssuerPipeline {
         let Some(upstream) = upstream else {
             return;
         };
-        let configured = self.cfg.issuer.as_str();
+        let configured = self.endpoint.issuer.as_str();
         let mismatch = upstream != configured;
         self.metrics
             .issuer_mismatch
@@ -478,8 +483,8 @@ impl IssuerPipeline {
         let snapshot = self.store.get(self.index);
         IssuerStatus {
             issuer: self.issuer().to_owned(),
-            discovery_url: self.cfg.issuer.url_for(&self.cfg.discovery_path),
-            jwks_uri: self.cfg.jwks_uri.clone(),
+            discovery_url: self.endpoint.discovery_url(),
+            jwks_uri: self.endpoint.jwks_uri.clone(),
             published: snapshot.is_some(),
             kids: snapshot.map(|s| s.kids.clone()).unwrap_or_default(),
             confirmed_at: confirmed_at.map(|d| d.as_secs()),
@@ -555,29 +560,21 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::jwks::persist::create_state_dir;
+    use crate::state::create_state_dir;
 
     const MINUTE: Duration = Duration::from_secs(60);
     const ISSUER: &str = "https://oidc.example.com";
     const K3S: &str = include_str!("../../tests/fixtures/jwks/k3s.json");
     const ROTATED: &str = include_str!("../../tests/fixtures/jwks/rotated.json");
 
-    /// A one-source pipeline with its state under `dir/state`; `extra` goes in `[[issuers]]`.
-    fn pipeline(dir: &Path, extra: &str) -> IssuerPipeline {
-        std::fs::write(dir.join("jwks.json"), "{}").expect("write");
-        let text = format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n{extra}\n[[issuers.sources]]\nkind = \"file\"\n\
-             path = \"jwks.json\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
-        );
-        let cfg = crate::config::Config::from_toml_str(&text, &dir.join("config.toml"))
-            .expect("config")
-            .issuers
-            .remove(0);
+    /// A one-source pipeline with its state under `dir/state`.
+    fn pipeline(dir: &Path, keys: KeyPolicy) -> IssuerPipeline {
         let state = dir.join("state");
         create_state_dir(&state).expect("state dir");
         IssuerPipeline::new(
             0,
-            cfg,
+            IssuerEndpoint::new(crate::issuer::Issuer::parse(ISSUER).expect("issuer")),
+            keys,
             Arc::new(DocumentStore::new(1)),
             StateFile::new(&state, ISSUER),
             Arc::new(Metrics::new()),
@@ -632,7 +629,7 @@ mod tests {
     async fn each_refresh_outcome_is_counted_and_failures_keep_the_published_set() {
         const PRIVATE: &str = include_str!("../../tests/fixtures/jwks/private-rsa.json");
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "");
+        let p = pipeline(dir.path(), KeyPolicy::default());
         let clock = || Clock {
             wall: 1_000,
             mono: std::time::Instant::now(),
@@ -687,7 +684,13 @@ mod tests {
         }
         // A set the merge refuses: more current keys than max_keys.
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "max_keys = 1");
+        let p = pipeline(
+            dir.path(),
+            KeyPolicy {
+                max_keys: 1,
+                ..KeyPolicy::default()
+            },
+        );
         assert!(!p.apply(0, "s", body(K3S), clock()).await);
         assert_eq!(refreshes(&p, "merge_rejected"), 1);
         assert!(
@@ -701,7 +704,7 @@ mod tests {
         // M3: "unchanged" repeats the source's last result; after a refused body that result
         // is a failure, and nothing is confirmed.
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "");
+        let p = pipeline(dir.path(), KeyPolicy::default());
         let at = |wall: u64| Clock {
             wall,
             mono: std::time::Instant::now(),
@@ -722,7 +725,13 @@ mod tests {
     async fn a_forward_wall_clock_step_does_not_cut_rotation_grace() {
         // L7: a board boots with an old clock, then NTP steps it a year forward.
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "key_retention = \"1h\"");
+        let p = pipeline(
+            dir.path(),
+            KeyPolicy {
+                retention: Duration::from_secs(3600),
+                ..KeyPolicy::default()
+            },
+        );
         let start = Clock {
             wall: 1_700_000_000,
             mono: std::time::Instant::now(),
@@ -762,7 +771,7 @@ mod tests {
         // L7: a vanish time written while the clock was far ahead must not retain a key for
         // years; at most `key_retention` from now.
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "");
+        let p = pipeline(dir.path(), KeyPolicy::default());
         let k3s = validate(K3S.as_bytes()).expect("fixture").keys;
         let rotated = validate(ROTATED.as_bytes()).expect("fixture").keys;
         let future = unix_now() + 10 * 365 * 86_400;
@@ -787,7 +796,7 @@ mod tests {
         // M2: the disk fails once; the ledger does not change again; the next refresh must
         // still write it, or a restart during an outage serves a set without the new key.
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), "");
+        let p = pipeline(dir.path(), KeyPolicy::default());
         assert!(p.apply(0, "s", body(K3S), Clock::now()).await);
         // rename(2) cannot replace a non-empty directory: stands in for ENOSPC or EIO.
         let path = p.state_file.path().to_owned();

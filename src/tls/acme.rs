@@ -38,7 +38,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{info, warn};
 
 use super::cache::AcmeCache;
-use crate::config::{AcmeSettings, Challenge};
+use super::{AcmeSettings, Challenge};
 use crate::metrics::Metrics;
 
 /// The longest wait between two attempts after failures (M1: rustls-acme waits up to 18 h).

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rustls_acme::{AccountCache, CertCache};
 
-use crate::jwks::persist::{create_state_dir, write_atomic};
+use crate::state::{create_state_dir, write_atomic};
 
 /// Cheap to clone: every `AcmeState` the driver builds gets a clone (M1), and they share
 /// what the driver reads back.

@@ -4,13 +4,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::metrics::Metrics;
 
 /// Why a certificate and key could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +117,53 @@ impl FileCerts {
                 seen.failed = Some(now);
                 if reported { Ok(false) } else { Err(e) }
             }
+        }
+    }
+}
+
+/// How often certificate files are checked for changes.
+const POLL: Duration = Duration::from_secs(2);
+
+impl FileCerts {
+    /// Loads the files and records the certificate's expiry in the metrics.
+    pub fn load_observed(
+        cert_file: &Path,
+        key_file: &Path,
+        metrics: &Metrics,
+    ) -> Result<Self, LoadError> {
+        let certs = Self::load(cert_file, key_file)?;
+        certs.observe(metrics);
+        Ok(certs)
+    }
+
+    /// Reloads the files when they change, until `cancel` fires.
+    pub async fn watch(self: Arc<Self>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(POLL) => self.reload_logged(&metrics, false),
+            }
+        }
+    }
+
+    /// [`Self::reload`], logged; a failure keeps the certificate served now. `force` (SIGHUP)
+    /// reloads even unchanged files.
+    pub fn reload_logged(&self, metrics: &Metrics, force: bool) {
+        match self.reload(force) {
+            Ok(true) => {
+                self.observe(metrics);
+                info!("certificate files reloaded");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                error!(error = %e, "certificate files not reloaded; still serving the previous certificate")
+            }
+        }
+    }
+
+    fn observe(&self, metrics: &Metrics) {
+        if let Some(not_after) = self.current().cert.first().and_then(super::not_after) {
+            metrics.set_cert_not_after("https", not_after);
         }
     }
 }

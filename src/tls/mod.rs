@@ -4,7 +4,9 @@
 pub mod acme;
 pub mod cache;
 pub mod files;
+pub mod https;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +14,38 @@ use rustls::ServerConfig;
 use rustls::server::ResolvesServerCert;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    Acme(AcmeSettings),
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    pub domains: Vec<String>,
+    pub contact: Vec<String>,
+    /// The directory URL.
+    pub directory: String,
+    pub directory_ca_file: Option<PathBuf>,
+    pub challenge: Challenge,
+    /// `state.dir/acme`.
+    pub cache_dir: PathBuf,
+    /// The longest one step of the ACME driver may take (M1: rustls-acme's HTTP client has no
+    /// timeout of its own).
+    pub step_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// On the HTTPS port itself: no port 80 needed.
+    TlsAlpn01,
+    /// On the plain listener, which must then be reachable on port 80.
+    Http01,
+}
 
 /// TLS 1.2 and 1.3 (A-8: AWS falls back to thumbprints when only 1.3 is offered), ALPN h2 and
 /// http/1.1 (the stock rustls-acme config sets no ALPN, so HTTP/2 would never be chosen).

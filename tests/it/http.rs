@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
-use oidc_edge::config::Config;
+use oidc_edge::config::{Config, IssuerConfig};
 use oidc_edge::http::{Site, router};
 use oidc_edge::jwks::merge::{Ledger, merge};
 use oidc_edge::jwks::store::{DocumentStore, Snapshot};
@@ -63,6 +63,11 @@ fn ledger(jwks: &str) -> Ledger {
     .expect("merge")
 }
 
+/// What a new pipeline publishes for `cfg` from one source serving `jwks`.
+fn snapshot(cfg: &IssuerConfig, jwks: &str) -> Snapshot {
+    Snapshot::first(&cfg.endpoint, cfg.keys, &[jwks.as_bytes()]).expect("fixture is valid")
+}
+
 /// The four issuers above; all but the last have published `K3S` (issuer 2: `ROTATED`).
 fn fixture() -> Fixture {
     let scratch = Scratch::new();
@@ -72,13 +77,10 @@ fn fixture() -> Fixture {
     let store = Arc::new(DocumentStore::new(config.issuers.len()));
     for (i, jwks) in [(0, K3S), (1, K3S), (2, ROTATED)] {
         let cfg = &config.issuers[i];
-        store.publish(
-            i,
-            Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(jwks)),
-        );
+        store.publish(i, snapshot(cfg, jwks));
     }
     let app = router(
-        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        Site::new(&config.endpoints(), &oidc_edge::metrics::Metrics::new()),
         Arc::clone(&store),
     );
     Fixture { config, store, app }
@@ -147,7 +149,7 @@ async fn discovery_document_is_generated_with_the_exact_issuer_and_headers() {
     let bytes = body(response).await;
     assert_eq!(
         etag,
-        oidc_edge::http::headers::strong_etag(&bytes)
+        oidc_edge::jwks::store::strong_etag(&bytes)
             .to_str()
             .expect("ascii")
     );
@@ -338,10 +340,7 @@ async fn a_new_snapshot_changes_the_etag() {
     let before = send(&f.app, "GET", "oidc.example.com", "/openid/v1/jwks", &[]).await;
     let etag = header_of(&before, "etag").to_owned();
     let cfg = &f.config.issuers[0];
-    f.store.publish(
-        0,
-        Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(ROTATED)),
-    );
+    f.store.publish(0, snapshot(cfg, ROTATED));
     let after = send(
         &f.app,
         "GET",
@@ -423,12 +422,9 @@ async fn naive_concatenation_on_a_trailing_slash_issuer_gets_the_same_discovery_
     .expect("valid");
     let store = Arc::new(DocumentStore::new(1));
     let cfg = &config.issuers[0];
-    store.publish(
-        0,
-        Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(K3S)),
-    );
+    store.publish(0, snapshot(cfg, K3S));
     let root = router(
-        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        Site::new(&config.endpoints(), &oidc_edge::metrics::Metrics::new()),
         store,
     );
     let f = fixture();
@@ -500,13 +496,10 @@ async fn naive_concatenation_on_a_trailing_slash_issuer_gets_the_same_discovery_
     .expect("valid");
     let store = Arc::new(DocumentStore::new(2));
     for (i, cfg) in config.issuers.iter().enumerate() {
-        store.publish(
-            i,
-            Snapshot::render(cfg.issuer.as_str(), &cfg.jwks_uri, &ledger(K3S)),
-        );
+        store.publish(i, snapshot(cfg, K3S));
     }
     let app = router(
-        Site::new(&config.issuers, &oidc_edge::metrics::Metrics::new()),
+        Site::new(&config.endpoints(), &oidc_edge::metrics::Metrics::new()),
         store,
     );
     let response = send(

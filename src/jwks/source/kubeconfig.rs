@@ -11,7 +11,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
-use crate::config::{ApiAuth, ApiserverSource, Pem, Secret, redacted_text, redacted_url};
+use super::apiserver::{ApiAuth, ApiserverSource, Pem, Secret};
+use crate::display::{redacted_text, redacted_url};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -1,125 +1,13 @@
-//! Where key sets come from. Each source yields raw bytes; validation happens once, downstream.
+//! `kind = "file"`: a JWKS file on disk.
 
 use std::fs;
-use std::io::{self, Read as _};
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
-/// No JWK set of a real cluster comes near this; a bigger answer is refused unread (DESIGN §4).
-pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
-
-/// What one fetch produced.
-#[derive(Debug)]
-pub enum Fetched {
-    /// A new body to validate, and the `issuer` the upstream's own discovery document claims
-    /// (apiservers only).
-    Body {
-        body: Bytes,
-        upstream_issuer: Option<String>,
-    },
-    /// The source is unchanged since the last fetch: keep its last result.
-    Unchanged,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("{path}: {source}")]
-    File { path: PathBuf, source: io::Error },
-    #[error("{what} is larger than {MAX_BODY_BYTES} bytes")]
-    TooLarge { what: String },
-    #[error("token file {path} is empty")]
-    EmptyToken { path: PathBuf },
-    #[error("GET {url}: {}", error_chain(source))]
-    Http { url: String, source: reqwest::Error },
-    #[error(
-        "GET {url}: answered {status} with Location {location:?}; redirects are never followed"
-    )]
-    Redirect {
-        url: String,
-        status: http::StatusCode,
-        location: String,
-    },
-    /// The credentials or CA changed on disk and could not be loaded (L1); retried at the
-    /// next fetch.
-    #[error("{0}")]
-    Setup(#[from] super::remote::SetupError),
-    #[error("GET {url}: answered {status}{hint}")]
-    Status {
-        url: String,
-        status: http::StatusCode,
-        hint: &'static str,
-    },
-}
-
-/// An error and its causes on one line: reqwest hides the useful part ("invalid peer
-/// certificate: UnknownIssuer") in the source chain.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        cause = e.source();
-    }
-    text
-}
-
-/// Every kind of source, for the refresher (static dispatch, no boxing).
-#[derive(Debug)]
-pub enum AnySource {
-    File(FileSource),
-    /// Boxed: a remote source carries its client and what it was built from (L1).
-    Remote(Box<super::remote::RemoteSource>),
-}
-
-impl AnySource {
-    /// The fetcher of one configured source.
-    pub fn from_config(
-        kind: &crate::config::SourceKind,
-        timeout: std::time::Duration,
-    ) -> anyhow::Result<Self> {
-        use super::remote::RemoteSource;
-        use crate::config::SourceKind;
-        Ok(match kind {
-            SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
-            SourceKind::Apiserver(api) => {
-                AnySource::Remote(Box::new(RemoteSource::apiserver(api, timeout)?))
-            }
-            SourceKind::Url { url, ca_file } => {
-                AnySource::Remote(Box::new(RemoteSource::url(url, ca_file.as_ref(), timeout)?))
-            }
-        })
-    }
-}
-
-impl KeySource for AnySource {
-    fn describe(&self) -> String {
-        match self {
-            AnySource::File(s) => s.describe(),
-            AnySource::Remote(s) => s.describe(),
-        }
-    }
-
-    async fn fetch_key_set(&mut self) -> Result<Fetched, FetchError> {
-        match self {
-            AnySource::File(s) => s.fetch_key_set().await,
-            AnySource::Remote(s) => s.fetch_key_set().await,
-        }
-    }
-}
-
-/// A source of key sets, driven by the refresher.
-pub trait KeySource: Send {
-    /// What the logs call this source (a path or a URL).
-    fn describe(&self) -> String;
-
-    fn fetch_key_set(&mut self) -> impl Future<Output = Result<Fetched, FetchError>> + Send;
-}
+use super::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
 
 /// `kind = "file"`: a JWKS file, re-read when its length, mtime or inode change.
 #[derive(Debug)]

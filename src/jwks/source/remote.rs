@@ -11,8 +11,10 @@ use http::StatusCode;
 use http::header::{ACCEPT, LOCATION};
 use url::Url;
 
-use super::source::{FetchError, Fetched, FileStamp, KeySource, MAX_BODY_BYTES};
-use crate::config::{ApiAuth, ApiserverSource, Pem, Secret, redacted_url as redacted};
+use super::apiserver::{ApiAuth, ApiserverSource, Pem, Secret};
+use super::file::FileStamp;
+use super::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
+use crate::display::redacted_url as redacted;
 
 /// kube-apiserver answers 406 to `Accept: application/json` alone on the JWKS route (K-6).
 pub const JWKS_ACCEPT: &str = "application/jwk-set+json, application/json";
@@ -193,7 +195,7 @@ impl RemoteSource {
                         what: what(),
                         reason: e.to_string(),
                     })?;
-                    let api = crate::kubeconfig::parse(&yaml, path, context.as_deref()).map_err(
+                    let api = super::kubeconfig::parse(&yaml, path, context.as_deref()).map_err(
                         |reason| SetupError {
                             what: what(),
                             reason,

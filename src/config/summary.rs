@@ -1,0 +1,66 @@
+//! The summary `check-config` prints: what a valid file configures, one line per fact.
+
+use std::fmt;
+
+use super::Config;
+use crate::telemetry::LogFormat;
+use crate::tls::TlsSource;
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "config {}: ok", self.file.display())?;
+        for cfg in &self.issuers {
+            let endpoint = &cfg.endpoint;
+            writeln!(f, "issuer {}", endpoint.issuer)?;
+            writeln!(f, "  discovery  {}", endpoint.discovery_url())?;
+            writeln!(
+                f,
+                "  jwks       {} ({})",
+                endpoint.jwks_uri,
+                endpoint.jwks_content_type.as_str()
+            )?;
+            writeln!(
+                f,
+                "  cache      max-age {}s; key retention {}; max keys {}",
+                endpoint.cache_max_age.as_secs(),
+                humantime::format_duration(cfg.keys.retention),
+                cfg.keys.max_keys
+            )?;
+            for (i, s) in cfg.sources.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  source[{i}]  {} every {}",
+                    s.kind,
+                    humantime::format_duration(s.refresh_interval)
+                )?;
+            }
+        }
+        if let Some(http) = &self.http {
+            let redirect = if http.redirect_to_https {
+                " (redirects to https)"
+            } else {
+                ""
+            };
+            writeln!(f, "http   listen {}{redirect}", http.listen)?;
+        }
+        if let Some(https) = &self.https {
+            let tls = match &https.tls {
+                TlsSource::Acme(acme) => format!(
+                    "acme {} for {} ({:?})",
+                    acme.directory,
+                    acme.domains.join(", "),
+                    acme.challenge
+                ),
+                TlsSource::Files { cert_file, .. } => format!("files {}", cert_file.display()),
+            };
+            writeln!(f, "https  listen {} {tls}", https.listen)?;
+        }
+        writeln!(f, "admin  listen {}", self.admin.listen)?;
+        writeln!(f, "state  {}", self.state_dir.display())?;
+        let format = match self.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        write!(f, "log    {format} {}", self.log.level)
+    }
+}

@@ -20,8 +20,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/oidc-edge";
 /// at least token TTL + max-age + 5 min (2 h 5 min at the largest max-age); Z-9: 24 h
 /// covers Azure Workload Identity's default token lifetime.
 pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(86_400);
-/// A-9, Z-4: AWS and Azure use at most 100 keys; more is never useful.
-pub const MAX_KEYS_LIMIT: usize = 100;
+pub use crate::relying_party::MAX_KEYS_LIMIT;
 pub const DEFAULT_CACHE_MAX_AGE: Duration = Duration::from_secs(300);
 /// relying parties should not cache longer than the apiserver's own 3600 s.
 pub const MAX_CACHE_MAX_AGE: Duration = Duration::from_secs(3600);

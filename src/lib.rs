@@ -29,6 +29,7 @@ pub mod listener;
 pub mod metrics;
 #[cfg(test)]
 mod properties;
+pub mod relying_party;
 pub mod render;
 pub mod server;
 pub mod shutdown;

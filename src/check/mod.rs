@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{CheckArgs, Target};
+use crate::cli::CheckArgs;
 use crate::issuer::{DISCOVERY_SUFFIX, Issuer};
 use crate::jwks::validate::PRIVATE_MEMBERS;
-
-/// AWS gives up after 5 s.
-const AWS_FETCH_LIMIT: Duration = Duration::from_secs(5);
+use crate::relying_party::{AWS_FETCH_LIMIT, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

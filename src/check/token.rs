@@ -8,13 +8,9 @@ use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 
 use super::{Report, Status, accepted_algs, key_alg};
-
-/// five minutes of clock skew either way.
-const SKEW_SECS: i64 = 300;
-/// STS refuses longer tokens.
-const AWS_MAX_TOKEN_CHARS: usize = 20_000;
-/// G-7: GCP refuses tokens that live longer.
-const GCP_MAX_LIFETIME_SECS: i64 = 24 * 3600;
+use crate::relying_party::{
+    AWS_MAX_TOKEN_CHARS, AWS_MIN_TOKEN_CHARS, CLOCK_SKEW_SECS, GCP_MAX_LIFETIME_SECS,
+};
 
 pub fn check(
     report: &mut Report,
@@ -25,7 +21,7 @@ pub fn check(
     targets: &[&'static str],
 ) {
     if targets.contains(&"aws") {
-        let ok = (4..=AWS_MAX_TOKEN_CHARS).contains(&token.len());
+        let ok = (AWS_MIN_TOKEN_CHARS..=AWS_MAX_TOKEN_CHARS).contains(&token.len());
         report.add_for(
             "A-12",
             "token is at most 20 000 characters",
@@ -159,7 +155,7 @@ pub fn check(
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     let number = |name: &str| claims.get(name).and_then(Value::as_i64);
     match number("exp") {
-        Some(exp) if now > exp + SKEW_SECS => report.add(
+        Some(exp) if now > exp + CLOCK_SKEW_SECS => report.add(
             "A-13",
             "token has not expired",
             Status::Fail,
@@ -179,7 +175,7 @@ pub fn check(
         ),
     }
     match number("iat") {
-        Some(iat) if iat > now + SKEW_SECS => report.add(
+        Some(iat) if iat > now + CLOCK_SKEW_SECS => report.add(
             "A-13",
             "token iat is not in the future",
             Status::Fail,
@@ -194,7 +190,7 @@ pub fn check(
         ),
     }
     if let Some(nbf) = number("nbf")
-        && nbf > now + SKEW_SECS
+        && nbf > now + CLOCK_SKEW_SECS
     {
         report.add(
             "A-13",

@@ -8,15 +8,39 @@ pub mod token;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::CheckArgs;
 use crate::issuer::{DISCOVERY_SUFFIX, Issuer};
 use crate::jwks::validate::PRIVATE_MEMBERS;
 use crate::relying_party::{AWS_FETCH_LIMIT, Target};
+
+/// What to check, as plain values (the command line is converted in `main`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The issuer URL, exactly as tokens carry it in `iss`.
+    pub issuer: String,
+    /// Trust this CA (PEM) instead of the public roots relying parties use.
+    pub ca_file: Option<PathBuf>,
+    /// A token to verify against the published keys, read only when the keys were found.
+    pub token: Option<TokenSource>,
+    /// The audience the token must carry.
+    pub audience: Option<String>,
+    /// The relying parties whose rules apply.
+    pub targets: Vec<Target>,
+    /// Send every connection to this address (a server not yet in DNS, or a test).
+    pub connect_to: Option<SocketAddr>,
+}
+
+/// Where the token to verify comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Stdin,
+    File(PathBuf),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -275,9 +299,9 @@ fn media_type(content_type: &str) -> &str {
 
 /// Runs every check. `connect_to` sends every connection to one address (a server not yet
 /// in DNS, or a test).
-pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
+pub async fn run(args: &Options) -> anyhow::Result<Report> {
     let connect_to = args.connect_to;
-    let targets = target_names(&args.target);
+    let targets = target_names(&args.targets);
     let has = |t: &str| targets.contains(&t);
     let mut report = Report::new(&args.issuer);
     let ca_pem = args.ca_file.as_ref().map(std::fs::read).transpose()?;
@@ -400,11 +424,10 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<Report> {
         return Ok(report);
     };
 
-    if let Some(token) = &args.token {
-        let text = if token == "-" {
-            std::io::read_to_string(std::io::stdin())?
-        } else {
-            std::fs::read_to_string(token)?
+    if let Some(source) = &args.token {
+        let text = match source {
+            TokenSource::Stdin => std::io::read_to_string(std::io::stdin())?,
+            TokenSource::File(path) => std::fs::read_to_string(path)?,
         };
         token::check(
             &mut report,

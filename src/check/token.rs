@@ -7,9 +7,10 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 
-use super::{Report, Status, accepted_algs, key_alg};
+use super::report::{Report, Status};
+use super::rules::key_alg;
 use crate::relying_party::{
-    AWS_MAX_TOKEN_CHARS, AWS_MIN_TOKEN_CHARS, CLOCK_SKEW_SECS, GCP_MAX_LIFETIME_SECS,
+    AWS_MAX_TOKEN_CHARS, AWS_MIN_TOKEN_CHARS, CLOCK_SKEW_SECS, GCP_MAX_LIFETIME_SECS, Target,
 };
 
 pub fn check(
@@ -18,16 +19,16 @@ pub fn check(
     keys: &[Value],
     issuer: &str,
     audience: Option<&str>,
-    targets: &[&'static str],
+    targets: &[Target],
 ) {
-    if targets.contains(&"aws") {
+    if targets.contains(&Target::Aws) {
         let ok = (AWS_MIN_TOKEN_CHARS..=AWS_MAX_TOKEN_CHARS).contains(&token.len());
         report.add_for(
             "A-12",
             "token is at most 20 000 characters",
             if ok { Status::Pass } else { Status::Fail },
             format!("{} characters", token.len()),
-            &["aws"],
+            &[Target::Aws],
         );
     }
     let header = match jsonwebtoken::decode_header(token) {
@@ -56,13 +57,13 @@ pub fn check(
     report.add("Z-7", "token kid is in the JWKS", Status::Pass, kid.clone());
     let alg = format!("{:?}", header.alg);
     for target in targets {
-        if !accepted_algs(target).contains(&alg.as_str()) {
+        if !target.accepted_algs().contains(&alg.as_str()) {
             report.add_for(
                 "A-10",
                 "token algorithm is accepted",
                 Status::Fail,
                 alg.clone(),
-                &[target],
+                &[*target],
             );
         }
     }
@@ -200,7 +201,7 @@ pub fn check(
         );
     }
     if let (Some(exp), Some(iat)) = (number("exp"), number("iat"))
-        && targets.contains(&"gcp")
+        && targets.contains(&Target::Gcp)
     {
         let lifetime = exp - iat;
         let status = if lifetime <= GCP_MAX_LIFETIME_SECS {
@@ -213,7 +214,7 @@ pub fn check(
             "token lives at most 24 h",
             status,
             format!("{lifetime} s"),
-            &["gcp"],
+            &[Target::Gcp],
         );
     }
     report.subject = claims.get("sub").and_then(Value::as_str).map(str::to_owned);

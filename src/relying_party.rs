@@ -75,3 +75,20 @@ pub const AWS_MAX_TOKEN_CHARS: usize = 20_000;
 /// G-7: GCP refuses tokens whose `exp - iat` is longer (its guide's 24 h, stricter than the
 /// API reference's 48 h).
 pub const GCP_MAX_LIFETIME_SECS: i64 = 24 * 3600;
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum as _;
+
+    use super::Target;
+
+    /// A report names a target as `--target` spells it, and `ALL` is every one of them.
+    #[test]
+    fn report_names_are_the_command_line_names() {
+        assert_eq!(Target::value_variants(), &Target::ALL);
+        for target in Target::ALL {
+            let value = target.to_possible_value().expect("no target is hidden");
+            assert_eq!(value.get_name(), target.name());
+        }
+    }
+}

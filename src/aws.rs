@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use crate::check::{relying_party_client, tls};
+use crate::check::probe::{relying_party_client, tls};
 use crate::issuer::{DISCOVERY_SUFFIX, Issuer};
 
 /// The `aws iam create-open-id-connect-provider` command for `issuer`.
@@ -40,6 +40,8 @@ pub async fn provider_command(
         .with_context(|| format!("{discovery_url}: no jwks_uri"))?;
     let jwks_url = url::Url::parse(jwks_uri).with_context(|| format!("jwks_uri {jwks_uri:?}"))?;
     let host = jwks_url.host_str().unwrap_or_default();
+    // Resolved here, not by `probe::tls_of`: that one words its errors for a report line
+    // (`host: why`), and this command's errors keep their own wording.
     let addr = match connect_to {
         Some(addr) => addr,
         None => {

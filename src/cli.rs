@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::DEFAULT_CONFIG_PATH;
+use crate::relying_party::Target;
 use crate::render::Layout;
 
 /// Publishes a Kubernetes service-account issuer (OIDC discovery + JWKS) to the internet.
@@ -64,13 +65,6 @@ pub struct CheckArgs {
     /// Connect to this address instead of resolving the hosts (a server not in DNS yet).
     #[arg(long, value_name = "ADDR:PORT")]
     pub connect_to: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Target {
-    Aws,
-    Gcp,
-    Azure,
 }
 
 #[derive(Debug, Args)]

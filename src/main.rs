@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use oidc_edge::cli::{AwsCommand, Cli, Command};
+use oidc_edge::cli::{AwsCommand, CheckArgs, Cli, Command};
 use oidc_edge::config::Config;
 use oidc_edge::{aws, check, render, server::Server, signals, telemetry};
 
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
                 Ok(())
             }))
         }
-        Command::Check(args) => match block_on(check::run(&args)) {
+        Command::Check(args) => match block_on(check::run(&check_options(&args))) {
             Ok(report) => {
                 if args.json {
                     print(&format!(
@@ -116,6 +116,21 @@ fn main() -> ExitCode {
                 print(&p.policy);
             }),
         }),
+    }
+}
+
+/// The doctor's options from its command line; "-" names standard input, as usual.
+fn check_options(args: &CheckArgs) -> check::Options {
+    check::Options {
+        issuer: args.issuer.clone(),
+        ca_file: args.ca_file.clone(),
+        token: args.token.as_ref().map(|token| match token.as_str() {
+            "-" => check::TokenSource::Stdin,
+            path => check::TokenSource::File(path.into()),
+        }),
+        audience: args.audience.clone(),
+        targets: args.target.clone(),
+        connect_to: args.connect_to,
     }
 }
 

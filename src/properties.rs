@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::issuer::Issuer;
 use crate::jwks::source::SourceKind;
 use crate::jwks::validate::PRIVATE_MEMBERS;
+use crate::relying_party::Target;
 
 /// Short strings that are often meaningful somewhere in the schema, and arbitrary ones.
 fn text() -> impl Strategy<Value = String> {
@@ -556,10 +557,10 @@ proptest! {
     fn discovery_reader_never_panics_and_only_follows_https(doc in discovery_document(), issuer in text()) {
         let mut report = Report::new(&issuer);
         let body = serde_json::to_vec(&doc).expect("json");
-        if let Some(jwks) = check::discovery_findings(&mut report, &body, &issuer) {
+        if let Some(jwks) = check::rules::discovery_findings(&mut report, &body, &issuer) {
             prop_assert_eq!(jwks.scheme(), "https");
         }
-        let _ = check::discovery_findings(&mut Report::new(&issuer), &body[..body.len() / 2], &issuer);
+        let _ = check::rules::discovery_findings(&mut Report::new(&issuer), &body[..body.len() / 2], &issuer);
     }
 
     /// Never panics; a set with a private member never passes.
@@ -567,12 +568,12 @@ proptest! {
     fn jwks_reader_never_panics_and_fails_private_keys(keys in prop::collection::vec(any_key(), 0..5), cut in any::<prop::sample::Index>()) {
         let body = serde_json::to_vec(&json!({ "keys": keys })).expect("json");
         let mut report = Report::new("https://oidc.example.com");
-        check::jwks_findings(&mut report, &body, &["aws", "gcp", "azure"]);
+        check::rules::jwks_findings(&mut report, &body, &Target::ALL);
         if keys.iter().any(|k| PRIVATE_MEMBERS.iter().any(|m| k.get(*m).is_some())) {
             prop_assert!(report.failed(), "{}", report.table());
         }
         let mut truncated = Report::new("https://oidc.example.com");
-        let _ = check::jwks_findings(&mut truncated, &body[..cut.index(body.len() + 1)], &["aws"]);
+        let _ = check::rules::jwks_findings(&mut truncated, &body[..cut.index(body.len() + 1)], &[Target::Aws]);
     }
 
     /// Arbitrary tokens, well-formed-looking or not, never panic and never verify.
@@ -593,16 +594,16 @@ proptest! {
         );
         for token in [forged.as_str(), raw.as_str()] {
             let mut report = Report::new("https://oidc.example.com");
-            check::token::check(&mut report, token, &keys, "https://oidc.example.com", None, &["aws", "gcp", "azure"]);
+            check::token::check(&mut report, token, &keys, "https://oidc.example.com", None, &Target::ALL);
             prop_assert!(report.failed(), "{token}: {}", report.table());
         }
     }
 
     #[test]
     fn certificate_readers_never_panic(chain in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..600), 0..3)) {
-        let _ = check::tls::chain_order(&chain);
-        let _ = check::tls::days_left(&chain);
-        let _ = check::tls::aws_thumbprint(&chain);
+        let _ = check::probe::tls::chain_order(&chain);
+        let _ = check::probe::tls::days_left(&chain);
+        let _ = check::probe::tls::aws_thumbprint(&chain);
     }
 }
 

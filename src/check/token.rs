@@ -7,14 +7,11 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 
-use super::{Report, Status, accepted_algs, key_alg};
-
-/// five minutes of clock skew either way.
-const SKEW_SECS: i64 = 300;
-/// STS refuses longer tokens.
-const AWS_MAX_TOKEN_CHARS: usize = 20_000;
-/// G-7: GCP refuses tokens that live longer.
-const GCP_MAX_LIFETIME_SECS: i64 = 24 * 3600;
+use super::report::{Report, Status};
+use super::rules::key_alg;
+use crate::relying_party::{
+    AWS_MAX_TOKEN_CHARS, AWS_MIN_TOKEN_CHARS, CLOCK_SKEW_SECS, GCP_MAX_LIFETIME_SECS, Target,
+};
 
 pub fn check(
     report: &mut Report,
@@ -22,16 +19,16 @@ pub fn check(
     keys: &[Value],
     issuer: &str,
     audience: Option<&str>,
-    targets: &[&'static str],
+    targets: &[Target],
 ) {
-    if targets.contains(&"aws") {
-        let ok = (4..=AWS_MAX_TOKEN_CHARS).contains(&token.len());
+    if targets.contains(&Target::Aws) {
+        let ok = (AWS_MIN_TOKEN_CHARS..=AWS_MAX_TOKEN_CHARS).contains(&token.len());
         report.add_for(
             "A-12",
             "token is at most 20 000 characters",
             if ok { Status::Pass } else { Status::Fail },
             format!("{} characters", token.len()),
-            &["aws"],
+            &[Target::Aws],
         );
     }
     let header = match jsonwebtoken::decode_header(token) {
@@ -60,13 +57,13 @@ pub fn check(
     report.add("Z-7", "token kid is in the JWKS", Status::Pass, kid.clone());
     let alg = format!("{:?}", header.alg);
     for target in targets {
-        if !accepted_algs(target).contains(&alg.as_str()) {
+        if !target.accepted_algs().contains(&alg.as_str()) {
             report.add_for(
                 "A-10",
                 "token algorithm is accepted",
                 Status::Fail,
                 alg.clone(),
-                &[target],
+                &[*target],
             );
         }
     }
@@ -159,7 +156,7 @@ pub fn check(
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     let number = |name: &str| claims.get(name).and_then(Value::as_i64);
     match number("exp") {
-        Some(exp) if now > exp + SKEW_SECS => report.add(
+        Some(exp) if now > exp + CLOCK_SKEW_SECS => report.add(
             "A-13",
             "token has not expired",
             Status::Fail,
@@ -179,7 +176,7 @@ pub fn check(
         ),
     }
     match number("iat") {
-        Some(iat) if iat > now + SKEW_SECS => report.add(
+        Some(iat) if iat > now + CLOCK_SKEW_SECS => report.add(
             "A-13",
             "token iat is not in the future",
             Status::Fail,
@@ -194,7 +191,7 @@ pub fn check(
         ),
     }
     if let Some(nbf) = number("nbf")
-        && nbf > now + SKEW_SECS
+        && nbf > now + CLOCK_SKEW_SECS
     {
         report.add(
             "A-13",
@@ -204,7 +201,7 @@ pub fn check(
         );
     }
     if let (Some(exp), Some(iat)) = (number("exp"), number("iat"))
-        && targets.contains(&"gcp")
+        && targets.contains(&Target::Gcp)
     {
         let lifetime = exp - iat;
         let status = if lifetime <= GCP_MAX_LIFETIME_SECS {
@@ -217,7 +214,7 @@ pub fn check(
             "token lives at most 24 h",
             status,
             format!("{lifetime} s"),
-            &["gcp"],
+            &[Target::Gcp],
         );
     }
     report.subject = claims.get("sub").and_then(Value::as_str).map(str::to_owned);

@@ -16,7 +16,7 @@ use crate::issuer::endpoint::{
 use crate::issuer::{self, Issuer};
 use crate::jwks::merge::{DEFAULT_KEY_RETENTION, KeyPolicy};
 use crate::listener::Limits;
-use crate::relying_party::MAX_KEYS;
+use crate::relying_party::MAX_KEYS_LIMIT;
 use crate::telemetry::{LogConfig, LogFormat};
 use crate::tls::{Challenge, TlsSource};
 
@@ -257,11 +257,11 @@ impl Validator<'_> {
             DEFAULT_KEY_RETENTION,
             KEY_RETENTION_BOUNDS,
         )?;
-        let max_keys = raw.max_keys.unwrap_or(MAX_KEYS);
-        if !(1..=MAX_KEYS).contains(&max_keys) {
+        let max_keys = raw.max_keys.unwrap_or(MAX_KEYS_LIMIT);
+        if !(1..=MAX_KEYS_LIMIT).contains(&max_keys) {
             return Err(self.err(
                 format!("{key}.max_keys"),
-                format!("{max_keys} is not from 1 to {MAX_KEYS} (AWS and Azure use at most 100 keys, A-9, Z-4)"),
+                format!("{max_keys} is not from 1 to {MAX_KEYS_LIMIT} (AWS and Azure use at most 100 keys, A-9, Z-4)"),
             ));
         }
         if raw.sources.is_empty() {

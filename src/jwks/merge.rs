@@ -27,7 +27,7 @@ impl Default for KeyPolicy {
     fn default() -> Self {
         Self {
             retention: DEFAULT_KEY_RETENTION,
-            max_keys: crate::relying_party::MAX_KEYS,
+            max_keys: crate::relying_party::MAX_KEYS_LIMIT,
         }
     }
 }

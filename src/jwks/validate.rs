@@ -20,8 +20,7 @@ use super::PublicJwk;
 
 /// D-5: members that only private or symmetric keys carry (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
 pub const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
-/// D-12: RSA keys used with RS256/384/512 must be at least 2048 bits.
-pub const MIN_RSA_BITS: usize = 2048;
+pub use crate::relying_party::MIN_RSA_BITS;
 /// Larger moduli buy nothing and cost every relying party verification time.
 pub const MAX_RSA_BITS: usize = 8192;
 

@@ -350,7 +350,7 @@ fn base_client(timeout: Duration) -> reqwest::ClientBuilder {
 /// Not the system roots (L9): reqwest's `rustls` feature reads them through
 /// rustls-platform-verifier, which fails with "No CA certificates were loaded from the system"
 /// in the scratch container image, which has no CA bundle. These are also the roots of the
-/// doctor's TLS probe and document fetch (`check::tls::roots`), so that every "publicly
+/// doctor's TLS probe and document fetch (`check::probe::tls::roots`), so that every "publicly
 /// trusted" in oidc-edge means the same set, on a host and in the image alike.
 pub fn public_tls() -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();

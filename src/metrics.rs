@@ -186,6 +186,22 @@ impl Metrics {
             .inc();
     }
 
+    /// `oidc_edge_jwks_age_seconds` of `issuer`, whose set a source last confirmed at
+    /// `confirmed_at` (Unix seconds): computed at scrape time, so it grows between refreshes.
+    pub fn observe_jwks_age(&self, issuer: &str, confirmed_at: u64) {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |now| {
+                now.saturating_sub(std::time::Duration::from_secs(confirmed_at))
+                    .as_secs_f64()
+            });
+        self.jwks_age
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .set(age);
+    }
+
     pub fn set_cert_not_after(&self, listener: &'static str, not_after: std::time::SystemTime) {
         let secs = not_after
             .duration_since(std::time::UNIX_EPOCH)

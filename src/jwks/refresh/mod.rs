@@ -3,13 +3,16 @@
 //! A failed fetch, a refused set or a refused merge never touches what is published: the last
 //! good snapshot keeps being served, and the failure is logged with its reason.
 
-use std::hash::{BuildHasher as _, Hasher as _};
+mod schedule;
+mod status;
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use tokio::sync::{Mutex, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
 use super::merge::{KeyPolicy, Ledger, dropped_early, merge, replaced_material};
@@ -20,37 +23,13 @@ use super::validate::validate;
 use super::{PublicJwk, unix_now};
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
-use crate::supervisor::Heartbeat;
 
-/// The first retry after a failure; each further failure doubles it.
-pub const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// Failures never wait longer than this, nor longer than the refresh interval.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, next_refresh_in, run_source};
+pub use self::status::{IssuerStatus, SourceStatus};
+
 /// M3: a confirmation alone (no change to the keys) is written to the state file at most this
 /// often, so a restart reports it at most this much too old without a write per refresh.
 pub const CONFIRMATION_WRITE_INTERVAL: u64 = 60;
-
-/// The delay before the next fetch of a source: `interval` after a success, capped exponential
-/// backoff after `consecutive_failures`, both spread by ±10 % with `jitter` in `[0, 1)` so that
-/// replicas and sources do not fetch in lockstep.
-pub fn next_refresh_in(interval: Duration, consecutive_failures: u32, jitter: f64) -> Duration {
-    let base = match consecutive_failures {
-        0 => interval,
-        n => {
-            let backoff = FIRST_RETRY.saturating_mul(1u32 << (n - 1).min(16));
-            backoff.min(interval.min(MAX_BACKOFF))
-        }
-    };
-    base.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
-}
-
-/// A uniform sample in `[0, 1)` from the process's random hash keys: jitter needs no crate.
-fn jitter_sample() -> f64 {
-    let bits = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
-}
 
 /// The two clocks of one refresh: wall-clock Unix seconds (persisted, survives restarts) and
 /// the monotonic clock (immune to clock steps, L7).
@@ -91,6 +70,12 @@ pub struct IssuerPipeline {
     store: Arc<DocumentStore>,
     state_file: StateFile,
     metrics: Arc<Metrics>,
+    /// `PipelineState::confirmed_at` in Unix seconds (0: never), readable without the lock:
+    /// `/metrics` computes the JWKS age from it at scrape time.
+    confirmed_secs: AtomicU64,
+    /// Held for a whole refresh, the state write included: it orders the writes, so that the
+    /// file never goes back to an older ledger. `/metrics` never waits on it; `/readyz` and
+    /// `/status` do, within the admin router's 5 s deadline (L5).
     state: Mutex<PipelineState>,
 }
 
@@ -111,35 +96,6 @@ struct PipelineState {
     persisted_confirmed_at: Option<u64>,
     /// The clocks of the last refresh, to notice wall-clock steps (L7).
     last_clock: Option<Clock>,
-}
-
-/// What `/status` shows of one source.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SourceStatus {
-    pub source: String,
-    /// The last fetch succeeded (an unchanged file counts as its last result).
-    pub healthy: bool,
-    /// Unix seconds of the last successful fetch.
-    pub last_success: Option<u64>,
-    /// Unix seconds and text of the last failure.
-    pub last_error_at: Option<u64>,
-    pub last_error: Option<String>,
-    /// The issuer the apiserver's own discovery document claims (apiserver sources).
-    pub upstream_issuer: Option<String>,
-    pub issuer_mismatch: bool,
-}
-
-/// What `/status` and `/readyz` know of one issuer.
-#[derive(Debug, Clone, Serialize)]
-pub struct IssuerStatus {
-    pub issuer: String,
-    pub discovery_url: String,
-    pub jwks_uri: String,
-    pub published: bool,
-    pub kids: Vec<String>,
-    /// Unix seconds at which the served key set was last confirmed by a source.
-    pub confirmed_at: Option<u64>,
-    pub sources: Vec<SourceStatus>,
 }
 
 impl IssuerPipeline {
@@ -189,6 +145,7 @@ impl IssuerPipeline {
             store,
             state_file,
             metrics,
+            confirmed_secs: AtomicU64::new(0),
             state: Mutex::new(PipelineState {
                 sets: vec![None; count],
                 sources: names
@@ -233,6 +190,8 @@ impl IssuerPipeline {
             // the set unconfirmed. A time in the future (a clock that was ahead) counts as now.
             let confirmed = loaded.confirmed_at.map(|at| at.min(now));
             state.confirmed_at = confirmed.map(|at| UNIX_EPOCH + Duration::from_secs(at));
+            self.confirmed_secs
+                .store(confirmed.unwrap_or(0), Ordering::Relaxed);
             state.persisted_confirmed_at = confirmed;
             info!(
                 issuer = self.issuer(),
@@ -410,6 +369,7 @@ impl IssuerPipeline {
         // much as a new body does (a healthy file source only ever answers "unchanged").
         if healthy && merged && matches!(result, RefreshResult::ok | RefreshResult::unchanged) {
             state.confirmed_at = Some(UNIX_EPOCH + Duration::from_secs(now));
+            self.confirmed_secs.store(now, Ordering::Relaxed);
         }
         let confirmed = state
             .confirmed_at
@@ -465,21 +425,21 @@ impl IssuerPipeline {
         }
     }
 
-    /// The issuer's state for `/status` and `/readyz`; also refreshes the age gauge.
+    /// Unix seconds at which a source last confirmed the published set, without waiting on a
+    /// refresh.
+    pub fn confirmed_at(&self) -> Option<u64> {
+        match self.confirmed_secs.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// The issuer's state for `/status` and `/readyz`.
     pub async fn status(&self) -> IssuerStatus {
         let state = self.state.lock().await;
         let confirmed_at = state
             .confirmed_at
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-        if let Some(at) = confirmed_at {
-            let age = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |now| now.saturating_sub(at).as_secs_f64());
-            self.metrics
-                .jwks_age
-                .get_or_create(&self.issuer_labels())
-                .set(age);
-        }
         let snapshot = self.store.get(self.index);
         IssuerStatus {
             issuer: self.issuer().to_owned(),
@@ -516,372 +476,5 @@ impl IssuerPipeline {
             .get_or_create(&self.issuer_labels())
             .inc();
         false
-    }
-}
-
-/// Drives one source until `cancel` fires. `refresh_now` (SIGHUP) cuts the current wait short.
-pub async fn run_source<S: KeySource>(
-    pipeline: Arc<IssuerPipeline>,
-    index: usize,
-    mut source: S,
-    interval: Duration,
-    cancel: CancellationToken,
-    mut refresh_now: watch::Receiver<()>,
-    heartbeat: Arc<Heartbeat>,
-) {
-    let mut failures = 0u32;
-    loop {
-        let healthy = tokio::select! {
-            _ = cancel.cancelled() => return,
-            healthy = heartbeat.beat(pipeline.refresh(index, &mut source)) => healthy,
-        };
-        failures = if healthy {
-            0
-        } else {
-            failures.saturating_add(1)
-        };
-        let delay = next_refresh_in(interval, failures, jitter_sample());
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-            _ = async {
-                if refresh_now.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => debug!(issuer = pipeline.issuer(), "refresh requested"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use bytes::Bytes;
-
-    use super::*;
-    use crate::state::create_state_dir;
-
-    const MINUTE: Duration = Duration::from_secs(60);
-    const ISSUER: &str = "https://oidc.example.com";
-    const K3S: &str = include_str!("../../tests/fixtures/jwks/k3s.json");
-    const ROTATED: &str = include_str!("../../tests/fixtures/jwks/rotated.json");
-
-    /// A one-source pipeline with its state under `dir/state`.
-    fn pipeline(dir: &Path, keys: KeyPolicy) -> IssuerPipeline {
-        let state = dir.join("state");
-        create_state_dir(&state).expect("state dir");
-        IssuerPipeline::new(
-            0,
-            IssuerEndpoint::new(crate::issuer::Issuer::parse(ISSUER).expect("issuer")),
-            keys,
-            Arc::new(DocumentStore::new(1)),
-            StateFile::new(&state, ISSUER),
-            Arc::new(Metrics::new()),
-            vec!["jwks.json".to_owned()],
-        )
-    }
-
-    fn body(set: &'static str) -> Result<Fetched, FetchError> {
-        Ok(Fetched::Body {
-            body: Bytes::from_static(set.as_bytes()),
-            upstream_issuer: None,
-        })
-    }
-
-    fn sorted_kids(set: &str) -> Vec<String> {
-        let mut kids: Vec<String> = validate(set.as_bytes())
-            .expect("fixture")
-            .keys
-            .into_iter()
-            .map(|k| k.kid)
-            .collect();
-        kids.sort();
-        kids
-    }
-
-    fn published(p: &IssuerPipeline) -> Vec<String> {
-        p.store.get(0).expect("published").kids.clone()
-    }
-
-    /// The value of `oidc_edge_refreshes_total` for `result`, from the exposition text.
-    fn refreshes(p: &IssuerPipeline, result: &str) -> u64 {
-        let needle = format!("source=\"0\",result=\"{result}\"}} ");
-        p.metrics
-            .render()
-            .lines()
-            .filter(|l| l.starts_with("oidc_edge_refreshes_total{") && l.contains(&needle))
-            .map(|l| {
-                l.rsplit(' ')
-                    .next()
-                    .expect("value")
-                    .parse::<u64>()
-                    .expect("count")
-            })
-            .sum()
-    }
-
-    /// Every refresh outcome, in a row, against one pipeline: what `refresh` returns, the
-    /// result it counts, the error `/status` shows, and that a failure never changes what is
-    /// published (DESIGN §4: "a failed fetch, a refused set or a refused merge never changes
-    /// what is served").
-    #[tokio::test]
-    async fn each_refresh_outcome_is_counted_and_failures_keep_the_published_set() {
-        const PRIVATE: &str = include_str!("../../tests/fixtures/jwks/private-rsa.json");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), KeyPolicy::default());
-        let clock = || Clock {
-            wall: 1_000,
-            mono: std::time::Instant::now(),
-        };
-        let missing = || {
-            Err(FetchError::File {
-                path: "jwks.json".into(),
-                source: std::io::ErrorKind::NotFound.into(),
-            })
-        };
-        // (fetched, healthy, counted as, last error shown)
-        type Row = (
-            Result<Fetched, FetchError>,
-            bool,
-            &'static str,
-            Option<&'static str>,
-        );
-        let table: [Row; 5] = [
-            (body(K3S), true, "ok", None),
-            (Ok(Fetched::Unchanged), true, "unchanged", None),
-            (
-                missing(),
-                false,
-                "fetch_error",
-                Some("jwks.json: entity not found"),
-            ),
-            (body("{}"), false, "rejected", Some("not a JWK set")),
-            (body(PRIVATE), false, "rejected", Some("private")),
-        ];
-        for (n, (fetched, healthy, result, error)) in table.into_iter().enumerate() {
-            let before = refreshes(&p, result);
-            assert_eq!(p.apply(0, "s", fetched, clock()).await, healthy, "row {n}");
-            assert_eq!(
-                refreshes(&p, result),
-                before + 1,
-                "row {n}: counted as {result}"
-            );
-            assert_eq!(
-                published(&p),
-                sorted_kids(K3S),
-                "row {n}: still the first set"
-            );
-            let status = p.status().await.sources[0].clone();
-            assert_eq!(status.healthy, healthy, "row {n}");
-            match error {
-                None => assert_eq!(status.last_error, None, "row {n}"),
-                Some(text) => {
-                    let shown = status.last_error.expect("an error");
-                    assert!(shown.contains(text), "row {n}: {shown}");
-                }
-            }
-        }
-        // A set the merge refuses: more current keys than max_keys.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(
-            dir.path(),
-            KeyPolicy {
-                max_keys: 1,
-                ..KeyPolicy::default()
-            },
-        );
-        assert!(!p.apply(0, "s", body(K3S), clock()).await);
-        assert_eq!(refreshes(&p, "merge_rejected"), 1);
-        assert!(
-            p.store.get(0).is_none(),
-            "nothing published, never an empty set"
-        );
-    }
-
-    #[tokio::test]
-    async fn only_an_unchanged_answer_from_a_healthy_source_confirms() {
-        // M3: "unchanged" repeats the source's last result; after a refused body that result
-        // is a failure, and nothing is confirmed.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), KeyPolicy::default());
-        let at = |wall: u64| Clock {
-            wall,
-            mono: std::time::Instant::now(),
-        };
-        let confirmed = || async { p.status().await.confirmed_at };
-        assert!(p.apply(0, "s", body(K3S), at(1_000)).await);
-        assert_eq!(confirmed().await, Some(1_000));
-        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), at(1_060)).await);
-        assert_eq!(confirmed().await, Some(1_060));
-        assert!(!p.apply(0, "s", body("{}"), at(1_120)).await);
-        assert!(!p.apply(0, "s", Ok(Fetched::Unchanged), at(1_180)).await);
-        assert_eq!(confirmed().await, Some(1_060));
-        let on_disk = p.state_file.load_state().expect("load").expect("saved");
-        assert_eq!(on_disk.confirmed_at, Some(1_060), "written after 60 s");
-    }
-
-    #[tokio::test]
-    async fn a_forward_wall_clock_step_does_not_cut_rotation_grace() {
-        // L7: a board boots with an old clock, then NTP steps it a year forward.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(
-            dir.path(),
-            KeyPolicy {
-                retention: Duration::from_secs(3600),
-                ..KeyPolicy::default()
-            },
-        );
-        let start = Clock {
-            wall: 1_700_000_000,
-            mono: std::time::Instant::now(),
-        };
-        let at = |wall: u64, mono: u64| Clock {
-            wall,
-            mono: start.mono + Duration::from_secs(mono),
-        };
-        assert!(p.apply(0, "s", body(K3S), start).await);
-        let w = start.wall;
-        assert!(p.apply(0, "s", body(ROTATED), at(w + 10, 10)).await);
-        let mut both = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
-        both.sort();
-        both.dedup();
-        assert_eq!(published(&p), both);
-        let year = 365 * 86_400;
-        assert!(
-            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year, 20))
-                .await
-        );
-        assert_eq!(published(&p), both, "grace kept across the step");
-        // The grace runs out one hour after the key vanished, by the monotonic clock.
-        assert!(
-            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3589, 3609))
-                .await
-        );
-        assert_eq!(published(&p), both);
-        assert!(
-            p.apply(0, "s", Ok(Fetched::Unchanged), at(w + year + 3590, 3610))
-                .await
-        );
-        assert_eq!(published(&p), sorted_kids(ROTATED));
-    }
-
-    #[tokio::test]
-    async fn restore_clamps_vanish_times_in_the_future_to_now() {
-        // L7: a vanish time written while the clock was far ahead must not retain a key for
-        // years; at most `key_retention` from now.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), KeyPolicy::default());
-        let k3s = validate(K3S.as_bytes()).expect("fixture").keys;
-        let rotated = validate(ROTATED.as_bytes()).expect("fixture").keys;
-        let future = unix_now() + 10 * 365 * 86_400;
-        let l0 = merge(&[Some(&k3s)], &Ledger::default(), future, MINUTE, 100).expect("ok");
-        let l1 = merge(&[Some(&rotated)], &l0, future, MINUTE, 100).expect("ok");
-        p.state_file.save(&l1).expect("save");
-        let before = unix_now();
-        p.restore().await;
-        let state = p.state.lock().await;
-        let vanished: Vec<u64> = state
-            .ledger
-            .keys
-            .values()
-            .filter_map(|e| e.vanished_at)
-            .collect();
-        assert_eq!(vanished.len(), 1, "{:?}", state.ledger);
-        assert!((before..=unix_now()).contains(&vanished[0]), "{vanished:?}");
-    }
-
-    #[tokio::test]
-    async fn a_failed_persist_is_retried_on_later_refreshes_and_counted() {
-        // M2: the disk fails once; the ledger does not change again; the next refresh must
-        // still write it, or a restart during an outage serves a set without the new key.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pipeline(dir.path(), KeyPolicy::default());
-        assert!(p.apply(0, "s", body(K3S), Clock::now()).await);
-        // rename(2) cannot replace a non-empty directory: stands in for ENOSPC or EIO.
-        let path = p.state_file.path().to_owned();
-        std::fs::remove_file(&path).expect("rm");
-        std::fs::create_dir(&path).expect("blocker");
-        std::fs::write(path.join("x"), b"x").expect("write");
-        assert!(p.apply(0, "s", body(ROTATED), Clock::now()).await);
-        let metrics = p.metrics.render();
-        assert!(
-            metrics.contains(&format!(
-                "oidc_edge_state_write_errors_total{{issuer=\"{ISSUER}\"}} 1\n"
-            )),
-            "{metrics}"
-        );
-        std::fs::remove_dir_all(&path).expect("unblock");
-        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
-        let on_disk = p.state_file.load().expect("load").expect("persisted");
-        let mut union = [sorted_kids(K3S), sorted_kids(ROTATED)].concat();
-        union.sort();
-        union.dedup();
-        assert_eq!(on_disk.kids(), union);
-        assert_eq!(on_disk, p.state.lock().await.ledger);
-        // Written once, not again on every refresh.
-        let written = std::fs::metadata(&path)
-            .expect("meta")
-            .modified()
-            .expect("mtime");
-        std::fs::remove_file(&path).expect("rm");
-        assert!(p.apply(0, "s", Ok(Fetched::Unchanged), Clock::now()).await);
-        assert!(
-            !path.exists(),
-            "rewritten although nothing changed (was {written:?})"
-        );
-        let metrics = p.metrics.render();
-        assert!(
-            metrics.contains(
-                "oidc_edge_state_write_errors_total{issuer=\"https://oidc.example.com\"} 1\n"
-            ),
-            "{metrics}"
-        );
-    }
-
-    #[test]
-    fn success_waits_the_interval_with_ten_percent_jitter() {
-        assert_eq!(next_refresh_in(MINUTE, 0, 0.5), MINUTE);
-        assert_eq!(next_refresh_in(MINUTE, 0, 0.0), Duration::from_secs(54));
-        assert!(next_refresh_in(MINUTE, 0, 0.999_999) < Duration::from_secs(66));
-        assert_eq!(
-            next_refresh_in(MINUTE, 0, 7.0),
-            Duration::from_secs(66),
-            "clamped"
-        );
-    }
-
-    #[test]
-    fn failures_back_off_exponentially_up_to_the_interval() {
-        let delays: Vec<u64> = (1..=8)
-            .map(|n| next_refresh_in(MINUTE, n, 0.5).as_secs())
-            .collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(
-            next_refresh_in(MINUTE, u32::MAX, 0.5),
-            MINUTE,
-            "no overflow"
-        );
-    }
-
-    #[test]
-    fn backoff_is_capped_at_five_minutes_for_long_intervals() {
-        let day = Duration::from_secs(86_400);
-        assert_eq!(next_refresh_in(day, 30, 0.5), MAX_BACKOFF);
-        assert_eq!(next_refresh_in(day, 0, 0.5), day);
-    }
-
-    #[test]
-    fn a_failing_source_never_waits_longer_than_a_healthy_one() {
-        let short = Duration::from_millis(100);
-        assert_eq!(next_refresh_in(short, 3, 0.5), short);
-    }
-
-    #[test]
-    fn jitter_samples_are_in_range() {
-        for _ in 0..1000 {
-            let s = jitter_sample();
-            assert!((0.0..1.0).contains(&s));
-        }
     }
 }

@@ -1,6 +1,8 @@
 //! `check-config`: bad configurations exit 64 with one line naming the key; good ones exit 0.
 
-use crate::support::{Scratch, repo_path, run};
+use crate::support::pki::Pki;
+use crate::support::process::run;
+use crate::support::{Scratch, repo_path};
 
 const ISSUER: &str = "[[issuers]]\nissuer = \"https://oidc.example.com\"\n";
 const SOURCE: &str = "  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n";
@@ -313,7 +315,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
 fn every_bad_config_exits_64_with_its_one_line_message() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", crate::support::K3S);
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
     let cases = bad_configs();
     assert!(cases.len() >= 15);
     let mut wrong = Vec::new();
@@ -385,7 +387,7 @@ fn missing_files_are_named() {
 #[test]
 fn a_missing_token_file_is_a_warning() {
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
     let config = scratch.write(
         "config.toml",
         &apiserver(
@@ -492,7 +494,7 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
 #[test]
 fn credentials_in_source_urls_are_refused_without_being_echoed() {
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
     let cases = [
         (
             format!(

@@ -5,8 +5,14 @@
 //! The server runs on a runtime of its own, on its own thread, as the binary would in its
 //! own process. The tests block at times (std sockets read to the end, reader threads
 //! joined, `std::thread::sleep`): on the test's runtime, that would stall the server under
-//! test, and on a current-thread runtime deadlock it. A runtime of its own also lets a drop
-//! wait for the drain, so that a restart on the same state directory never overlaps.
+//! test, and on a current-thread runtime deadlock it.
+//!
+//! Stopping mirrors the binary harness. [`InProcess::stop`] is SIGTERM: `run`'s shutdown
+//! future resolves and the drain is awaited, while the test's runtime keeps its clients
+//! answering. A drop is SIGKILL: the server's runtime is dropped, which closes every socket
+//! at once, and the drop waits for that. A graceful drain on drop would wait out the 10 s
+//! grace whenever the test holds a kept-alive connection, since a drop blocks the test's
+//! runtime and its clients cannot answer the server's GOAWAY.
 //!
 //! There is no log to read here: a test that asserts on log lines uses
 //! [`Binary`](super::process::Binary).
@@ -23,14 +29,16 @@ use tokio::sync::oneshot;
 use super::clients::get;
 use super::eventually;
 
-/// A running in-process server; dropping it shuts it down and waits for the drain.
+/// A running in-process server; dropping it stops it at once, [`InProcess::stop`] drains it.
 pub struct InProcess {
     /// The plain HTTP listener.
     pub addr: SocketAddr,
     pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
-    /// Dropped to shut down: `run`'s shutdown future resolves when the sender goes.
+    /// Sent to resolve `run`'s shutdown future: the graceful stop.
     shutdown: Option<oneshot::Sender<()>>,
+    /// Sent or dropped to abandon `run` and drop the server's runtime: the abrupt stop.
+    abort: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -51,6 +59,7 @@ impl InProcess {
         super::install_crypto_provider();
         let (bound_tx, bound_rx) = oneshot::channel();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let (abort, abort_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("oidc-edge in process".to_owned())
             .spawn(move || {
@@ -70,14 +79,16 @@ impl InProcess {
                     };
                     let addrs = (server.http_addr(), server.https_addr(), server.admin_addr());
                     let _ = bound_tx.send(Ok(addrs));
-                    server
-                        .run(async {
-                            // Resolves when the handle sends or drops its sender.
+                    tokio::select! {
+                        ended = server.run(async {
                             let _ = shutdown_rx.await;
-                        })
-                        .await
+                        }) => ended,
+                        _ = abort_rx => Ok(()),
+                    }
                 });
-                // A state write stuck in `spawn_blocking` must not hang the test's teardown.
+                // Drops every task still running (all of them after an abort), which closes
+                // their sockets. A state write in `spawn_blocking` gets 1 s to finish; it is
+                // atomic, so one cut short leaves the previous file, as after a SIGKILL.
                 runtime.shutdown_timeout(Duration::from_secs(1));
                 result
             })
@@ -91,6 +102,7 @@ impl InProcess {
             https,
             admin,
             shutdown: Some(shutdown),
+            abort: Some(abort),
             thread: Some(thread),
         };
         server.first_fetches().await;
@@ -129,9 +141,10 @@ impl InProcess {
         self.https.expect("an [https] listener")
     }
 
-    /// Shuts down, waits for the drain, and asserts that `run` ended without an error.
+    /// Shuts down as on SIGTERM, waits for the drain, and asserts that `run` ended without
+    /// an error.
     pub async fn stop(mut self) {
-        drop(self.shutdown.take());
+        let _ = self.shutdown.take().expect("running").send(());
         let thread = self.thread.take().expect("running");
         let ended = tokio::task::spawn_blocking(move || thread.join())
             .await
@@ -144,7 +157,7 @@ impl InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        drop(self.shutdown.take());
+        drop(self.abort.take());
         if let Some(thread) = self.thread.take() {
             let ended = thread.join();
             // A failing test is already unwinding: its own message matters more.

@@ -15,19 +15,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::fake_apiserver::Pki;
-use crate::support::{
-    HTTPS_DOMAIN, Scratch, Server, https_client, https_url, install_crypto_provider, plain_client,
-    proc_status_kib,
-};
+use crate::support::clients::{builder, https_client, https_url, plain_client, tls_config};
+use crate::support::config::TestConfig;
+use crate::support::metrics::{metric, proc_status_kib, scrape};
+use crate::support::pki::Pki;
+use crate::support::process::Binary;
+use crate::support::{HTTPS_DOMAIN, Scratch, install_crypto_provider};
 
 /// Peak RSS the server may reach under the whole attack. Measured: see the session note; a
 /// stalled connection costs a few KiB, so thousands fit well inside this.
@@ -457,13 +457,11 @@ async fn ordinary_client(
         .local_address(local)
         .build()
         .expect("client");
-    let plain = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
+    let plain = builder()
         .resolve(HTTPS_DOMAIN, http)
-        .no_proxy()
         .local_address(local)
         .build()
-        .unwrap();
+        .expect("client");
     let mut seen = Ordinary {
         latencies: Vec::new(),
         slowest: [Duration::ZERO; 3],
@@ -559,7 +557,7 @@ async fn hostile_clients_do_not_starve_an_ordinary_one() {
         floods: true,
         ordinary_per_sec: 10,
     };
-    abuse("default limits", "", attack).await;
+    abuse("default limits", &[], attack).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,17 +576,17 @@ async fn silent_clients_beyond_the_connection_cap_make_room_for_real_ones() {
         floods: false,
         ordinary_per_sec: 1,
     };
-    let cap = n / 4;
-    let limits = format!("max_connections = {cap}");
-    abuse(&limits, &limits, attack).await;
+    let cap = i64::try_from(n / 4).expect("cap");
+    let what = format!("max_connections = {cap}");
+    abuse(&what, &[("max_connections", cap)], attack).await;
 }
 
 /// Both runs load the machine: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `attack` for `OIDC_EDGE_ABUSE_SECS` (5 s), with `limits` in the `[limits]` section, and
-/// an ordinary client throughout.
-async fn abuse(what: &str, limits: &str, attack: Attack) {
+/// `attack` for `OIDC_EDGE_ABUSE_SECS` (5 s), with `limits` set in the `[limits]` section,
+/// and an ordinary client throughout.
+async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
     let _alone = ONE_AT_A_TIME.lock().await;
     let conns = attack.total();
     install_crypto_provider();
@@ -602,12 +600,15 @@ async fn abuse(what: &str, limits: &str, attack: Attack) {
     let pki = Pki::new("test public CA");
     let leaf = pki.server_for(&[HTTPS_DOMAIN]);
     let scratch = Scratch::new();
-    let config = scratch.https_files_config(
-        &leaf,
-        "",
-        &format!("[log]\naccess = false\n[limits]\n{limits}\n"),
-    );
-    let mut server = Server::start(&config);
+    let config = limits
+        .iter()
+        .fold(
+            TestConfig::https_files(&scratch, &leaf),
+            |config, (key, value)| config.set(&format!("limits.{key}"), *value),
+        )
+        .set("log.access", false)
+        .write(&scratch);
+    let mut server = Binary::start(&config);
     let (https, http) = (server.listening("https"), server.addr);
     let pid = server.pid();
     let expected = Expected::fetch(http).await;
@@ -732,12 +733,11 @@ async fn idle_http2_connections_give_way_at_the_cap_and_close_after_idle_timeout
     let _alone = ONE_AT_A_TIME.lock().await;
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let config = scratch.https_files_config(
-        &pki.server_for(&[HTTPS_DOMAIN]),
-        "",
-        "[limits]\nmax_connections = 20\nidle_timeout = \"4s\"\n",
-    );
-    let mut server = Server::start(&config);
+    let config = TestConfig::https_files(&scratch, &pki.server_for(&[HTTPS_DOMAIN]))
+        .set("limits.max_connections", 20)
+        .set("limits.idle_timeout", "4s")
+        .write(&scratch);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     let connector = h2_connector(&pki.ca_pem);
     let until = Instant::now() + Duration::from_secs(30);
@@ -918,15 +918,7 @@ async fn h1_slow_reader(
 }
 
 fn tls_connector(ca_pem: &str, alpn: &[u8]) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    TlsConnector::from(Arc::new(config))
+    TlsConnector::from(tls_config(ca_pem, alpn))
 }
 
 /// H1 of the reliability review: clients that stop reading (HTTP/2 at window zero, HTTP/1.1
@@ -944,14 +936,12 @@ async fn clients_that_stop_reading_cannot_hold_the_listeners() {
     let cap = env_or("OIDC_EDGE_STALL_CAP", 20);
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let config = scratch.https_files_config(
-        &pki.server_for(&[HTTPS_DOMAIN]),
-        "",
-        &format!(
-            "[log]\naccess = false\n[limits]\nmax_connections = {cap}\nsend_timeout = \"3s\"\n"
-        ),
-    );
-    let mut server = Server::start(&config);
+    let config = TestConfig::https_files(&scratch, &pki.server_for(&[HTTPS_DOMAIN]))
+        .set("log.access", false)
+        .set("limits.max_connections", i64::try_from(cap).expect("cap"))
+        .set("limits.send_timeout", "3s")
+        .write(&scratch);
+    let mut server = Binary::start(&config);
     let (https, http) = (server.listening("https"), server.addr);
     let pid = server.pid();
     let expected = Expected::fetch(http).await;
@@ -995,9 +985,9 @@ async fn clients_that_stop_reading_cannot_hold_the_listeners() {
         attacker.await.expect("attacker");
     }
     let hwm = proc_status_kib(pid, "VmHWM");
-    let scrape = crate::support::scrape(&server).await;
+    let scrape = scrape(server.admin).await;
     let closed = |listener: &str, reason: &str| {
-        crate::support::metric(
+        metric(
             &scrape,
             "oidc_edge_connections_closed_by_limit_total",
             &[("listener", listener), ("reason", reason)],

@@ -11,35 +11,40 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::fake_apiserver::{Leaf, Pki};
-use crate::pebble::{Pebble, free_tcp_port};
-use crate::support::{
-    K3S, Scratch, Server, assert_serves_both_documents_everywhere, get, metric, plain_client,
-    scrape, served_cert,
+use crate::support::clients::{
+    assert_serves_both_documents_everywhere, get, plain_client, served_cert,
 };
+use crate::support::config::{Source, TestConfig};
+use crate::support::metrics::{metric, scrape};
+use crate::support::pebble::{Pebble, free_tcp_port};
+use crate::support::pki::{Leaf, Pki};
+use crate::support::process::Binary;
+use crate::support::{K3S, Scratch};
 
 const DOMAIN: &str = "oidc.example.com";
 
-/// Writes a config whose HTTPS listener gets its certificate from `pebble`.
+/// A config whose HTTPS listener gets its certificate from `pebble`, on the fixed ports
+/// Pebble validates on, and whose plain listener redirects to it. Writes `jwks.json`.
 fn config(
     scratch: &Scratch,
     pebble: &Pebble,
     https_port: u16,
     http_port: u16,
     challenge: &str,
-) -> PathBuf {
+) -> TestConfig {
     scratch.write("jwks.json", K3S);
-    scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
-             [http]\nlisten = \"127.0.0.1:{http_port}\"\nredirect_to_https = true\n\
-             [https]\nlisten = \"127.0.0.1:{https_port}\"\n[https.acme]\ncontact = [\"mailto:ops@example.com\"]\n\
-             directory = \"{}\"\ndirectory_ca_file = \"{}\"\nchallenge = \"{challenge}\"\n[state]\ndir = \"state\"\n",
-            pebble.directory,
-            pebble.api_ca_file.display()
-        ),
-    )
+    TestConfig::new()
+        .source(Source::file("jwks.json"))
+        .set("http.listen", format!("127.0.0.1:{http_port}"))
+        .set("http.redirect_to_https", true)
+        .set("https.listen", format!("127.0.0.1:{https_port}"))
+        .set("https.acme.contact", vec!["mailto:ops@example.com"])
+        .set("https.acme.directory", pebble.directory.as_str())
+        .set(
+            "https.acme.directory_ca_file",
+            pebble.api_ca_file.to_str().expect("utf-8"),
+        )
+        .set("https.acme.challenge", challenge)
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -91,12 +96,12 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
         return;
     };
     let scratch = Scratch::new();
-    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
     // Debug logging, so that the no-secret check below covers rustls-acme's own lines too.
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, format!("{text}[log]\nlevel = \"debug\"\n")).expect("config");
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01")
+        .set("log.level", "debug")
+        .write(&scratch);
     let started = Instant::now();
-    let mut server = Server::start(&config);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
@@ -148,7 +153,7 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     let orders = pebble.orders();
     assert!(orders >= 1, "{:?}", pebble.log());
     server.kill();
-    let mut restarted = Server::start(&config);
+    let mut restarted = Binary::start(&config);
     restarted.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(
         served_cert(&root, https)
@@ -168,7 +173,8 @@ async fn http_01_issues_on_the_plain_listener_which_redirects_the_rest() {
         return;
     };
     let scratch = Scratch::new();
-    let mut server = Server::start(&config(&scratch, &pebble, https_port, http_port, "http-01"));
+    let config = config(&scratch, &pebble, https_port, http_port, "http-01").write(&scratch);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
@@ -205,13 +211,8 @@ async fn a_short_lived_certificate_is_renewed_without_a_restart_or_a_failed_requ
         return;
     };
     let scratch = Scratch::new();
-    let mut server = Server::start(&config(
-        &scratch,
-        &pebble,
-        https_port,
-        http_port,
-        "tls-alpn-01",
-    ));
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01").write(&scratch);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
@@ -248,14 +249,14 @@ async fn kill_9_during_cache_writes_never_breaks_the_next_start() {
         return;
     };
     let scratch = Scratch::new();
-    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01").write(&scratch);
     // Kill at moments spread over the whole first issuance, cache writes included.
     for delay_ms in [300, 900, 1500, 2100, 2700, 3300] {
-        let server = Server::start(&config);
+        let server = Binary::start(&config);
         std::thread::sleep(Duration::from_millis(delay_ms));
         server.kill();
     }
-    let mut server = Server::start(&config);
+    let mut server = Binary::start(&config);
     let line = server.wait_for_log("event=\"deployed_");
     assert!(
         line.contains("deployed_cached_cert") || line.contains("deployed_new_cert"),
@@ -353,7 +354,7 @@ impl Stall {
     }
 
     /// Waits until `n` connections were accepted, at most `limit`.
-    async fn wait_for(&self, n: usize, limit: Duration, server: &Server) -> Duration {
+    async fn wait_for(&self, n: usize, limit: Duration, server: &Binary) -> Duration {
         let started = Instant::now();
         while self.accepted() < n {
             assert!(
@@ -381,30 +382,29 @@ fn stalled_config(
     ca_file: Option<&std::path::Path>,
 ) -> PathBuf {
     scratch.write("jwks.json", K3S);
-    let ca = ca_file.map_or(String::new(), |f| {
-        format!("directory_ca_file = \"{}\"\n", f.display())
-    });
-    scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"https://{DOMAIN}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
-             [https]\nlisten = \"127.0.0.1:0\"\n[https.acme]\ncontact = [\"mailto:ops@example.com\"]\n\
-             directory = \"{directory}\"\n{ca}step_timeout = \"2s\"\n[state]\ndir = \"state\"\n"
-        ),
-    )
+    let config = TestConfig::new()
+        .source(Source::file("jwks.json"))
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.acme.contact", vec!["mailto:ops@example.com"])
+        .set("https.acme.directory", directory)
+        .set("https.acme.step_timeout", "2s");
+    match ca_file {
+        Some(ca) => config.set("https.acme.directory_ca_file", ca.to_str().expect("utf-8")),
+        None => config,
+    }
+    .write(scratch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_that_never_answers_times_out_is_counted_and_tried_again() {
     let stall = Stall::silent().await;
     let scratch = Scratch::new();
-    let server = Server::start(&stalled_config(&scratch, &stall.url, None));
+    let server = Binary::start(&stalled_config(&scratch, &stall.url, None));
     stall.wait_for(1, Duration::from_secs(10), &server).await;
     // 2 s step timeout, then a 1 s backoff, then a new state connects again.
     let second = stall.wait_for(2, Duration::from_secs(8), &server).await;
     println!("acme stall: second attempt {second:?} after the first");
-    let scrape = scrape(&server).await;
+    let scrape = scrape(server.admin).await;
     assert!(
         metric(
             &scrape,
@@ -452,11 +452,11 @@ async fn a_directory_that_answers_slower_than_the_step_timeout_is_tried_again() 
     let stall = Stall::dripping(&pki.server_for(&["localhost", "127.0.0.1"])).await;
     let scratch = Scratch::new();
     let ca = scratch.write("acme-ca.pem", &pki.ca_pem);
-    let server = Server::start(&stalled_config(&scratch, &stall.url, Some(&ca)));
+    let server = Binary::start(&stalled_config(&scratch, &stall.url, Some(&ca)));
     stall.wait_for(1, Duration::from_secs(10), &server).await;
     // The answer would take 20 s; the step gives up after 2 s and tries again.
     stall.wait_for(2, Duration::from_secs(8), &server).await;
-    let scrape = scrape(&server).await;
+    let scrape = scrape(server.admin).await;
     assert!(
         metric(
             &scrape,
@@ -509,7 +509,7 @@ async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
         .expect("der")
         .to_vec();
 
-    let mut server = Server::start(&stalled_config(&scratch, &stall.url, None));
+    let mut server = Binary::start(&stalled_config(&scratch, &stall.url, None));
     let https = server.listening("https");
     server.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(served_cert(&pki.ca_pem, https).await, Ok(leaf_der.clone()));
@@ -531,7 +531,7 @@ async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(served_cert(&pki.ca_pem, https).await, Ok(leaf_der));
-    let scrape = scrape(&server).await;
+    let scrape = scrape(server.admin).await;
     assert!(
         metric(
             &scrape,
@@ -561,7 +561,7 @@ async fn a_failed_certificate_cache_write_is_retried() {
         return;
     };
     let scratch = Scratch::new();
-    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01");
+    let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01").write(&scratch);
     let name = cached_cert_name(&[DOMAIN], &pebble.directory);
     let cached = scratch.path("state/acme").join(&name);
     // A non-empty directory where the certificate goes: the rename of write_atomic's
@@ -574,7 +574,7 @@ async fn a_failed_certificate_cache_write_is_retried() {
         std::fs::Permissions::from_mode(0o700),
     )
     .expect("chmod");
-    let mut server = Server::start(&config);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     server.wait_for_log("event=\"account_cache_store\"");
     std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
@@ -608,7 +608,7 @@ async fn a_failed_certificate_cache_write_is_retried() {
     // A restart serves it without a new order.
     let orders = pebble.orders();
     server.kill();
-    let mut restarted = Server::start(&config);
+    let mut restarted = Binary::start(&config);
     restarted.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(served_cert(&root, https).await, Ok(served));
     assert_eq!(pebble.orders(), orders);

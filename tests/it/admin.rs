@@ -3,23 +3,28 @@
 
 use std::time::Duration;
 
-use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::support::{K3S, Scratch, Server, eventually, get, metric, scrape};
+use crate::support::clients::{builder, get};
+use crate::support::config::{Source, TestConfig};
+use crate::support::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
+use crate::support::inprocess::InProcess;
+use crate::support::metrics::{metric, scrape};
+use crate::support::process::Binary;
+use crate::support::{K3S, Scratch, eventually};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "admin-test-token";
 
 fn apiserver_config(scratch: &Scratch, fake: &FakeApiserver, interval: &str) -> std::path::PathBuf {
-    fake.config_in(
-        scratch,
-        TOKEN,
-        "",
-        &format!("  refresh_interval = \"{interval}\"\n  timeout = \"500ms\""),
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-    )
+    TestConfig::new()
+        .source(
+            fake.source_in(scratch, TOKEN)
+                .set("refresh_interval", interval)
+                .set("timeout", "500ms"),
+        )
+        .write(scratch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +32,7 @@ async fn readyz_is_503_before_the_first_key_set_and_200_after() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     fake.stop();
     let scratch = Scratch::new();
-    let mut server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let mut server = Binary::start(&apiserver_config(&scratch, &fake, "100ms"));
     assert_eq!(
         get(&server.admin_url("/livez")).await,
         (200, "ok\n".to_owned())
@@ -50,15 +55,15 @@ async fn readyz_is_503_before_the_first_key_set_and_200_after() {
 async fn metrics_count_requests_and_refreshes() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let server = InProcess::start(&apiserver_config(&scratch, &fake, "100ms")).await;
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
-    let before = scrape(&server).await;
+    let before = scrape(server.admin).await;
     for _ in 0..3 {
         assert_eq!(get(&jwks).await.0, 200);
     }
     assert_eq!(get(&server.url("/nope")).await.0, 404);
-    let after = scrape(&server).await;
+    let after = scrape(server.admin).await;
     let jwks_200 = [("issuer", ISSUER), ("document", "jwks"), ("code", "200")];
     assert_eq!(
         metric(&after, "oidc_edge_http_requests_total", &jwks_200)
@@ -88,7 +93,11 @@ async fn metrics_count_requests_and_refreshes() {
     ];
     let mut last = 0.0;
     for _ in 0..200 {
-        last = metric(&scrape(&server).await, "oidc_edge_refreshes_total", &failed);
+        last = metric(
+            &scrape(server.admin).await,
+            "oidc_edge_refreshes_total",
+            &failed,
+        );
         if last >= 2.0 {
             break;
         }
@@ -101,7 +110,7 @@ async fn metrics_count_requests_and_refreshes() {
 async fn status_shows_the_keys_and_a_failing_sources_error() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let mut server = Server::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let mut server = Binary::start(&apiserver_config(&scratch, &fake, "100ms"));
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     fake.set(|s| s.mode = Mode::Status(403));
@@ -132,19 +141,27 @@ async fn sighup_refreshes_now() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
     // An hour between refreshes: only SIGHUP can cause the second one.
-    let mut server = Server::start(&apiserver_config(&scratch, &fake, "1h"));
+    let mut server = Binary::start(&apiserver_config(&scratch, &fake, "1h"));
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     let ok = [("issuer", ISSUER), ("source", "0"), ("result", "ok")];
     assert_eq!(
-        metric(&scrape(&server).await, "oidc_edge_refreshes_total", &ok),
+        metric(
+            &scrape(server.admin).await,
+            "oidc_edge_refreshes_total",
+            &ok
+        ),
         1.0
     );
     server.signal("HUP");
     server.wait_for_log("refreshing every source now");
     let mut refreshed = 0.0;
     for _ in 0..200 {
-        refreshed = metric(&scrape(&server).await, "oidc_edge_refreshes_total", &ok);
+        refreshed = metric(
+            &scrape(server.admin).await,
+            "oidc_edge_refreshes_total",
+            &ok,
+        );
         if refreshed >= 2.0 {
             break;
         }
@@ -158,16 +175,10 @@ async fn sighup_refreshes_now() {
 async fn sigterm_with_open_keep_alive_connections_exits_0_within_the_deadline() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Server::start(&scratch.config("1s"));
+    let mut server = Binary::start(&TestConfig::file_source("1s").write(&scratch));
     // Keep-alive connections that stay open and idle.
-    let clients: Vec<reqwest::Client> = (0..5)
-        .map(|_| {
-            reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client")
-        })
-        .collect();
+    let clients: Vec<reqwest::Client> =
+        (0..5).map(|_| builder().build().expect("client")).collect();
     for client in &clients {
         let response = client
             .get(server.url("/openid/v1/jwks"))
@@ -211,14 +222,23 @@ async fn no_secret_reaches_a_log_line_or_status_even_at_trace_level() {
     scratch.write("k.yaml", &kubeconfig);
     scratch.write("ca.pem", &fake.pki.ca_pem);
     scratch.write("token", TOKEN);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"k.yaml\"\n  refresh_interval = \"100ms\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  token_file = \"token\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n[log]\nlevel = \"trace\"\naccess = true\n",
-            fake.url()
-        ),
-    );
-    let mut server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(
+            Source::new("kubeconfig")
+                .set("kubeconfig", "k.yaml")
+                .set("refresh_interval", "100ms"),
+        )
+        .source(
+            Source::new("apiserver")
+                .set("url", fake.url())
+                .set("ca_file", "ca.pem")
+                .set("token_file", "token")
+                .set("refresh_interval", "100ms"),
+        )
+        .set("log.level", "trace")
+        .set("log.access", true)
+        .write(&scratch);
+    let mut server = Binary::start(&config);
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     fake.set(|s| s.mode = Mode::Body(crate::support::PRIVATE_RSA.to_owned()));
@@ -265,7 +285,7 @@ async fn no_secret_reaches_a_log_line_or_status_even_at_trace_level() {
 async fn the_public_listener_serves_only_the_two_documents() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let server = Server::start(&scratch.config("1h"));
+    let server = InProcess::start(&TestConfig::file_source("1h").write(&scratch)).await;
     eventually("keys", || async {
         get(&server.url("/openid/v1/jwks")).await.0 == 200
     })
@@ -334,14 +354,11 @@ async fn the_admin_listener_drops_silent_and_slow_clients_and_keeps_answering_pr
     use std::time::Instant;
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("60s");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        format!("{text}[limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n"),
-    )
-    .expect("config");
-    let server = Server::start(&config);
+    let config = TestConfig::file_source("60s")
+        .set("limits.handshake_timeout", "1s")
+        .set("limits.header_read_timeout", "1s")
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
     let admin = server.admin;
     // 100 silent connections, beyond the cap, and one that drips half a request.
     let silent: Vec<std::net::TcpStream> = (0..100)
@@ -379,7 +396,7 @@ async fn the_admin_listener_drops_silent_and_slow_clients_and_keeps_answering_pr
         // Closed by the 1 s limits or to make room, not by the reader's 6 s.
         assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
     }
-    let scrape = scrape(&server).await;
+    let scrape = scrape(server.admin).await;
     let closed = |reason: &str| {
         metric(
             &scrape,

@@ -11,10 +11,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode, Pki};
+use crate::support::clients::{assert_not_published_yet, client, get, trusting};
+use crate::support::config::{Source, TestConfig};
+use crate::support::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
+use crate::support::inprocess::InProcess;
+use crate::support::pki::Pki;
+use crate::support::process::{Binary, run};
 use crate::support::{
-    K3S, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, assert_not_published_yet, client,
-    eventually, fixture_kids, get, kids, run,
+    K3S, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, eventually, fixture_kids, kids,
 };
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -22,21 +26,19 @@ const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.token-a.sig";
 
 /// A scratch dir with the fake's CA in `ca.pem` and the token in `token`, and a config that
 /// reads the fake every 100 ms.
-fn setup(fake: &FakeApiserver, issuer_extra: &str) -> (Scratch, std::path::PathBuf) {
+fn setup(fake: &FakeApiserver) -> (Scratch, TestConfig) {
     let scratch = Scratch::new();
     // A trailing newline, as `kubectl create token > token` leaves.
-    let config = fake.config_in(
-        &scratch,
-        &format!("{TOKEN}\n"),
-        issuer_extra,
-        "  refresh_interval = \"100ms\"\n  timeout = \"500ms\"",
-        "",
-    );
-    (scratch, config)
+    let source = fake
+        .source_in(&scratch, &format!("{TOKEN}\n"))
+        .set("refresh_interval", "100ms")
+        .set("timeout", "500ms");
+    (scratch, TestConfig::new().source(source))
 }
 
-async fn served_kids(server: &Server) -> Vec<String> {
-    let (status, body) = get(&server.url("/openid/v1/jwks")).await;
+/// The kids served at `jwks_url`; none while it is not 200.
+async fn served_kids(jwks_url: &str) -> Vec<String> {
+    let (status, body) = get(jwks_url).await;
     if status == 200 {
         kids(&body)
     } else {
@@ -47,12 +49,7 @@ async fn served_kids(server: &Server) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fake_speaks_like_the_apiserver() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let cas = reqwest::Certificate::from_pem_bundle(fake.pki.ca_pem.as_bytes()).expect("ca");
-    let http = reqwest::Client::builder()
-        .tls_certs_only(cas)
-        .no_proxy()
-        .build()
-        .expect("client");
+    let http = trusting(&fake.pki.ca_pem).build().expect("client");
     let jwks = format!("{}/openid/v1/jwks", fake.url());
     let anonymous = http.get(&jwks).send().await.expect("GET");
     assert_eq!(anonymous.status(), 401);
@@ -78,10 +75,11 @@ async fn the_fake_speaks_like_the_apiserver() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_appear_at_start_and_follow_a_rotation_with_grace() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (_scratch, config) = setup(&fake, "key_retention = \"1s\"");
-    let server = Server::start(&config);
+    let (scratch, config) = setup(&fake);
+    let config = config.set("issuers.0.key_retention", "1s").write(&scratch);
+    let server = InProcess::start(&config).await;
     eventually("the cluster's keys", || async {
-        served_kids(&server).await == fixture_kids(K3S)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
     })
     .await;
     {
@@ -102,11 +100,11 @@ async fn keys_appear_at_start_and_follow_a_rotation_with_grace() {
     both.sort();
     both.dedup();
     eventually("new and old keys", || async {
-        served_kids(&server).await == both
+        served_kids(&server.url("/openid/v1/jwks")).await == both
     })
     .await;
     eventually("the old key to drop after 1 s", || async {
-        served_kids(&server).await == fixture_kids(ROTATED)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(ROTATED)
     })
     .await;
 }
@@ -114,9 +112,13 @@ async fn keys_appear_at_start_and_follow_a_rotation_with_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_never_change_what_is_served_and_no_request_fails() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (_scratch, config) = setup(&fake, "");
-    let mut server = Server::start(&config);
-    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
+    let mut server = Binary::start(&config);
+    eventually("keys", || async {
+        !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
+    })
+    .await;
     let (_, good) = get(&server.url("/openid/v1/jwks")).await;
 
     // A client polls all along; every answer must be the good set, byte for byte.
@@ -172,9 +174,13 @@ async fn outages_never_change_what_is_served_and_no_request_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_upstream_answers_are_never_published() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (_scratch, config) = setup(&fake, "");
-    let mut server = Server::start(&config);
-    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
+    let mut server = Binary::start(&config);
+    eventually("keys", || async {
+        !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
+    })
+    .await;
     let (_, good) = get(&server.url("/openid/v1/jwks")).await;
 
     let weak_only = {
@@ -213,9 +219,12 @@ async fn bad_upstream_answers_are_never_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_file_is_read_again_for_every_fetch() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (scratch, config) = setup(&fake, "");
-    let server = Server::start(&config);
-    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (scratch, config) = setup(&fake);
+    let server = InProcess::start(&config.write(&scratch)).await;
+    eventually("keys", || async {
+        !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
+    })
+    .await;
     let rotated = "eyJhbGciOiJSUzI1NiJ9.token-b.sig";
     fake.set(|s| s.tokens = vec![rotated.to_owned()]);
     scratch.replace("token", rotated);
@@ -238,9 +247,10 @@ async fn the_token_file_is_read_again_for_every_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_is_a_clear_error_naming_the_url() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (scratch, config) = setup(&fake, "");
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
     scratch.write("ca.pem", &Pki::new("some-other-ca").ca_pem);
-    let mut server = Server::start(&config);
+    let mut server = Binary::start(&config);
     let line = server.wait_for_log("fetch failed");
     assert!(
         line.contains(&format!("GET {}/openid/v1/jwks: ", fake.url())),
@@ -262,13 +272,14 @@ async fn a_wrong_ca_is_a_clear_error_naming_the_url() {
 async fn down_at_start_with_no_state_is_503_and_recovers_by_itself() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     fake.stop();
-    let (_scratch, config) = setup(&fake, "");
-    let mut server = Server::start(&config);
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
+    let mut server = Binary::start(&config);
     server.wait_for_log("Connection refused");
     assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     fake.restart().await;
     eventually("recovery", || async {
-        served_kids(&server).await == fixture_kids(K3S)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
     })
     .await;
 }
@@ -276,21 +287,26 @@ async fn down_at_start_with_no_state_is_503_and_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_at_start_with_persisted_state_serves_at_once() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (_scratch, config) = setup(&fake, "");
-    let server = Server::start(&config);
-    eventually("keys", || async { !served_kids(&server).await.is_empty() }).await;
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
+    let server = Binary::start(&config);
+    eventually("keys", || async {
+        !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
+    })
+    .await;
     let (_, good) = get(&server.url("/openid/v1/jwks")).await;
     server.kill();
     fake.stop();
-    let restarted = Server::start(&config);
+    let restarted = Binary::start(&config);
     assert_eq!(get(&restarted.url("/openid/v1/jwks")).await, (200, good));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issuer_mismatch_upstream_is_reported_with_both_values() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
-    let (_scratch, config) = setup(&fake, "");
-    let mut server = Server::start(&config);
+    let (scratch, config) = setup(&fake);
+    let config = config.write(&scratch);
+    let mut server = Binary::start(&config);
     let line = server.wait_for_log("issuer mismatch");
     assert!(line.contains("WARN"), "{line}");
     assert!(
@@ -306,7 +322,10 @@ async fn an_issuer_mismatch_upstream_is_reported_with_both_values() {
     // Reported once, not on every refresh; and the keys are still published.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(server.count_log("issuer mismatch"), 1);
-    assert_eq!(served_kids(&server).await, fixture_kids(K3S));
+    assert_eq!(
+        served_kids(&server.url("/openid/v1/jwks")).await,
+        fixture_kids(K3S)
+    );
     fake.set(|s| s.issuer = ISSUER.to_owned());
     server.wait_for_log("issuer mismatch resolved");
 }
@@ -349,19 +368,22 @@ async fn a_k3s_kubeconfig_with_client_certificate_data_works() {
         "k3s.yaml",
         &kubeconfig(&fake.url(), &fake.pki.ca_pem, &user),
     );
-    let config = scratch.write(
-        "config.toml",
-        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"k3s.yaml\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-    );
+    let config = TestConfig::new()
+        .source(
+            Source::new("kubeconfig")
+                .set("kubeconfig", "k3s.yaml")
+                .set("refresh_interval", "100ms"),
+        )
+        .write(&scratch);
     let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
         summary.contains("(context \"default\")") && summary.contains("(client certificate)"),
         "{summary}"
     );
-    let server = Server::start(&config);
+    let server = InProcess::start(&config).await;
     eventually("keys over the client certificate", || async {
-        served_kids(&server).await == fixture_kids(K3S)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
     })
     .await;
     assert_eq!(
@@ -380,10 +402,9 @@ async fn a_kubeconfig_with_an_exec_plugin_is_refused_with_a_clear_message() {
         "kubeconfig",
         &kubeconfig("https://127.0.0.1:6443", &ca, user),
     );
-    let config = scratch.write(
-        "config.toml",
-        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"kubeconfig\"\n  kubeconfig = \"kubeconfig\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-    );
+    let config = TestConfig::new()
+        .source(Source::new("kubeconfig").set("kubeconfig", "kubeconfig"))
+        .write(&scratch);
     let out = run(&["check-config", "--config", config.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(
@@ -402,12 +423,16 @@ async fn in_cluster_uses_the_pod_environment() {
     let scratch = Scratch::new();
     scratch.write("ca.crt", &fake.pki.ca_pem);
     scratch.write("token", TOKEN);
-    let config = scratch.write(
-        "config.toml",
-        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"in-cluster\"\n  ca_file = \"ca.crt\"\n  token_file = \"token\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-    );
+    let config = TestConfig::new()
+        .source(
+            Source::new("in-cluster")
+                .set("ca_file", "ca.crt")
+                .set("token_file", "token")
+                .set("refresh_interval", "100ms"),
+        )
+        .write(&scratch);
     let port = fake.addr.port().to_string();
-    let server = Server::start_with_env(
+    let server = Binary::start_with_env(
         &config,
         &[
             ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
@@ -415,7 +440,7 @@ async fn in_cluster_uses_the_pod_environment() {
         ],
     );
     eventually("in-cluster keys", || async {
-        served_kids(&server).await == fixture_kids(K3S)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
     })
     .await;
 
@@ -443,28 +468,29 @@ async fn two_apiservers_and_a_url_source_are_unioned() {
     scratch.write("public.pem", &public.pki.ca_pem);
     scratch.write("token-a", TOKEN);
     scratch.write("token-b", "token-b");
-    let source = |kind: &str, url: String, ca: &str, token: &str| {
-        format!(
-            "  [[issuers.sources]]\n  kind = \"{kind}\"\n  url = \"{url}\"\n  ca_file = \"{ca}\"\n{token}  refresh_interval = \"100ms\"\n"
-        )
+    let source = |kind: &str, url: String, ca: &str| {
+        Source::new(kind)
+            .set("url", url)
+            .set("ca_file", ca)
+            .set("refresh_interval", "100ms")
     };
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n{}{}{}[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-            source("apiserver", a.url(), "a.pem", "  token_file = \"token-a\"\n"),
-            source("apiserver", b.url(), "b.pem", "  token_file = \"token-b\"\n"),
-            source("url", format!("{}/openid/v1/jwks", public.url()), "public.pem", ""),
-        ),
-    );
-    let server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(source("apiserver", a.url(), "a.pem").set("token_file", "token-a"))
+        .source(source("apiserver", b.url(), "b.pem").set("token_file", "token-b"))
+        .source(source(
+            "url",
+            format!("{}/openid/v1/jwks", public.url()),
+            "public.pem",
+        ))
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
     let mut all = fixture_kids(K3S);
     all.extend(fixture_kids(ROTATED));
     all.push("ed25519-1".to_owned());
     all.sort();
     all.dedup();
     eventually("the union of three sources", || async {
-        served_kids(&server).await == all
+        served_kids(&server.url("/openid/v1/jwks")).await == all
     })
     .await;
     let discovery = get(&server.url("/.well-known/openid-configuration"))
@@ -492,15 +518,15 @@ async fn a_url_source_without_ca_file_needs_no_system_roots() {
     let scratch = Scratch::new();
     let empty = scratch.write("empty.pem", "");
     std::fs::create_dir(scratch.path("certs")).expect("mkdir");
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"url\"\n  url = \"{}/openid/v1/jwks\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-            public.url()
-        ),
-    );
+    let config = TestConfig::new()
+        .source(
+            Source::new("url")
+                .set("url", format!("{}/openid/v1/jwks", public.url()))
+                .set("refresh_interval", "100ms"),
+        )
+        .write(&scratch);
     let certs = scratch.path("certs");
-    let mut server = Server::start_with_env(
+    let mut server = Binary::start_with_env(
         &config,
         &[
             ("SSL_CERT_FILE", empty.to_str().expect("utf-8")),
@@ -542,16 +568,19 @@ async fn rotated_client_certificate_files_are_used_without_a_restart() {
     scratch.write("ca.pem", &fake.pki.ca_pem);
     scratch.write("client.pem", &old.cert_pem);
     scratch.write("client-key.pem", &old.key_pem);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"apiserver\"\n  url = \"{}\"\n  ca_file = \"ca.pem\"\n  client_cert_file = \"client.pem\"\n  client_key_file = \"client-key.pem\"\n  refresh_interval = \"100ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-            fake.url()
-        ),
-    );
-    let server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(
+            Source::new("apiserver")
+                .set("url", fake.url())
+                .set("ca_file", "ca.pem")
+                .set("client_cert_file", "client.pem")
+                .set("client_key_file", "client-key.pem")
+                .set("refresh_interval", "100ms"),
+        )
+        .write(&scratch);
+    let server = Binary::start(&config);
     eventually("keys over the first certificate", || async {
-        served_kids(&server).await == fixture_kids(K3S)
+        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
     })
     .await;
 
@@ -567,7 +596,7 @@ async fn rotated_client_certificate_files_are_used_without_a_restart() {
     both.sort();
     both.dedup();
     eventually("keys over the new certificate", || async {
-        served_kids(&server).await == both
+        served_kids(&server.url("/openid/v1/jwks")).await == both
     })
     .await;
     let seen = fake.state.lock().expect("state").jwks_client_certs.clone();

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::fake_apiserver::{FakeApiserver, Mode};
-use crate::support::{K3S, PRIVATE_RSA, ROTATED, Scratch, Server, client, eventually, get};
+use crate::support::clients::{client, get};
+use crate::support::config::TestConfig;
+use crate::support::fake_apiserver::{FakeApiserver, Mode};
+use crate::support::inprocess::InProcess;
+use crate::support::{K3S, PRIVATE_RSA, ROTATED, Scratch, eventually};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "chaos-token";
@@ -51,14 +54,15 @@ async fn flapping_upstream_rotating_keys_and_polling_clients() {
         .unwrap_or(6);
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let config = fake.config_in(
-        &scratch,
-        TOKEN,
-        "key_retention = \"2s\"",
-        "  refresh_interval = \"100ms\"\n  timeout = \"300ms\"",
-        "[log]\nlevel = \"warn,oidc_edge::server=info\"\n",
-    );
-    let server = Server::start(&config);
+    let config = TestConfig::new()
+        .set("issuers.0.key_retention", "2s")
+        .source(
+            fake.source_in(&scratch, TOKEN)
+                .set("refresh_interval", "100ms")
+                .set("timeout", "300ms"),
+        )
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
     let url = server.url("/openid/v1/jwks");
     eventually("first keys", || async { get(&url).await.0 == 200 }).await;
 

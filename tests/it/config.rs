@@ -1,6 +1,14 @@
-//! `check-config`: bad configurations exit 64 with one line naming the key; good ones exit 0.
+//! Bad configurations are refused with one line naming the file and the key (the table runs
+//! in process, through `Config::load`); `check-config` exits 64 with that line, and 0 for
+//! good ones.
 
-use crate::support::{Scratch, repo_path, run};
+use std::path::Path;
+
+use oidc_edge::config::Config;
+
+use crate::support::pki::Pki;
+use crate::support::process::run;
+use crate::support::{Scratch, repo_path};
 
 const ISSUER: &str = "[[issuers]]\nissuer = \"https://oidc.example.com\"\n";
 const SOURCE: &str = "  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n";
@@ -309,33 +317,78 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
     ]
 }
 
-#[test]
-fn every_bad_config_exits_64_with_its_one_line_message() {
+/// A scratch directory with the files the rows name: `jwks.json` and a CA in `ca.pem`.
+fn table_scratch() -> Scratch {
     let scratch = Scratch::new();
     scratch.write("jwks.json", crate::support::K3S);
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
+    scratch
+}
+
+/// The message of a row as `Config`'s error displays it: `<file>: <key>: <message>`.
+fn expected_message(scratch: &Scratch, path: &Path, expected: &str) -> String {
+    let expected = expected
+        .replace(
+            "JWKS_PATH",
+            &scratch.path("jwks.json").display().to_string(),
+        )
+        .replace("DIR", &scratch.dir.path().display().to_string());
+    format!("{}: {expected}", path.display())
+}
+
+/// Every row, in process: loading refuses it with exactly its message. This is what
+/// `check-config` and `serve` print after their `oidc-edge: ` prefix (checked through the
+/// binary by the next test), without a process per row.
+#[test]
+fn every_bad_config_is_refused_with_its_one_line_message() {
+    let scratch = table_scratch();
     let cases = bad_configs();
     assert!(cases.len() >= 15);
     let mut wrong = Vec::new();
     for (what, text, expected) in cases {
         let path = scratch.write("config.toml", &text);
-        let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let expected = expected
-            .replace(
-                "JWKS_PATH",
-                &scratch.path("jwks.json").display().to_string(),
-            )
-            .replace("DIR", &scratch.dir.path().display().to_string());
-        let want = format!("oidc-edge: {}: {expected}\n", path.display());
-        if out.status.code() != Some(64) || stderr != want || !out.stdout.is_empty() {
-            wrong.push(format!(
-                "{what}: exit {:?}\n  got:  {stderr}  want: {want}",
-                out.status.code()
-            ));
+        let want = expected_message(&scratch, &path, expected);
+        match Config::load(&path) {
+            Ok(_) => wrong.push(format!("{what}: accepted\n  want: {want}")),
+            Err(e) if e.to_string() != want => {
+                wrong.push(format!("{what}:\n  got:  {e}\n  want: {want}"));
+            }
+            Err(_) => {}
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Rows of three kinds (a TOML syntax error, an unknown key located by line and column, a
+/// file that validation reads) through `check-config`: exit 64, nothing on stdout, and on
+/// stderr the in-process message behind `oidc-edge: `, on one line.
+#[test]
+fn a_bad_config_exits_64_with_its_message_behind_the_program_name() {
+    let scratch = table_scratch();
+    let rows = [
+        "toml syntax",
+        "unknown issuer key",
+        "CA file without a certificate",
+    ];
+    let cases: Vec<_> = bad_configs()
+        .into_iter()
+        .filter(|(what, _, _)| rows.contains(what))
+        .collect();
+    assert_eq!(cases.len(), rows.len());
+    for (what, text, expected) in cases {
+        let path = scratch.write("config.toml", &text);
+        let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+        assert_eq!(out.status.code(), Some(64), "{what}");
+        assert!(out.stdout.is_empty(), "{what}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "oidc-edge: {}\n",
+                expected_message(&scratch, &path, expected)
+            ),
+            "{what}"
+        );
+    }
 }
 
 #[test]
@@ -385,7 +438,7 @@ fn missing_files_are_named() {
 #[test]
 fn a_missing_token_file_is_a_warning() {
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
     let config = scratch.write(
         "config.toml",
         &apiserver(
@@ -492,7 +545,7 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
 #[test]
 fn credentials_in_source_urls_are_refused_without_being_echoed() {
     let scratch = Scratch::new();
-    scratch.write("ca.pem", &crate::fake_apiserver::Pki::new("test CA").ca_pem);
+    scratch.write("ca.pem", &Pki::new("test CA").ca_pem);
     let cases = [
         (
             format!(

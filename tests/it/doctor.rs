@@ -10,9 +10,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
-use crate::broken_site::{Answer, BrokenSite};
-use crate::fake_apiserver::Pki;
-use crate::support::{K3S, Scratch, Server, run};
+use crate::support::broken_site::{Answer, BrokenSite};
+use crate::support::config::{Source, TestConfig};
+use crate::support::pki::Pki;
+use crate::support::process::{Binary, run};
+use crate::support::{K3S, Scratch};
 
 const ISSUER: &str = "https://oidc.example.com";
 const DOMAIN: &str = "oidc.example.com";
@@ -24,21 +26,19 @@ fn rsa_key(index: usize, set: &str) -> Value {
 }
 
 /// oidc-edge over HTTPS with certificate files from `pki`, serving `jwks`.
-fn healthy(scratch: &Scratch, pki: &Pki, jwks: &str) -> (Server, SocketAddr) {
+fn healthy(scratch: &Scratch, pki: &Pki, jwks: &str) -> (Binary, SocketAddr) {
     let leaf = pki.server_for(&[DOMAIN]);
     scratch.write("jwks.json", jwks);
     scratch.write("cert.pem", &leaf.cert_pem);
     scratch.write("key.pem", &leaf.key_pem);
     scratch.write("ca.pem", &pki.ca_pem);
-    let config = scratch.write(
-        "config.toml",
-        &format!(
-            "[[issuers]]\nissuer = \"{ISSUER}\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n[https]\nlisten = \"127.0.0.1:0\"\n[https.files]\n\
-             cert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n[state]\ndir = \"state\"\n"
-        ),
-    );
-    let mut server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(Source::file("jwks.json"))
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "cert.pem")
+        .set("https.files.key_file", "key.pem")
+        .write(scratch);
+    let mut server = Binary::start(&config);
     let https = server.listening("https");
     server.wait_for_log("published key set");
     (server, https)
@@ -562,7 +562,7 @@ impl Drop for StopOnDrop {
 async fn render_writes_what_serve_serves_byte_for_byte() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("1s");
+    let config = TestConfig::file_source("1s").write(&scratch);
     let out_dir = scratch.path("site");
     let rendered = run(&[
         "render",
@@ -586,7 +586,7 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
     }
 
     // Served by a plain static file server (nginx), the files are what `serve` answers.
-    let port = crate::pebble::free_tcp_port();
+    let port = crate::support::pebble::free_tcp_port();
     let conf = scratch.write(
         "static.conf",
         &format!(
@@ -605,8 +605,8 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
             .spawn()
             .expect("nginx"),
     );
-    let server = Server::start(&config);
-    let http = crate::support::client();
+    let server = Binary::start(&config);
+    let http = crate::support::clients::client();
     for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
         let mut from_files = None;
         for _ in 0..100 {
@@ -653,12 +653,10 @@ async fn render_writes_what_serve_serves_byte_for_byte() {
 
 /// `render` with key_retention and a state directory: the config for the L6 test.
 fn render_config(scratch: &Scratch) -> std::path::PathBuf {
-    scratch.write(
-        "config.toml",
-        "[[issuers]]\nissuer = \"https://oidc.example.com\"\nkey_retention = \"1h\"\n\
-         [[issuers.sources]]\nkind = \"file\"\npath = \"jwks.json\"\n\
-         [http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n[log]\nlevel = \"info\"\n",
-    )
+    TestConfig::new()
+        .set("issuers.0.key_retention", "1h")
+        .source(Source::file("jwks.json"))
+        .write(scratch)
 }
 
 /// `oidc-edge render` into `scratch/site`; panics unless it succeeds.
@@ -718,14 +716,14 @@ async fn render_keeps_rotation_grace_across_runs_like_serve() {
 
     // `serve` on the same state and source, once the source has answered, publishes the
     // same bytes.
-    let server = Server::start(&config);
+    let server = Binary::start(&config);
     crate::support::eventually("the source answered", || async {
-        let (_, status) = crate::support::get(&server.admin_url("/status")).await;
+        let (_, status) = crate::support::clients::get(&server.admin_url("/status")).await;
         let status: Value = serde_json::from_str(&status).expect("status is JSON");
         status["issuers"][0]["sources"][0]["healthy"] == true
     })
     .await;
-    let http = crate::support::client();
+    let http = crate::support::clients::client();
     for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
         let served = http
             .get(server.url(path))

@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::fake_apiserver::{FakeApiserver, Mode};
-use crate::support::{K3S, Scratch, Server, eventually, get, metric, proc_status_kib, scrape};
+use crate::support::clients::get;
+use crate::support::config::TestConfig;
+use crate::support::fake_apiserver::{FakeApiserver, Mode};
+use crate::support::metrics::{metric, proc_status_kib, scrape};
+use crate::support::process::Binary;
+use crate::support::{K3S, Scratch, eventually};
 
 const ISSUER: &str = "https://oidc.example.com";
 const TOKEN: &str = "hostile-test-token";
@@ -41,7 +45,7 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
 
 /// The refreshes of the fake's new mode are all counted as `result`: the metric names the
 /// kind of failure.
-async fn assert_counted_only(server: &Server, result: &str, what: &str) {
+async fn assert_counted_only(server: &Binary, result: &str, what: &str) {
     const RESULTS: [&str; 5] = [
         "ok",
         "unchanged",
@@ -50,7 +54,7 @@ async fn assert_counted_only(server: &Server, result: &str, what: &str) {
         "merge_rejected",
     ];
     let counts = || async {
-        let scrape = scrape(server).await;
+        let scrape = scrape(server.admin).await;
         RESULTS.map(|r| metric(&scrape, "oidc_edge_refreshes_total", &[("result", r)]))
     };
     // Windows of 300 ms (six refreshes) until one counts `result` and nothing else: the
@@ -80,14 +84,14 @@ async fn assert_counted_only(server: &Server, result: &str, what: &str) {
 async fn a_hostile_upstream_never_changes_what_is_served() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let config = fake.config_in(
-        &scratch,
-        TOKEN,
-        "",
-        "  refresh_interval = \"50ms\"\n  timeout = \"500ms\"",
-        "",
-    );
-    let mut server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(
+            fake.source_in(&scratch, TOKEN)
+                .set("refresh_interval", "50ms")
+                .set("timeout", "500ms"),
+        )
+        .write(&scratch);
+    let mut server = Binary::start(&config);
     let url = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&url).await.0 == 200 }).await;
     let (_, good) = get(&url).await;
@@ -196,8 +200,13 @@ async fn a_hostile_upstream_never_changes_what_is_served() {
 async fn a_private_member_in_any_position_refuses_the_whole_set() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let config = fake.config_in(&scratch, TOKEN, "", "  refresh_interval = \"50ms\"", "");
-    let server = Server::start(&config);
+    let config = TestConfig::new()
+        .source(
+            fake.source_in(&scratch, TOKEN)
+                .set("refresh_interval", "50ms"),
+        )
+        .write(&scratch);
+    let server = Binary::start(&config);
     let url = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&url).await.0 == 200 }).await;
     let (_, good) = get(&url).await;

@@ -7,9 +7,12 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fake_apiserver::Pki;
-use crate::pebble::free_tcp_port;
-use crate::support::{K3S, Scratch, Server};
+use crate::support::clients::{client, trusting};
+use crate::support::config::TestConfig;
+use crate::support::inprocess::InProcess;
+use crate::support::pebble::free_tcp_port;
+use crate::support::pki::Pki;
+use crate::support::{K3S, Scratch};
 
 const DOMAIN: &str = "oidc.example.com";
 
@@ -69,18 +72,16 @@ fn start_nginx(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr, pki
 async fn through_nginx_the_documents_are_byte_identical_and_forwarded_headers_change_nothing() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let server = Server::start(&scratch.config("1s"));
+    let server = InProcess::start(&TestConfig::file_source("1s").write(&scratch)).await;
     let pki = Pki::new("proxy test CA");
     let port = free_tcp_port();
     let _nginx = start_nginx(&scratch, port, server.addr, &pki);
 
-    let proxied = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(pki.ca_pem.as_bytes()).expect("ca"))
+    let proxied = trusting(&pki.ca_pem)
         .resolve(DOMAIN, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .no_proxy()
         .build()
         .expect("client");
-    let direct = crate::support::client();
+    let direct = client();
     for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
         let want = direct.get(server.url(path)).send().await.expect("direct");
         let want_etag = want.headers()["etag"].clone();

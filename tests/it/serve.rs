@@ -1,13 +1,17 @@
-//! The real binary on 127.0.0.1:0: the demo, file refresh, refused key sets, rotation grace,
-//! and persistence across SIGKILL.
+//! Serving from file sources: the demo, file refresh, refused key sets, rotation grace, and
+//! persistence across SIGKILL. What needs the process (log lines, SIGKILL, resource limits)
+//! runs the binary; the rest runs in process.
 
 use std::time::Duration;
 
 use oidc_edge::jwks::persist::StateFile;
 
+use crate::support::clients::{assert_not_published_yet, builder, client, get};
+use crate::support::config::TestConfig;
+use crate::support::inprocess::InProcess;
+use crate::support::process::Binary;
 use crate::support::{
-    K3S, OCT, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, Server, assert_not_published_yet, client,
-    eventually, fixture_kids, get, kids, repo_path,
+    K3S, OCT, PRIVATE_RSA, ROTATED, RSA_1024, Scratch, eventually, fixture_kids, kids, repo_path,
 };
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -22,21 +26,24 @@ fn union(a: &str, b: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn the_demo_config_serves_both_documents_as_relying_parties_expect() {
-    // The demo itself, with only its port and state directory moved into a scratch dir.
+    // The demo itself, with only its port and state directory moved into a scratch dir, and
+    // its admin listener (the default 127.0.0.1:9090) moved to port 0.
     let scratch = Scratch::new();
     let demo = std::fs::read_to_string(repo_path("config/demo.toml")).expect("demo config");
     assert!(demo.contains("listen = \"127.0.0.1:8080\""));
+    assert!(!demo.contains("[admin]"));
     scratch.write(
         "demo-jwks.json",
         &std::fs::read_to_string(repo_path("config/demo-jwks.json")).expect("jwks"),
     );
     let config = scratch.write(
         "demo.toml",
-        &demo
+        &(demo
             .replace("127.0.0.1:8080", "127.0.0.1:0")
-            .replace("../target/demo-state", "state"),
+            .replace("../target/demo-state", "state")
+            + "\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
     );
-    let server = Server::start(&config);
+    let server = InProcess::start(&config).await;
     let http = client();
 
     for (path, expect_kids) in [
@@ -94,11 +101,7 @@ async fn the_demo_config_serves_both_documents_as_relying_parties_expect() {
         assert_eq!(get(&server.url(path)).await.0, 404, "{path}");
     }
     // HTTP/1.1 and HTTP/2 (prior knowledge, as on a TLS connection with ALPN h2) agree.
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let h2 = builder().http2_prior_knowledge().build().expect("client");
     let response = h2
         .get(server.url("/openid/v1/jwks"))
         .send()
@@ -112,7 +115,7 @@ async fn the_demo_config_serves_both_documents_as_relying_parties_expect() {
 async fn a_private_key_in_the_file_is_never_served_and_the_log_says_why() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     let (status, good) = get(&server.url("/openid/v1/jwks")).await;
     assert_eq!(status, 200);
 
@@ -135,7 +138,7 @@ async fn a_private_key_in_the_file_is_never_served_and_the_log_says_why() {
 async fn weak_and_symmetric_keys_are_dropped_with_a_warning() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", RSA_1024);
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     let line = server.wait_for_log("RSA modulus is 1024 bits");
     assert!(
         line.contains("WARN") && line.contains("key left out: key 0 (kid "),
@@ -158,7 +161,7 @@ async fn weak_and_symmetric_keys_are_dropped_with_a_warning() {
 async fn an_empty_or_malformed_file_keeps_the_last_good_set() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     let (_, good) = get(&server.url("/openid/v1/jwks")).await;
     for (contents, reason) in [
         ("", "not valid JSON: EOF while parsing"),
@@ -185,16 +188,10 @@ async fn an_empty_or_malformed_file_keeps_the_last_good_set() {
 async fn a_rotation_publishes_the_new_key_and_keeps_the_old_one_for_the_retention() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("50ms");
-    let text = std::fs::read_to_string(&config).expect("read");
-    let config = scratch.write(
-        "config.toml",
-        &text.replace(
-            "issuer = \"https://oidc.example.com\"",
-            "issuer = \"https://oidc.example.com\"\nkey_retention = \"2s\"",
-        ),
-    );
-    let server = Server::start(&config);
+    let config = TestConfig::file_source("50ms")
+        .set("issuers.0.key_retention", "2s")
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
     let url = server.url("/openid/v1/jwks");
     scratch.replace("jwks.json", ROTATED);
     let both = union(K3S, ROTATED);
@@ -213,7 +210,7 @@ async fn a_rotation_publishes_the_new_key_and_keeps_the_old_one_for_the_retentio
 async fn with_no_good_set_yet_it_answers_503_and_recovers_by_itself() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", "not json");
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     server.wait_for_log("key set refused");
     assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     scratch.replace("jwks.json", K3S);
@@ -226,10 +223,10 @@ async fn with_no_good_set_yet_it_answers_503_and_recovers_by_itself() {
 async fn sigkill_while_persisting_never_loses_the_last_good_set() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("5ms");
+    let config = TestConfig::file_source("5ms").write(&scratch);
     let both = union(K3S, ROTATED);
     for round in 0..6 {
-        let server = Server::start(&config);
+        let server = Binary::start(&config);
         // Each flip changes the ledger (a key vanishes or returns), so each one is persisted.
         let flips = 20 + round * 7;
         for i in 0..flips {
@@ -240,7 +237,7 @@ async fn sigkill_while_persisting_never_loses_the_last_good_set() {
 
         // The source is broken now: only the persisted state can answer.
         scratch.replace("jwks.json", "garbage");
-        let mut restarted = Server::start(&config);
+        let mut restarted = Binary::start(&config);
         let (status, body) = get(&restarted.url("/openid/v1/jwks")).await;
         assert_eq!(
             status, 200,
@@ -277,7 +274,7 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
         (private_state.as_str(), "PRIVATE KEY MATERIAL"),
     ] {
         std::fs::write(file.path(), contents).expect("write state");
-        let mut server = Server::start(&scratch.config("50ms"));
+        let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
         let line = server.wait_for_log("is corrupt and is ignored");
         assert!(line.contains("ERROR") && line.contains(reason), "{line}");
         assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 503);
@@ -289,19 +286,14 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
 async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("1s");
-    let mut quiet = Server::start(&config);
+    let config = TestConfig::file_source("1s");
+    let mut quiet = Binary::start(&config.write(&scratch));
     assert_eq!(get(&quiet.url("/openid/v1/jwks")).await.0, 200);
     quiet.wait_for_log("published key set");
     assert_eq!(quiet.count_log("oidc_edge::access"), 0);
     quiet.kill();
 
-    let text = std::fs::read_to_string(&config).expect("config");
-    let config = scratch.write(
-        "config.toml",
-        &text.replace("[log]\n", "[log]\naccess = true\n"),
-    );
-    let mut server = Server::start(&config);
+    let mut server = Binary::start(&config.set("log.access", true).write(&scratch));
     assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 200);
     assert_eq!(get(&server.url("/nope")).await.0, 404);
     let line = server.wait_for_log("path=\"/nope\"");
@@ -321,13 +313,13 @@ async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
 async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("1h");
+    let config = TestConfig::file_source("1h").write(&scratch);
     let mut command = std::process::Command::new("sh");
     command
         .args(["-c", "ulimit -Sn 256 && exec \"$0\" serve --config \"$1\""])
         .arg(crate::support::bin())
         .arg(&config);
-    let server = Server::spawn(command, &config, &[]);
+    let server = Binary::spawn(command, &config, &[]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
     let open_files: Vec<u64> = limits
         .lines()
@@ -355,8 +347,8 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
 async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appears() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let config = scratch.config("50ms");
-    let server = Server::start(&config);
+    let config = TestConfig::file_source("50ms").write(&scratch);
+    let server = Binary::start(&config);
     let state = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the key set to be persisted", || async {
         state.path().exists()
@@ -365,7 +357,7 @@ async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appe
     server.kill();
 
     std::fs::remove_file(scratch.path("jwks.json")).expect("remove");
-    let mut restarted = Server::start(&config);
+    let mut restarted = Binary::start(&config);
     let url = restarted.url("/openid/v1/jwks");
     let (status, body) = get(&url).await;
     assert_eq!(status, 200, "served at once after the restart");
@@ -406,7 +398,7 @@ async fn non_minimal_rsa_integers_are_published_verbatim_and_warned_about_once_p
     rsa["e"] = serde_json::json!("AAABAAE");
     let scratch = Scratch::new();
     scratch.write("jwks.json", &set.to_string());
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     let line = server.wait_for_log("leading zero");
     assert!(line.contains(" WARN "), "{line}");
     assert!(

@@ -5,26 +5,28 @@ use std::time::{Duration, SystemTime};
 
 use oidc_edge::jwks::persist::StateFile;
 
-use crate::support::{K3S, ROTATED, Scratch, Server, eventually, get, kids};
+use crate::support::clients::get;
+use crate::support::config::TestConfig;
+use crate::support::inprocess::InProcess;
+use crate::support::process::Binary;
+use crate::support::{K3S, ROTATED, Scratch, eventually, kids};
 
 const ISSUER: &str = "https://oidc.example.com";
 
-/// `scratch.config(interval)` with `[admin] max_staleness`.
+/// A file source read every `interval`, with `[admin] max_staleness`.
 fn config_with_staleness(
     scratch: &Scratch,
     interval: &str,
     max_staleness: &str,
 ) -> std::path::PathBuf {
-    let config = scratch.config(interval);
-    let text = std::fs::read_to_string(&config).expect("read");
-    scratch.write(
-        "config.toml",
-        &format!("{text}[admin]\nlisten = \"127.0.0.1:0\"\nmax_staleness = \"{max_staleness}\"\n"),
-    )
+    TestConfig::file_source(interval)
+        .set("admin.max_staleness", max_staleness)
+        .write(scratch)
 }
 
-async fn status(server: &Server) -> serde_json::Value {
-    let (code, body) = get(&server.admin_url("/status")).await;
+/// The `/status` document of the admin listener at `admin`.
+async fn status(admin: std::net::SocketAddr) -> serde_json::Value {
+    let (code, body) = get(&format!("http://{admin}/status")).await;
     assert_eq!(code, 200);
     serde_json::from_str(&body).expect("status JSON")
 }
@@ -34,12 +36,12 @@ async fn a_healthy_file_source_keeps_the_issuer_ready_past_max_staleness() {
     // M3: an unchanged file is the source confirming the published set.
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let server = Server::start(&config_with_staleness(&scratch, "50ms", "2s"));
+    let server = InProcess::start(&config_with_staleness(&scratch, "50ms", "2s")).await;
     let readyz = server.admin_url("/readyz");
     eventually("ready", || async { get(&readyz).await.0 == 200 }).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(get(&readyz).await, (200, "ready\n".to_owned()));
-    let confirmed = status(&server).await["issuers"][0]["confirmed_at"]
+    let confirmed = status(server.admin).await["issuers"][0]["confirmed_at"]
         .as_u64()
         .expect("confirmed_at");
     let now = oidc_edge::jwks::unix_now();
@@ -53,7 +55,7 @@ async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = config_with_staleness(&scratch, "50ms", "1h");
-    let server = Server::start(&config);
+    let server = Binary::start(&config);
     let file = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the state file", || async { file.path().exists() }).await;
     server.kill();
@@ -66,7 +68,7 @@ async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
         .expect("set mtime");
     scratch.replace("jwks.json", "garbage");
 
-    let mut restarted = Server::start(&config);
+    let mut restarted = Binary::start(&config);
     restarted.wait_for_log("serving the persisted key set");
     assert_eq!(
         get(&restarted.admin_url("/readyz")).await,
@@ -80,7 +82,7 @@ async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
     let now = oidc_edge::jwks::unix_now();
     assert!(now - persisted < 60, "persisted {} s ago", now - persisted);
     assert_eq!(
-        status(&restarted).await["issuers"][0]["confirmed_at"].as_u64(),
+        status(restarted.admin).await["issuers"][0]["confirmed_at"].as_u64(),
         Some(persisted)
     );
 }
@@ -92,7 +94,7 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = config_with_staleness(&scratch, "50ms", "1h");
-    let server = Server::start(&config);
+    let server = Binary::start(&config);
     let file = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the state file", || async { file.path().exists() }).await;
     server.kill();
@@ -107,7 +109,7 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
     std::fs::write(file.path(), serde_json::to_vec(&doc).expect("json")).expect("write");
     scratch.replace("jwks.json", "garbage");
 
-    let mut restarted = Server::start(&config);
+    let mut restarted = Binary::start(&config);
     restarted.wait_for_log("serving the persisted key set");
     let (code, body) = get(&restarted.url("/openid/v1/jwks")).await;
     assert_eq!((code, kids(&body).len()), (200, 2));
@@ -118,7 +120,7 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
             format!("not ready: {ISSUER}: key set never confirmed by a source\n")
         )
     );
-    assert!(status(&restarted).await["issuers"][0]["confirmed_at"].is_null());
+    assert!(status(restarted.admin).await["issuers"][0]["confirmed_at"].is_null());
 }
 
 #[tokio::test]
@@ -127,7 +129,7 @@ async fn a_kid_that_comes_back_with_other_key_material_is_a_loud_error() {
     // must not name two keys with one kid, D-9), and the operator hears about it.
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Server::start(&scratch.config("50ms"));
+    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
     let url = server.url("/openid/v1/jwks");
     eventually("first keys", || async { get(&url).await.0 == 200 }).await;
     // The RSA key of the rotated set under the kid of the first set's RSA key.

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::pebble::free_tcp_port;
-use crate::support::{K3S, Scratch, Server, bin, fixture_kids, get, kids, repo_path};
+use crate::support::clients::get;
+use crate::support::config::TestConfig;
+use crate::support::pebble::free_tcp_port;
+use crate::support::process::Binary;
+use crate::support::{K3S, Scratch, bin, fixture_kids, kids, repo_path};
 
 /// Copies the units to `dir` with `ExecStart=` pointing at the built binary (verify fails on a
 /// missing executable).
@@ -86,8 +89,8 @@ fn sd_notify_ready_watchdog_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut server = Server::start_with_env(
-        &scratch.config("1s"),
+    let mut server = Binary::start_with_env(
+        &TestConfig::file_source("1s").write(&scratch),
         &[
             ("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8")),
             ("WATCHDOG_USEC", "200000"),
@@ -136,10 +139,10 @@ fn a_socket_passed_by_systemd_is_served_and_nothing_is_bound() {
     scratch.write("jwks.json", K3S);
     // 192.0.2.1 (TEST-NET-1) is not on this machine: binding it would fail, so a served
     // request proves the passed socket is used.
-    let config = scratch.write(
-        "config.toml",
-        "[[issuers]]\nissuer = \"https://oidc.example.com\"\n  [[issuers.sources]]\n  kind = \"file\"\n  path = \"jwks.json\"\n[http]\nlisten = \"192.0.2.1:8080\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"state\"\n",
-    );
+    let config = TestConfig::new()
+        .source(crate::support::config::Source::file("jwks.json"))
+        .set("http.listen", "192.0.2.1:8080")
+        .write(&scratch);
     let port = free_tcp_port();
     let mut child = Command::new("systemd-socket-activate")
         .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=http"])
@@ -156,7 +159,12 @@ fn a_socket_passed_by_systemd_is_served_and_nothing_is_bound() {
     let body = loop {
         // The first connection makes systemd-socket-activate exec oidc-edge with the socket.
         match crate::support::block_on(async {
-            reqwest::get(url("/openid/v1/jwks")).await?.text().await
+            crate::support::clients::client()
+                .get(url("/openid/v1/jwks"))
+                .send()
+                .await?
+                .text()
+                .await
         }) {
             Ok(body) if body.starts_with("{\"keys\"") => break body,
             _ => {}

@@ -5,21 +5,28 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::fake_apiserver::{Leaf, Pki};
-use crate::support::{
-    HTTPS_DOMAIN, Scratch, Server, assert_serves_both_documents_everywhere, https_client,
-    https_url, plain_client, served_cert,
+use crate::support::clients::{
+    assert_serves_both_documents_everywhere, get, https_client, https_url, plain_client,
+    served_cert, tls_config,
 };
+use crate::support::config::TestConfig;
+use crate::support::inprocess::InProcess;
+use crate::support::metrics::{metric, scrape};
+use crate::support::pki::{Leaf, Pki};
+use crate::support::process::Binary;
+use crate::support::{HTTPS_DOMAIN, Scratch};
 
-/// A server with a file source, certificate files and short limits.
-fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
-    let config = scratch.https_files_config(
-        leaf,
-        extra,
-        "[limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
-    );
-    let mut server = Server::start(&config);
-    let https = server.listening("https");
+/// A file source, certificate files and short limits.
+fn config(scratch: &Scratch, leaf: &Leaf) -> TestConfig {
+    TestConfig::https_files(scratch, leaf)
+        .set("limits.handshake_timeout", "1s")
+        .set("limits.header_read_timeout", "1s")
+}
+
+/// The server of [`config`] in process, and its HTTPS address.
+async fn start(scratch: &Scratch, leaf: &Leaf) -> (InProcess, SocketAddr) {
+    let server = InProcess::start(&config(scratch, leaf).write(scratch)).await;
+    let https = server.https();
     (server, https)
 }
 
@@ -27,7 +34,7 @@ fn start(scratch: &Scratch, leaf: &Leaf, extra: &str) -> (Server, SocketAddr) {
 async fn both_documents_over_tls_1_2_and_1_3_with_http_1_1_and_2() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (_server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
+    let (_server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN])).await;
     assert_serves_both_documents_everywhere(&pki.ca_pem, https).await;
 }
 
@@ -36,7 +43,9 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
     let first = pki.server_for(&[HTTPS_DOMAIN]);
-    let (mut server, https) = start(&scratch, &first, "");
+    // SIGHUP and the reload's log lines: the binary.
+    let mut server = Binary::start(&config(&scratch, &first).write(&scratch));
+    let https = server.listening("https");
     let before = served_cert(&pki.ca_pem, https).await.expect("served");
     // A connection opened before the swap keeps working after it.
     let kept = https_client(&pki.ca_pem, https).build().expect("client");
@@ -98,7 +107,7 @@ fn read_until_closed(mut stream: TcpStream) -> (Duration, Vec<u8>) {
 async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
+    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN])).await;
     // 50 connections that open TLS and say nothing, and 50 that drip half a request.
     let silent: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(https).expect("connect"))
@@ -145,7 +154,7 @@ async fn silent_and_slow_clients_are_dropped_and_others_keep_being_served() {
 async fn oversized_headers_get_431() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, _https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
+    let (server, _https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN])).await;
     let mut stream = TcpStream::connect(server.addr).expect("connect");
     let big = "a".repeat(20 * 1024);
     stream
@@ -166,11 +175,11 @@ async fn oversized_headers_get_431() {
 async fn the_plain_listener_redirects_to_https_when_asked() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, https) = start(
-        &scratch,
-        &pki.server_for(&[HTTPS_DOMAIN]),
-        "redirect_to_https = true",
-    );
+    let config = config(&scratch, &pki.server_for(&[HTTPS_DOMAIN]))
+        .set("http.redirect_to_https", true)
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     let plain = plain_client(server.addr);
     let response = plain
         .get(format!(
@@ -202,8 +211,8 @@ async fn readiness_reports_an_expired_or_expiring_certificate() {
     const DAY: Duration = Duration::from_secs(86_400);
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, _https) = start(&scratch, &pki.expired_server_for(&[HTTPS_DOMAIN]), "");
-    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    let (server, _https) = start(&scratch, &pki.expired_server_for(&[HTTPS_DOMAIN])).await;
+    let (code, body) = get(&server.admin_url("/readyz")).await;
     assert_eq!(
         (code, body.as_str()),
         (
@@ -211,32 +220,32 @@ async fn readiness_reports_an_expired_or_expiring_certificate() {
             "not ready: https: certificate expired on 2022-01-01T00:00:00Z\n"
         )
     );
-    let (_, status) = crate::support::get(&server.admin_url("/status")).await;
+    let (_, status) = get(&server.admin_url("/status")).await;
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
     assert_eq!(status["ready"], false);
     assert_eq!(status["https"]["not_after"], "2022-01-01T00:00:00Z");
-    drop(server);
+    server.stop().await;
 
     // Valid for 3 more days: still served, but not ready.
     let now = std::time::SystemTime::now();
     let scratch = Scratch::new();
     let expiring = pki.server_valid_between(&[HTTPS_DOMAIN], now - DAY, now + 3 * DAY);
-    let (server, https) = start(&scratch, &expiring, "");
+    let (server, https) = start(&scratch, &expiring).await;
     assert!(served_cert(&pki.ca_pem, https).await.is_ok());
-    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    let (code, body) = get(&server.admin_url("/readyz")).await;
     assert_eq!(code, 503);
     assert!(
         body.starts_with("not ready: https: certificate expires on ")
             && body.ends_with(", in less than 7 days\n"),
         "{body}"
     );
-    drop(server);
+    server.stop().await;
 
     // Valid for 30 more days: ready.
     let scratch = Scratch::new();
     let fine = pki.server_valid_between(&[HTTPS_DOMAIN], now - DAY, now + 30 * DAY);
-    let (server, _https) = start(&scratch, &fine, "");
-    let (code, body) = crate::support::get(&server.admin_url("/readyz")).await;
+    let (server, _https) = start(&scratch, &fine).await;
+    let (code, body) = get(&server.admin_url("/readyz")).await;
     assert_eq!((code, body.as_str()), (200, "ready\n"));
 }
 
@@ -246,17 +255,8 @@ fn tls_connected(
     addr: SocketAddr,
     alpn: &[u8],
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
     let name = rustls::pki_types::ServerName::try_from(HTTPS_DOMAIN).expect("name");
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+    let mut conn = rustls::ClientConnection::new(tls_config(ca_pem, alpn), name).expect("tls");
     let mut tcp = TcpStream::connect(addr).expect("connect");
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).expect("handshake");
@@ -272,7 +272,7 @@ async fn silence_after_tls_or_half_a_preface_is_closed_at_the_header_timeout() {
     crate::support::install_crypto_provider();
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
-    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN]), "");
+    let (server, https) = start(&scratch, &pki.server_for(&[HTTPS_DOMAIN])).await;
     let preface = b"PRI * HTTP/2.0\r\n";
     let mut cases: Vec<(&str, std::thread::JoinHandle<Duration>)> = Vec::new();
     for (what, alpn, first) in [
@@ -314,8 +314,8 @@ async fn silence_after_tls_or_half_a_preface_is_closed_at_the_header_timeout() {
             "{what}: closed after {waited:?}"
         );
     }
-    let scrape = crate::support::scrape(&server).await;
-    let closed = crate::support::metric(
+    let scrape = scrape(server.admin).await;
+    let closed = metric(
         &scrape,
         "oidc_edge_connections_closed_by_limit_total",
         &[("reason", "first_request_timeout")],

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::fake_apiserver::Leaf;
+use super::pki::Leaf;
 
 /// One canned answer.
 #[derive(Debug, Clone)]

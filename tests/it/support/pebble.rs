@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::fake_apiserver::Pki;
+use super::pki::Pki;
 
 /// Whether Pebble tests may be skipped: only when explicitly asked.
 fn skip_allowed() -> bool {
@@ -38,8 +38,13 @@ pub struct Pebble {
 const FIXED_PORTS: std::ops::Range<u16> = 20_000..32_000;
 static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
-/// A free port for programs that must be told one up front (Pebble validates on fixed ports).
-/// Each call in this process gets a different one; each is checked free by binding it.
+/// A free port for programs that must be told one up front. This is the pick-then-spawn
+/// pattern the rest of the harness avoids (it binds port 0 and asks for the address), and it
+/// is forced here: Pebble validates a challenge by connecting to the fixed `httpPort` and
+/// `tlsPort` of its config, so the server under test must listen on exactly those; and
+/// Pebble, challtestsrv and nginx never report a port they bound themselves, so they cannot
+/// be given 0. Each call in this process gets a different port; each is checked free by
+/// binding it.
 pub fn free_tcp_port() -> u16 {
     use std::sync::atomic::Ordering;
     let span = FIXED_PORTS.end - FIXED_PORTS.start;
@@ -170,10 +175,7 @@ impl Pebble {
     }
 
     fn api_client(&self) -> reqwest::Client {
-        let ca = reqwest::Certificate::from_pem_bundle(self.api_ca_pem.as_bytes()).expect("ca");
-        reqwest::Client::builder()
-            .tls_certs_only(ca)
-            .no_proxy()
+        super::clients::trusting(&self.api_ca_pem)
             .build()
             .expect("client")
     }

@@ -60,16 +60,16 @@ pub struct SourceLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub refreshes: Family<RefreshLabels, Counter>,
-    pub keys: Family<IssuerLabels, Gauge>,
-    pub jwks_age: Family<IssuerLabels, Gauge<f64, AtomicU64>>,
-    pub issuer_mismatch: Family<SourceLabels, Gauge>,
-    pub cert_not_after: Family<ListenerLabels, Gauge>,
-    pub acme_events: Family<AcmeEventLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    refreshes: Family<RefreshLabels, Counter>,
+    keys: Family<IssuerLabels, Gauge>,
+    jwks_age: Family<IssuerLabels, Gauge<f64, AtomicU64>>,
+    issuer_mismatch: Family<SourceLabels, Gauge>,
+    cert_not_after: Family<ListenerLabels, Gauge>,
+    acme_events: Family<AcmeEventLabels, Counter>,
     /// M2: failed writes of an issuer's state file; each is retried on every refresh.
-    pub state_write_errors: Family<IssuerLabels, Counter>,
-    pub connections_closed: Family<ConnectionCloseLabels, Counter>,
+    state_write_errors: Family<IssuerLabels, Counter>,
+    connections_closed: Family<ConnectionCloseLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,6 +184,39 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// `oidc_edge_keys` of `issuer`: how many keys it publishes.
+    pub fn set_keys(&self, issuer: &str, keys: usize) {
+        self.keys
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// Whether source `source` of `issuer` signs for another issuer (F-1).
+    pub fn set_issuer_mismatch(&self, issuer: &str, source: usize, mismatch: bool) {
+        self.issuer_mismatch
+            .get_or_create(&SourceLabels {
+                issuer: issuer.to_owned(),
+                source: source.to_string(),
+            })
+            .set(i64::from(mismatch));
+    }
+
+    /// One failed write of `issuer`'s state file (M2).
+    pub fn count_state_write_error(&self, issuer: &str) {
+        self.state_write_errors
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The family of connections closed by a limit, for each listener's own counters.
+    pub fn connections_closed(&self) -> Family<ConnectionCloseLabels, Counter> {
+        self.connections_closed.clone()
     }
 
     /// `oidc_edge_jwks_age_seconds` of `issuer`, whose set a source last confirmed at

@@ -144,7 +144,7 @@ impl CloseCounters {
     pub fn new(listener: &'static str, metrics: &Metrics) -> Self {
         Self {
             listener,
-            family: metrics.connections_closed.clone(),
+            family: metrics.connections_closed(),
         }
     }
 

@@ -22,7 +22,7 @@ use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
 use crate::issuer::endpoint::IssuerEndpoint;
-use crate::metrics::{IssuerLabels, Metrics, RefreshResult, SourceLabels};
+use crate::metrics::{Metrics, RefreshResult};
 
 pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, next_refresh_in, run_source};
 pub use self::status::{IssuerStatus, SourceStatus};
@@ -206,16 +206,7 @@ impl IssuerPipeline {
     fn publish(&self, ledger: &Ledger) {
         let snapshot = Snapshot::build(&self.endpoint, ledger);
         self.store.publish(self.index, snapshot);
-        self.metrics
-            .keys
-            .get_or_create(&self.issuer_labels())
-            .set(i64::try_from(ledger.keys.len()).unwrap_or(i64::MAX));
-    }
-
-    fn issuer_labels(&self) -> IssuerLabels {
-        IssuerLabels {
-            issuer: self.issuer().to_owned(),
-        }
+        self.metrics.set_keys(self.issuer(), ledger.keys.len());
     }
 
     /// One fetch of source `i`; returns whether the source is healthy.
@@ -399,13 +390,7 @@ impl IssuerPipeline {
         };
         let configured = self.endpoint.issuer.as_str();
         let mismatch = upstream != configured;
-        self.metrics
-            .issuer_mismatch
-            .get_or_create(&SourceLabels {
-                issuer: configured.to_owned(),
-                source: i.to_string(),
-            })
-            .set(i64::from(mismatch));
+        self.metrics.set_issuer_mismatch(configured, i, mismatch);
         let was = status.upstream_issuer.replace(upstream.clone());
         status.issuer_mismatch = mismatch;
         if was.as_deref() == Some(upstream.as_str()) {
@@ -471,10 +456,7 @@ impl IssuerPipeline {
             Err(e) => format!("persist task failed: {e}"),
         };
         error!(issuer = self.issuer(), error = %error, "could not persist the key set; retrying on every refresh");
-        self.metrics
-            .state_write_errors
-            .get_or_create(&self.issuer_labels())
-            .inc();
+        self.metrics.count_state_write_error(self.issuer());
         false
     }
 }

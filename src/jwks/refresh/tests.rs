@@ -441,7 +441,15 @@ async fn run_source_backs_off_then_waits_the_interval_and_sighup_cuts_the_wait()
         refresh_rx,
         heartbeat,
     ));
-    tokio::time::sleep(Duration::from_secs(130)).await;
+    // Six fetches take 1 + 2 + 4 + 60 + 60 s, ±10 %; virtual time, so this costs nothing.
+    let started = tokio::time::Instant::now();
+    while asked_at.lock().expect("lock").len() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "six fetches in 5 min"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let gaps: Vec<Duration> = {
         let at = asked_at.lock().expect("lock");
         at.windows(2).map(|w| w[1] - w[0]).collect()

@@ -27,8 +27,6 @@ pub mod issuer;
 pub mod jwks;
 pub mod listener;
 pub mod metrics;
-#[cfg(test)]
-mod properties;
 pub mod relying_party;
 pub mod render;
 pub mod server;
@@ -37,4 +35,6 @@ pub mod state;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(test)]
+mod tests;
 pub mod tls;

@@ -4,13 +4,38 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line; [`config`]: the file format and its validation;
-//! - [`issuer`]: the issuer URL and the generated discovery document;
-//! - [`jwks`]: the pipeline fetch → validate → merge → publish → persist;
-//! - [`http`]: the public router (host + path routing, caching headers);
-//! - [`server`]: binds listeners and spawns every task; [`supervisor`]: watches them;
-//!   [`shutdown`]: signals;
-//!   [`telemetry`]: logging.
+//! The core, from keys to served bytes:
+//!
+//! - [`issuer`]: the issuer URL, kept byte-exact; its public paths and the discovery document;
+//! - [`jwks`]: the keys' path: sources → validate → merge → publish (snapshots) → persist;
+//! - [`http`]: the public router (host, then path) and the headers every answer carries;
+//! - [`listener`]: the public accept loop and its limits (deadlines, connection cap, eviction);
+//! - [`tls`]: certificates for the HTTPS listener, from ACME or hot-reloaded PEM files.
+//!
+//! Operations, what keeps the core running and observable:
+//!
+//! - [`admin`]: the admin listener, loopback by default (`/livez`, `/readyz`, `/metrics`, …);
+//! - [`metrics`]: the Prometheus registry, counters created up front so requests never lock;
+//! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP refreshes (and reloads certificates), watchdog;
+//! - [`supervisor`]: the long-lived tasks, named and watched; one that dies stops the process;
+//! - [`systemd`]: socket activation and `sd_notify`, both no-ops outside systemd;
+//! - [`telemetry`]: logging to stderr as text or JSON lines;
+//! - [`state`]: the private state directory and crash-safe file writes;
+//! - [`clock`]: a monotonic millisecond clock for state kept in atomics;
+//! - [`display`]: URLs and errors as logs and messages show them (credentials cut out).
+//!
+//! Commands, and what they are configured with:
+//!
+//! - [`config`]: reads and checks the configuration file, nothing else;
+//! - [`cli`]: the command line, which selects a config and a command;
+//! - [`server`]: `serve`'s composition root: `bind` builds and binds, `run` spawns and drains;
+//! - [`render`]: `render`, the documents written as files through `serve`'s own pipeline;
+//! - [`check`]: `check`, the doctor, which fetches a site as relying parties do and reports;
+//! - [`aws`]: `aws`, the provider command and trust policy to paste into AWS;
+//! - [`relying_party`]: what AWS, GCP and Azure accept, read by both `serve` and `check`.
+//!
+//! Tests that span several modules (the property tests) live in `src/tests/`, built for tests
+//! only; a module's own tests stay beside it.
 //!
 //! The two published documents live in one immutable snapshot per issuer behind an `ArcSwap`
 //! ([`jwks::store`]): requests never lock or render.
@@ -27,8 +52,6 @@ pub mod issuer;
 pub mod jwks;
 pub mod listener;
 pub mod metrics;
-#[cfg(test)]
-mod properties;
 pub mod relying_party;
 pub mod render;
 pub mod server;
@@ -37,4 +60,6 @@ pub mod state;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(test)]
+mod tests;
 pub mod tls;

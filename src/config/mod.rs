@@ -1,8 +1,9 @@
 //! The configuration file (DESIGN §2): reading it and checking it, nothing else.
 //!
-//! Two layers: [`raw`] mirrors the TOML (unknown keys are errors), and one validation pass
-//! ([`validate`]) turns it into the typed settings each part owns ([`IssuerEndpoint`],
-//! [`KeyPolicy`], [`SourceConfig`], [`Limits`], [`TlsSource`], [`AdminConfig`], [`LogConfig`]).
+//! Two layers: `raw` mirrors the TOML (unknown keys are errors), and one validation pass
+//! (`validate`) turns it into the typed settings each part owns ([`IssuerEndpoint`],
+//! [`KeyPolicy`], [`SourceConfig`], [`Limits`], [`crate::tls::TlsSource`], [`AdminConfig`],
+//! [`LogConfig`]).
 //! Every error names the file and the key at fault, so that a bad config stops the process
 //! with one line and exit code 64 before anything is bound. Only the composition root and the
 //! commands import this module.

@@ -4,7 +4,7 @@
 //! - a TLS handshake deadline, so a client that connects and sends nothing is dropped;
 //! - a header deadline, which hyper also applies while an HTTP/1.1 keep-alive connection idles;
 //! - a cap on open connections, so a flood of stalled clients cannot exhaust the process; at
-//!   the cap a silent, stalled or idle connection makes room for the new one ([`Connections`]);
+//!   the cap a silent, stalled or idle connection makes room for the new one (`connections.rs`);
 //! - an idle limit, since HTTP/2 has none of its own;
 //! - a cap on concurrent HTTP/2 streams and on header size (431 beyond it).
 //!

@@ -1,7 +1,7 @@
 //! Where key sets come from. Each source yields raw bytes; validation happens once, downstream.
 //!
 //! [`KeySource`] is the seam the refresher drives; [`AnySource`] is every real kind:
-//! [`file`], and [`remote`] for apiservers ([`apiserver`], [`kubeconfig`]) and plain URLs.
+//! [`mod@file`], and [`remote`] for apiservers ([`apiserver`], [`kubeconfig`]) and plain URLs.
 
 pub mod apiserver;
 pub mod file;
@@ -153,3 +153,18 @@ impl fmt::Display for SourceKind {
 /// How often a source is fetched, and how long one fetch may take, unless configured.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_url_is_shown_without_its_user_info() {
+        // M5: the source's name in logs, /status and check-config.
+        let kind = SourceKind::Url {
+            url: url::Url::parse("https://u:S3CRET@h.example/keys").expect("url"),
+            ca_file: None,
+        };
+        assert_eq!(kind.to_string(), "url https://***@h.example/keys");
+    }
+}

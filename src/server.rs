@@ -127,38 +127,47 @@ impl Server {
             limits: config.limits,
         };
 
+        // Bound in this order (http, https, admin), so that a taken port is reported as before.
         let http = match &config.http {
-            Some(http) => Some(listener::listen_or_take(
-                activated.http,
-                http.listen,
-                "http.listen",
-            )?),
+            Some(cfg) => Some((
+                cfg,
+                listener::listen_or_take(activated.http, cfg.listen, "http.listen")?,
+            )),
             None => None,
         };
+        let https = match &config.https {
+            Some(cfg) => Some((
+                cfg,
+                HttpsCerts::start(&cfg.tls, &metrics)?,
+                listener::listen_or_take(activated.https, cfg.listen, "https.listen")?,
+            )),
+            None => None,
+        };
+        // The bound port, not the configured one (which may be 0), for redirects.
+        let https_port = https.as_ref().map(|(_, _, l)| l.local_addr()).transpose()?;
+        let http01 = https
+            .as_ref()
+            .and_then(|(_, certs, _)| certs.http01.clone());
+
         let mut listeners = Vec::new();
-        let mut tls_upkeep = None;
-        let mut http01 = None;
-        let mut cert_state = None;
-        if let Some(https) = &config.https {
-            let certs = HttpsCerts::start(&https.tls, &metrics)?;
-            let listener = listener::listen_or_take(activated.https, https.listen, "https.listen")?;
-            let mut router = http::router(site(), Arc::clone(&store));
-            if https.hsts {
-                router = headers::with_hsts(router);
+        let (tls_upkeep, cert_state) = match https {
+            Some((cfg, certs, listener)) => {
+                let mut router = http::router(site(), Arc::clone(&store));
+                if cfg.hsts {
+                    router = headers::with_hsts(router);
+                }
+                let transport = Transport::Tls(Arc::new(TlsTransport {
+                    config: certs.config,
+                    acme_challenge: certs.acme_challenge,
+                }));
+                listeners.push(public("https", listener, router, transport));
+                (Some(certs.upkeep), Some(certs.state))
             }
-            let transport = Transport::Tls(Arc::new(TlsTransport {
-                config: certs.config,
-                acme_challenge: certs.acme_challenge,
-            }));
-            listeners.push(public("https", listener, router, transport));
-            (tls_upkeep, http01, cert_state) =
-                (Some(certs.upkeep), certs.http01, Some(certs.state));
-        }
-        if let (Some(listener), Some(cfg)) = (http, &config.http) {
+            None => (None, None),
+        };
+        if let Some((cfg, listener)) = http {
             let mut router = if cfg.redirect_to_https {
-                // The bound port, not the configured one (which may be 0).
-                let https_port = listeners.first().map(|l| l.local_addr().port());
-                http::redirect_router(&endpoints, https_port)
+                http::redirect_router(&endpoints, https_port.map(|a| a.port()))
             } else {
                 http::router(site(), Arc::clone(&store))
             };

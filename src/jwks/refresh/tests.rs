@@ -475,3 +475,82 @@ async fn run_source_backs_off_then_waits_the_interval_and_sighup_cuts_the_wait()
     cancel.cancel();
     task.await.expect("run_source ends when cancelled");
 }
+
+/// Every outcome of `IssuerPipeline::refresh` through the `KeySource` seam, one row per
+/// answer of one fake source, in order: what `refresh` returns, the result counted, the
+/// issuer the upstream claims as `/status` shows it, and what is published afterwards. Only a
+/// good set changes what is published; an issuer mismatch (F-1) is flagged but the keys are
+/// still the cluster's and are served.
+#[tokio::test]
+async fn every_refresh_outcome_through_the_key_source_seam() {
+    const PRIVATE: &str = include_str!("../../../tests/fixtures/jwks/private-rsa.json");
+    let from = |set: &'static str, upstream: &str| {
+        Ok(Fetched::Body {
+            body: Bytes::from_static(set.as_bytes()),
+            upstream_issuer: Some(upstream.to_owned()),
+        })
+    };
+    // (answer, healthy, counted as, upstream mismatch, published)
+    type Row = (
+        Result<Fetched, FetchError>,
+        bool,
+        &'static str,
+        bool,
+        &'static str,
+    );
+    let rows: Vec<Row> = vec![
+        (from(K3S, ISSUER), true, "ok", false, K3S),
+        (Ok(Fetched::Unchanged), true, "unchanged", false, K3S),
+        (missing(), false, "fetch_error", false, K3S),
+        (body("{}"), false, "rejected", false, K3S),
+        (body(PRIVATE), false, "rejected", false, K3S),
+        (
+            from(ROTATED, "https://kubernetes.default.svc"),
+            true,
+            "ok",
+            true,
+            "both",
+        ),
+        (from(ROTATED, ISSUER), true, "ok", false, "both"),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pipeline(dir.path(), KeyPolicy::default());
+    let mut source = FakeSource::new("s", Vec::new());
+    let both = {
+        let mut kids = sorted_kids(K3S);
+        kids.extend(sorted_kids(ROTATED));
+        kids.sort();
+        kids.dedup();
+        kids
+    };
+    for (n, (answer, healthy, result, mismatch, published_set)) in rows.into_iter().enumerate() {
+        source.answers.push_back(answer);
+        let before = refreshes(&p, result);
+        assert_eq!(p.refresh(0, &mut source).await, healthy, "row {n}");
+        assert_eq!(
+            refreshes(&p, result),
+            before + 1,
+            "row {n}: counted as {result}"
+        );
+        let status = p.status().await.sources[0].clone();
+        assert_eq!(status.healthy, healthy, "row {n}");
+        assert_eq!(status.issuer_mismatch, mismatch, "row {n}");
+        let expected = match published_set {
+            "both" => both.clone(),
+            set => sorted_kids(set),
+        };
+        assert_eq!(published(&p), expected, "row {n}");
+    }
+
+    // A set the merge refuses (more current keys than max_keys) publishes nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = KeyPolicy {
+        max_keys: 1,
+        ..KeyPolicy::default()
+    };
+    let p = pipeline(dir.path(), keys);
+    let mut source = FakeSource::new("s", vec![body(K3S)]);
+    assert!(!p.refresh(0, &mut source).await);
+    assert_eq!(refreshes(&p, "merge_rejected"), 1);
+    assert!(p.store.get(0).is_none(), "never an empty or partial set");
+}

@@ -1,6 +1,7 @@
 //! ACME against a real ACME server (Pebble on loopback): issuance by TLS-ALPN-01 and HTTP-01,
 //! renewal without restart, restart from the cache without a new order, the cache's file
 //! modes, and kill -9 during cache writes.
+//! All in process but kill -9, which needs the binary.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use crate::support::clients::{
     assert_serves_both_documents_everywhere, get, plain_client, served_cert,
 };
 use crate::support::config::{Source, TestConfig};
+use crate::support::inprocess::InProcess;
 use crate::support::metrics::{metric, scrape};
 use crate::support::pebble::{Pebble, free_tcp_port};
 use crate::support::pki::{Leaf, Pki};
@@ -101,8 +103,8 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
         .set("log.level", "debug")
         .write(&scratch);
     let started = Instant::now();
-    let mut server = Binary::start(&config);
-    let https = server.listening("https");
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
     let mut first_ok = None;
@@ -152,8 +154,8 @@ async fn tls_alpn_01_issues_serves_and_restarts_from_the_cache() {
     let served = served_cert(&root, https).await.expect("served");
     let orders = pebble.orders();
     assert!(orders >= 1, "{:?}", pebble.log());
-    server.kill();
-    let mut restarted = Binary::start(&config);
+    drop(server);
+    let restarted = InProcess::start(&config).await;
     restarted.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(
         served_cert(&root, https)
@@ -174,8 +176,8 @@ async fn http_01_issues_on_the_plain_listener_which_redirects_the_rest() {
     };
     let scratch = Scratch::new();
     let config = config(&scratch, &pebble, https_port, http_port, "http-01").write(&scratch);
-    let mut server = Binary::start(&config);
-    let https = server.listening("https");
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
     assert_serves_both_documents_everywhere(&root, https).await;
@@ -212,8 +214,8 @@ async fn a_short_lived_certificate_is_renewed_without_a_restart_or_a_failed_requ
     };
     let scratch = Scratch::new();
     let config = config(&scratch, &pebble, https_port, http_port, "tls-alpn-01").write(&scratch);
-    let mut server = Binary::start(&config);
-    let https = server.listening("https");
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     server.wait_for_log("event=\"deployed_new_cert\"");
     let root = pebble.issuing_root_pem().await;
     let first = served_cert(&root, https).await.expect("first certificate");
@@ -354,7 +356,7 @@ impl Stall {
     }
 
     /// Waits until `n` connections were accepted, at most `limit`.
-    async fn wait_for(&self, n: usize, limit: Duration, server: &Binary) -> Duration {
+    async fn wait_for(&self, n: usize, limit: Duration, server: &InProcess) -> Duration {
         let started = Instant::now();
         while self.accepted() < n {
             assert!(
@@ -399,7 +401,7 @@ fn stalled_config(
 async fn a_directory_that_never_answers_times_out_is_counted_and_tried_again() {
     let stall = Stall::silent().await;
     let scratch = Scratch::new();
-    let server = Binary::start(&stalled_config(&scratch, &stall.url, None));
+    let server = InProcess::start(&stalled_config(&scratch, &stall.url, None)).await;
     stall.wait_for(1, Duration::from_secs(10), &server).await;
     // 2 s step timeout, then a 1 s backoff, then a new state connects again.
     let second = stall.wait_for(2, Duration::from_secs(8), &server).await;
@@ -452,7 +454,7 @@ async fn a_directory_that_answers_slower_than_the_step_timeout_is_tried_again() 
     let stall = Stall::dripping(&pki.server_for(&["localhost", "127.0.0.1"])).await;
     let scratch = Scratch::new();
     let ca = scratch.write("acme-ca.pem", &pki.ca_pem);
-    let server = Binary::start(&stalled_config(&scratch, &stall.url, Some(&ca)));
+    let server = InProcess::start(&stalled_config(&scratch, &stall.url, Some(&ca))).await;
     stall.wait_for(1, Duration::from_secs(10), &server).await;
     // The answer would take 20 s; the step gives up after 2 s and tries again.
     stall.wait_for(2, Duration::from_secs(8), &server).await;
@@ -509,8 +511,8 @@ async fn a_stalled_renewal_keeps_serving_the_cached_certificate() {
         .expect("der")
         .to_vec();
 
-    let mut server = Binary::start(&stalled_config(&scratch, &stall.url, None));
-    let https = server.listening("https");
+    let server = InProcess::start(&stalled_config(&scratch, &stall.url, None)).await;
+    let https = server.https();
     server.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(served_cert(&pki.ca_pem, https).await, Ok(leaf_der.clone()));
     // Two timeouts and rebuilds (2 s + 1 s, 2 s + 2 s): the same certificate throughout.
@@ -574,8 +576,8 @@ async fn a_failed_certificate_cache_write_is_retried() {
         std::fs::Permissions::from_mode(0o700),
     )
     .expect("chmod");
-    let mut server = Binary::start(&config);
-    let https = server.listening("https");
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     server.wait_for_log("event=\"account_cache_store\"");
     std::fs::create_dir_all(blocker.join("blocker")).expect("blocker");
     server.wait_for_log("event=\"deployed_new_cert\"");
@@ -607,8 +609,8 @@ async fn a_failed_certificate_cache_write_is_retried() {
 
     // A restart serves it without a new order.
     let orders = pebble.orders();
-    server.kill();
-    let mut restarted = Binary::start(&config);
+    drop(server);
+    let restarted = InProcess::start(&config).await;
     restarted.wait_for_log("event=\"deployed_cached_cert\"");
     assert_eq!(served_cert(&root, https).await, Ok(served));
     assert_eq!(pebble.orders(), orders);

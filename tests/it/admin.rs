@@ -32,7 +32,7 @@ async fn readyz_is_503_before_the_first_key_set_and_200_after() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     fake.stop();
     let scratch = Scratch::new();
-    let mut server = Binary::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let server = InProcess::start(&apiserver_config(&scratch, &fake, "100ms")).await;
     assert_eq!(
         get(&server.admin_url("/livez")).await,
         (200, "ok\n".to_owned())
@@ -110,7 +110,7 @@ async fn metrics_count_requests_and_refreshes() {
 async fn status_shows_the_keys_and_a_failing_sources_error() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
     let scratch = Scratch::new();
-    let mut server = Binary::start(&apiserver_config(&scratch, &fake, "100ms"));
+    let server = InProcess::start(&apiserver_config(&scratch, &fake, "100ms")).await;
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     fake.set(|s| s.mode = Mode::Status(403));
@@ -238,7 +238,7 @@ async fn no_secret_reaches_a_log_line_or_status_even_at_trace_level() {
         .set("log.level", "trace")
         .set("log.access", true)
         .write(&scratch);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let jwks = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&jwks).await.0 == 200 }).await;
     fake.set(|s| s.mode = Mode::Body(crate::support::PRIVATE_RSA.to_owned()));

@@ -114,7 +114,7 @@ async fn outages_never_change_what_is_served_and_no_request_fails() {
     let mut fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     eventually("keys", || async {
         !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
     })
@@ -176,7 +176,7 @@ async fn bad_upstream_answers_are_never_published() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     eventually("keys", || async {
         !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
     })
@@ -250,7 +250,7 @@ async fn a_wrong_ca_is_a_clear_error_naming_the_url() {
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
     scratch.write("ca.pem", &Pki::new("some-other-ca").ca_pem);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let line = server.wait_for_log("fetch failed");
     assert!(
         line.contains(&format!("GET {}/openid/v1/jwks: ", fake.url())),
@@ -274,7 +274,7 @@ async fn down_at_start_with_no_state_is_503_and_recovers_by_itself() {
     fake.stop();
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     server.wait_for_log("Connection refused");
     assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     fake.restart().await;
@@ -306,7 +306,7 @@ async fn an_issuer_mismatch_upstream_is_reported_with_both_values() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
-    let mut server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let line = server.wait_for_log("issuer mismatch");
     assert!(line.contains("WARN"), "{line}");
     assert!(

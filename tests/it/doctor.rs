@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::broken_site::{Answer, BrokenSite};
 use crate::support::config::{Source, TestConfig};
+use crate::support::inprocess::InProcess;
 use crate::support::pki::Pki;
 use crate::support::process::{Binary, run};
 use crate::support::{K3S, Scratch};
@@ -26,7 +27,7 @@ fn rsa_key(index: usize, set: &str) -> Value {
 }
 
 /// oidc-edge over HTTPS with certificate files from `pki`, serving `jwks`.
-fn healthy(scratch: &Scratch, pki: &Pki, jwks: &str) -> (Binary, SocketAddr) {
+async fn healthy(scratch: &Scratch, pki: &Pki, jwks: &str) -> (InProcess, SocketAddr) {
     let leaf = pki.server_for(&[DOMAIN]);
     scratch.write("jwks.json", jwks);
     scratch.write("cert.pem", &leaf.cert_pem);
@@ -38,8 +39,8 @@ fn healthy(scratch: &Scratch, pki: &Pki, jwks: &str) -> (Binary, SocketAddr) {
         .set("https.files.cert_file", "cert.pem")
         .set("https.files.key_file", "key.pem")
         .write(scratch);
-    let mut server = Binary::start(&config);
-    let https = server.listening("https");
+    let server = InProcess::start(&config).await;
+    let https = server.https();
     server.wait_for_log("published key set");
     (server, https)
 }
@@ -120,7 +121,7 @@ async fn broken(
 async fn a_healthy_oidc_edge_passes_every_rule() {
     let scratch = Scratch::new();
     let pki = Pki::new("doctor test CA");
-    let (_server, https) = healthy(&scratch, &pki, RSA_SIGNING_JWKS);
+    let (_server, https) = healthy(&scratch, &pki, RSA_SIGNING_JWKS).await;
     let (out, report) = check(&scratch, ISSUER, https, &[]);
     assert_eq!(out.status.code(), Some(0), "{report:#}");
     let statuses: Vec<&str> = report["findings"]
@@ -371,7 +372,8 @@ async fn tokens_are_verified_like_sts_does() {
         &scratch,
         &pki,
         &json!({ "keys": [rsa_jwk, ec_jwk] }).to_string(),
-    );
+    )
+    .await;
 
     let rsa = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_SIGNING_PEM.as_bytes()).expect("rsa");
     let es = jsonwebtoken::EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).expect("ec");
@@ -470,7 +472,7 @@ async fn tokens_are_verified_like_sts_does() {
 async fn aws_provider_prints_the_thumbprint_check_reports_and_trust_policy_has_the_seed_shape() {
     let scratch = Scratch::new();
     let pki = Pki::new("doctor test CA");
-    let (_server, https) = healthy(&scratch, &pki, RSA_SIGNING_JWKS);
+    let (_server, https) = healthy(&scratch, &pki, RSA_SIGNING_JWKS).await;
     let (_, report) = check(&scratch, ISSUER, https, &[]);
     let thumbprint = report["thumbprint"].as_str().expect("thumbprint");
     let ca = scratch.path("ca.pem");

@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::support::clients::get;
 use crate::support::config::TestConfig;
 use crate::support::fake_apiserver::{FakeApiserver, Mode};
+use crate::support::inprocess::InProcess;
 use crate::support::metrics::{metric, proc_status_kib, scrape};
 use crate::support::process::Binary;
 use crate::support::{K3S, Scratch, eventually};
@@ -206,7 +207,7 @@ async fn a_private_member_in_any_position_refuses_the_whole_set() {
                 .set("refresh_interval", "50ms"),
         )
         .write(&scratch);
-    let server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let url = server.url("/openid/v1/jwks");
     eventually("keys", || async { get(&url).await.0 == 200 }).await;
     let (_, good) = get(&url).await;

@@ -1,6 +1,6 @@
 //! Serving from file sources: the demo, file refresh, refused key sets, rotation grace, and
-//! persistence across SIGKILL. What needs the process (log lines, SIGKILL, resource limits)
-//! runs the binary; the rest runs in process.
+//! persistence across SIGKILL. What needs the process (SIGKILL, resource limits) runs the
+//! binary; the rest, log lines included, runs in process.
 
 use std::time::Duration;
 
@@ -115,7 +115,7 @@ async fn the_demo_config_serves_both_documents_as_relying_parties_expect() {
 async fn a_private_key_in_the_file_is_never_served_and_the_log_says_why() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     let (status, good) = get(&server.url("/openid/v1/jwks")).await;
     assert_eq!(status, 200);
 
@@ -138,7 +138,7 @@ async fn a_private_key_in_the_file_is_never_served_and_the_log_says_why() {
 async fn weak_and_symmetric_keys_are_dropped_with_a_warning() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", RSA_1024);
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     let line = server.wait_for_log("RSA modulus is 1024 bits");
     assert!(
         line.contains("WARN") && line.contains("key left out: key 0 (kid "),
@@ -161,7 +161,7 @@ async fn weak_and_symmetric_keys_are_dropped_with_a_warning() {
 async fn an_empty_or_malformed_file_keeps_the_last_good_set() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     let (_, good) = get(&server.url("/openid/v1/jwks")).await;
     for (contents, reason) in [
         ("", "not valid JSON: EOF while parsing"),
@@ -210,7 +210,7 @@ async fn a_rotation_publishes_the_new_key_and_keeps_the_old_one_for_the_retentio
 async fn with_no_good_set_yet_it_answers_503_and_recovers_by_itself() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", "not json");
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     server.wait_for_log("key set refused");
     assert_not_published_yet(&server.url("/openid/v1/jwks")).await;
     scratch.replace("jwks.json", K3S);
@@ -274,11 +274,11 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
         (private_state.as_str(), "PRIVATE KEY MATERIAL"),
     ] {
         std::fs::write(file.path(), contents).expect("write state");
-        let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+        let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
         let line = server.wait_for_log("is corrupt and is ignored");
         assert!(line.contains("ERROR") && line.contains(reason), "{line}");
         assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 503);
-        server.kill();
+        drop(server);
     }
 }
 
@@ -287,13 +287,13 @@ async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = TestConfig::file_source("1s");
-    let mut quiet = Binary::start(&config.write(&scratch));
+    let quiet = InProcess::start(&config.write(&scratch)).await;
     assert_eq!(get(&quiet.url("/openid/v1/jwks")).await.0, 200);
     quiet.wait_for_log("published key set");
     assert_eq!(quiet.count_log("oidc_edge::access"), 0);
-    quiet.kill();
+    drop(quiet);
 
-    let mut server = Binary::start(&config.set("log.access", true).write(&scratch));
+    let server = InProcess::start(&config.set("log.access", true).write(&scratch)).await;
     assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 200);
     assert_eq!(get(&server.url("/nope")).await.0, 404);
     let line = server.wait_for_log("path=\"/nope\"");
@@ -348,16 +348,16 @@ async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appe
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = TestConfig::file_source("50ms").write(&scratch);
-    let server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let state = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the key set to be persisted", || async {
         state.path().exists()
     })
     .await;
-    server.kill();
+    drop(server);
 
     std::fs::remove_file(scratch.path("jwks.json")).expect("remove");
-    let mut restarted = Binary::start(&config);
+    let restarted = InProcess::start(&config).await;
     let url = restarted.url("/openid/v1/jwks");
     let (status, body) = get(&url).await;
     assert_eq!(status, 200, "served at once after the restart");
@@ -376,7 +376,6 @@ async fn a_file_source_missing_at_restart_serves_the_persisted_set_until_it_appe
         kids(&get(&url).await.1) == both
     })
     .await;
-    restarted.kill();
 }
 
 #[tokio::test]
@@ -398,7 +397,7 @@ async fn non_minimal_rsa_integers_are_published_verbatim_and_warned_about_once_p
     rsa["e"] = serde_json::json!("AAABAAE");
     let scratch = Scratch::new();
     scratch.write("jwks.json", &set.to_string());
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     let line = server.wait_for_log("leading zero");
     assert!(line.contains(" WARN "), "{line}");
     assert!(

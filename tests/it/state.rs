@@ -8,7 +8,6 @@ use oidc_edge::jwks::persist::StateFile;
 use crate::support::clients::get;
 use crate::support::config::TestConfig;
 use crate::support::inprocess::InProcess;
-use crate::support::process::Binary;
 use crate::support::{K3S, ROTATED, Scratch, eventually, kids};
 
 const ISSUER: &str = "https://oidc.example.com";
@@ -55,10 +54,10 @@ async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = config_with_staleness(&scratch, "50ms", "1h");
-    let server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let file = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the state file", || async { file.path().exists() }).await;
-    server.kill();
+    drop(server);
     let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
     std::fs::File::options()
         .write(true)
@@ -68,7 +67,7 @@ async fn a_restart_reports_the_persisted_confirmation_not_the_file_mtime() {
         .expect("set mtime");
     scratch.replace("jwks.json", "garbage");
 
-    let mut restarted = Binary::start(&config);
+    let restarted = InProcess::start(&config).await;
     restarted.wait_for_log("serving the persisted key set");
     assert_eq!(
         get(&restarted.admin_url("/readyz")).await,
@@ -94,10 +93,10 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
     let config = config_with_staleness(&scratch, "50ms", "1h");
-    let server = Binary::start(&config);
+    let server = InProcess::start(&config).await;
     let file = StateFile::new(&scratch.path("state"), ISSUER);
     eventually("the state file", || async { file.path().exists() }).await;
-    server.kill();
+    drop(server);
     let mut doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(file.path()).expect("read")).expect("json");
     let map = doc.as_object_mut().expect("object");
@@ -109,7 +108,7 @@ async fn a_state_file_of_format_1_loads_as_never_confirmed() {
     std::fs::write(file.path(), serde_json::to_vec(&doc).expect("json")).expect("write");
     scratch.replace("jwks.json", "garbage");
 
-    let mut restarted = Binary::start(&config);
+    let restarted = InProcess::start(&config).await;
     restarted.wait_for_log("serving the persisted key set");
     let (code, body) = get(&restarted.url("/openid/v1/jwks")).await;
     assert_eq!((code, kids(&body).len()), (200, 2));
@@ -129,7 +128,7 @@ async fn a_kid_that_comes_back_with_other_key_material_is_a_loud_error() {
     // must not name two keys with one kid, D-9), and the operator hears about it.
     let scratch = Scratch::new();
     scratch.write("jwks.json", K3S);
-    let mut server = Binary::start(&TestConfig::file_source("50ms").write(&scratch));
+    let server = InProcess::start(&TestConfig::file_source("50ms").write(&scratch)).await;
     let url = server.url("/openid/v1/jwks");
     eventually("first keys", || async { get(&url).await.0 == 200 }).await;
     // The RSA key of the rotated set under the kid of the first set's RSA key.

@@ -43,7 +43,7 @@ async fn replaced_files_swap_the_certificate_and_broken_ones_keep_it() {
     let pki = Pki::new("test public CA");
     let scratch = Scratch::new();
     let first = pki.server_for(&[HTTPS_DOMAIN]);
-    // SIGHUP and the reload's log lines: the binary.
+    // SIGHUP: the binary (a signal to this process would reach every in-process server).
     let mut server = Binary::start(&config(&scratch, &first).write(&scratch));
     let https = server.listening("https");
     let before = served_cert(&pki.ca_pem, https).await.expect("served");

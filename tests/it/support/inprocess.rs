@@ -14,8 +14,10 @@
 //! grace whenever the test holds a kept-alive connection, since a drop blocks the test's
 //! runtime and its clients cannot answer the server's GOAWAY.
 //!
-//! There is no log to read here: a test that asserts on log lines uses
-//! [`Binary`](super::process::Binary).
+//! The server's log is captured as the binary's stderr is: every thread of its runtime (the
+//! workers, the blocking pool, and the thread that calls `block_on`) has, as its default,
+//! the subscriber `telemetry::init` would install for the config, writing into a [`Log`].
+//! The test's own threads log nowhere, so two servers in one test keep their lines apart.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -25,9 +27,11 @@ use std::time::Duration;
 use oidc_edge::config::Config;
 use oidc_edge::server::Server;
 use tokio::sync::oneshot;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use super::clients::get;
 use super::eventually;
+use super::log::Log;
 
 /// A running in-process server; dropping it stops it at once, [`InProcess::stop`] drains it.
 pub struct InProcess {
@@ -40,6 +44,7 @@ pub struct InProcess {
     /// Sent or dropped to abandon `run` and drop the server's runtime: the abrupt stop.
     abort: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
+    log: Log,
 }
 
 impl InProcess {
@@ -57,16 +62,25 @@ impl InProcess {
     /// at the server before its first fetch cannot use this harness.
     async fn run(config: Config) -> Self {
         super::install_crypto_provider();
+        let log = Log::default();
+        let dispatch = log.dispatch(&config.log);
         let (bound_tx, bound_rx) = oneshot::channel();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let (abort, abort_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("oidc-edge in process".to_owned())
             .spawn(move || {
+                let _logging = dispatch.clone().set_default();
+                // What `serve` logs before the server starts (main.rs `log_warnings`).
+                for warning in &config.warnings {
+                    tracing::warn!(target: "oidc_edge", "{warning}");
+                }
                 // Two workers, as the binary has on this 2-core machine.
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
+                    // For the thread's whole life, which ends with the runtime.
+                    .on_thread_start(move || std::mem::forget(dispatch.clone().set_default()))
                     .build()
                     .expect("runtime");
                 let result = runtime.block_on(async move {
@@ -104,6 +118,7 @@ impl InProcess {
             shutdown: Some(shutdown),
             abort: Some(abort),
             thread: Some(thread),
+            log,
         };
         server.first_fetches().await;
         server
@@ -139,6 +154,23 @@ impl InProcess {
     /// The HTTPS listener; panics when the config has none.
     pub fn https(&self) -> SocketAddr {
         self.https.expect("an [https] listener")
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lines()
+    }
+
+    /// Waits up to 10 s for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let thread = self.thread.as_ref().expect("running");
+        self.log.wait_for(needle, || {
+            thread.is_finished().then(|| "stopped".to_owned())
+        })
+    }
+
+    /// Counts log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log.count(needle)
     }
 
     /// Shuts down as on SIGTERM, waits for the drain, and asserts that `run` ended without

@@ -7,6 +7,7 @@ pub mod clients; // the one HTTP client builder, the rustls client config, HTTPS
 pub mod config; // config files built over `toml::Table`, not spliced from strings
 pub mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure modes
 pub mod inprocess; // `Server::bind` + `run` in this process, addresses from the bound sockets
+pub mod log; // a server's log lines: the binary's stderr, or the same lines in process
 pub mod metrics; // Prometheus scrapes of the admin listener, `/proc` memory figures
 pub mod pebble; // Pebble and challtestsrv on loopback
 pub mod pki; // a test CA and the certificates it signs

@@ -1,15 +1,15 @@
 //! The real `oidc-edge` binary, for what only a process shows: the command line and exit
-//! codes, signals, sd_notify, SIGKILL, resource limits and memory, and log lines. Its stderr
-//! is captured line by line; it is killed by its PID when its handle drops.
+//! codes, signals, sd_notify, SIGKILL, resource limits, memory and its environment. Its
+//! stderr is captured line by line; it is killed by its PID when its handle drops.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::bin;
+use super::log::Log;
 
 /// Runs `oidc-edge ARGS` to completion.
 pub fn run(args: &[&str]) -> Output {
@@ -28,7 +28,7 @@ pub struct Binary {
     /// The plain HTTP listener, as logged.
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Binary {
@@ -58,11 +58,11 @@ impl Binary {
             .spawn()
             .expect("spawn oidc-edge");
         let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
+        let log = Log::default();
+        let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log lock").push(line);
+                sink.push(line);
             }
         });
         let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -120,34 +120,21 @@ impl Binary {
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").clone()
+        self.log.lines()
     }
 
     /// Waits up to 10 s for a log line containing `needle` and returns it.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
-                return line;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "oidc-edge exited with {status} before logging {needle:?}:\n{}",
-                    self.log().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line {needle:?} in:\n{}",
-                self.log().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = &mut self.child;
+        self.log.wait_for(needle, || {
+            let status = child.try_wait().ok().flatten()?;
+            Some(format!("exited with {status}"))
+        })
     }
 
     /// Counts log lines containing `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log().iter().filter(|l| l.contains(needle)).count()
+        self.log.count(needle)
     }
 
     /// SIGKILL by PID, as a crash or the OOM killer would.

@@ -17,8 +17,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::http::headers;
-use crate::jwks::refresh::IssuerPipeline;
-use crate::jwks::source::AnySource;
+use crate::jwks::refresh::IssuerRuntime;
 use crate::jwks::store::{Document, DocumentStore};
 use crate::metrics::Metrics;
 use crate::state::{create_state_dir, write_public};
@@ -82,23 +81,18 @@ pub async fn render(config: &Config, options: &Options) -> anyhow::Result<Vec<Ob
     let mut written: Vec<(PathBuf, Object)> = Vec::new();
     for (index, cfg) in config.issuers.iter().enumerate() {
         let endpoint = &cfg.endpoint;
-        let mut fetchers = cfg
-            .sources
-            .iter()
-            .map(|source| AnySource::from_config(&source.kind, source.timeout))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let pipeline = IssuerPipeline::restored(
+        let IssuerRuntime { pipeline, sources } = IssuerRuntime::restored(
             index,
             endpoint,
             cfg.keys,
+            &cfg.sources,
             &config.state_dir,
             &store,
             &metrics,
-            &fetchers,
         )
-        .await;
-        for (i, fetcher) in fetchers.iter_mut().enumerate() {
-            if !pipeline.refresh(i, fetcher).await {
+        .await?;
+        for (i, mut source) in sources.into_iter().enumerate() {
+            if !pipeline.refresh(i, &mut source.fetcher).await {
                 let status = pipeline.status().await;
                 let source = &status.sources[i];
                 let reason = source.last_error.as_deref().unwrap_or("nothing fetched");

@@ -12,10 +12,9 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, info, info_span};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, IssuerConfig};
+use crate::config::Config;
 use crate::http::{self, Site, headers};
-use crate::jwks::refresh::{IssuerPipeline, run_source};
-use crate::jwks::source::AnySource;
+use crate::jwks::refresh::{IssuerRuntime, run_source};
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, PublicListener, TlsTransport, Transport};
 use crate::metrics::Metrics;
@@ -42,62 +41,6 @@ pub struct Server {
     metrics: Arc<Metrics>,
 }
 
-/// One issuer: its pipeline, and the sources that feed it.
-#[derive(Debug)]
-struct IssuerRuntime {
-    pipeline: Arc<IssuerPipeline>,
-    sources: Vec<Source>,
-}
-
-/// One source, ready to fetch, and its schedule.
-#[derive(Debug)]
-struct Source {
-    fetcher: AnySource,
-    interval: Duration,
-    timeout: Duration,
-}
-
-impl IssuerRuntime {
-    /// Builds the fetchers, and the pipeline with its persisted set restored and published
-    /// (served from the first request on).
-    async fn restored(
-        index: usize,
-        cfg: &IssuerConfig,
-        state_dir: &std::path::Path,
-        store: &Arc<DocumentStore>,
-        metrics: &Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let fetchers = cfg
-            .sources
-            .iter()
-            .map(|s| AnySource::from_config(&s.kind, s.timeout))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let pipeline = IssuerPipeline::restored(
-            index,
-            &cfg.endpoint,
-            cfg.keys,
-            state_dir,
-            store,
-            metrics,
-            &fetchers,
-        )
-        .await;
-        let sources = fetchers
-            .into_iter()
-            .zip(&cfg.sources)
-            .map(|(fetcher, s)| Source {
-                fetcher,
-                interval: s.refresh_interval,
-                timeout: s.timeout,
-            })
-            .collect();
-        Ok(Self {
-            pipeline: Arc::new(pipeline),
-            sources,
-        })
-    }
-}
-
 impl Server {
     /// Restores persisted key sets and binds the listeners.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
@@ -113,9 +56,16 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let mut issuers = Vec::with_capacity(config.issuers.len());
         for (index, cfg) in config.issuers.iter().enumerate() {
-            issuers.push(
-                IssuerRuntime::restored(index, cfg, &config.state_dir, &store, &metrics).await?,
+            let issuer = IssuerRuntime::restored(
+                index,
+                &cfg.endpoint,
+                cfg.keys,
+                &cfg.sources,
+                &config.state_dir,
+                &store,
+                &metrics,
             );
+            issuers.push(issuer.await?);
         }
         let endpoints = config.endpoints();
         let site = || Site::new(&endpoints, &metrics).with_access_log(config.log.access);

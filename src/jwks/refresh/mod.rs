@@ -3,6 +3,7 @@
 //! A failed fetch, a refused set or a refused merge never touches what is published: the last
 //! good snapshot keeps being served, and the failure is logged with its reason.
 
+mod runtime;
 mod schedule;
 mod status;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use super::{PublicJwk, unix_now};
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::metrics::{Metrics, RefreshResult};
 
+pub use self::runtime::{IssuerRuntime, Source};
 pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, next_refresh_in, run_source};
 pub use self::status::{IssuerStatus, SourceStatus};
 

@@ -10,6 +10,10 @@
 //! about; oidc-edge reads the apiserver with such a token, as a reader SA bound to
 //! `system:service-account-issuer-discovery`, never with one STS would take.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
 use crate::support::clients::trusting;
 use crate::support::config::{Source, TestConfig};
 use crate::support::inprocess::InProcess;
@@ -29,7 +33,7 @@ struct Walkthrough {
     server: InProcess,
     cluster: Cluster,
     pki: Pki,
-    _scratch: Scratch,
+    scratch: Scratch,
 }
 
 const READER_NAMESPACE: &str = "oidc-edge";
@@ -87,7 +91,7 @@ impl Walkthrough {
             server,
             cluster,
             pki,
-            _scratch: scratch,
+            scratch,
         }
     }
 
@@ -297,4 +301,208 @@ async fn sts_refuses_other_accounts_other_audiences_and_keys_oidc_edge_never_pub
              token format: token signature is invalid: crypto/rsa: verification error",
         ),
     );
+}
+
+/// What the client saw during the rotation.
+#[derive(Debug, Default)]
+struct Exchanges {
+    /// Fresh tokens exchanged for credentials.
+    ok: usize,
+    /// Fresh tokens STS refused: must stay empty.
+    refused: Vec<(String, StsError)>,
+    /// TokenRequests that failed because the apiserver was restarting.
+    mint_gaps: usize,
+    /// The kids of the tokens exchanged, in order of first use.
+    kids: Vec<String>,
+}
+
+/// The kids oidc-edge serves for the issuer, sorted.
+async fn public_kids(walk_https: SocketAddr, ca_pem: &str) -> Vec<String> {
+    let http = trusting(ca_pem)
+        .resolve(ISSUER_HOST, walk_https)
+        .build()
+        .expect("client");
+    let url = format!("https://{ISSUER_HOST}:{}/openid/v1/jwks", walk_https.port());
+    let body = http
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    let mut kids = kids(&body);
+    kids.sort();
+    kids
+}
+
+fn sorted(kids: &[&str]) -> Vec<String> {
+    let mut kids: Vec<String> = kids.iter().map(|k| (*k).to_owned()).collect();
+    kids.sort();
+    kids
+}
+
+/// Polls `check` every 50 ms for up to 30 s and returns how long it took.
+async fn time_until<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_rotation_of_the_apiserver_key_fails_no_exchange_and_old_tokens_keep_working() {
+    let Some(bins) = Bins::find() else { return };
+    let (old, new) = (SaKey::generate(), SaKey::generate());
+    let mut walk = Walkthrough::start(&bins, &old).await;
+    // A token the workload got before the rotation, valid for an hour: it must keep working
+    // after the apiserver drops the old key, because oidc-edge keeps publishing it for
+    // key_retention (24 h by default, X-6).
+    let early = walk.token(LISTER, &[STS_AUDIENCE]).await;
+    assert_eq!(kid(&early), old.kid);
+
+    let api = walk.cluster.api();
+    let done = AtomicBool::new(false);
+    let Walkthrough {
+        seaweed,
+        server,
+        cluster,
+        pki,
+        scratch,
+    } = &mut walk;
+    let (https, admin, ca) = (server.https(), server.admin, pki.ca_pem.clone());
+
+    // The workload: a fresh token every 100 ms, exchanged at once, as a pod whose projected
+    // token the kubelet refreshes would.
+    let client = async {
+        let mut seen = Exchanges::default();
+        while !done.load(Ordering::SeqCst) {
+            match api
+                .try_token(LISTER_NAMESPACE, LISTER, &[STS_AUDIENCE])
+                .await
+            {
+                Err(_) => seen.mint_gaps += 1,
+                Ok(token) => {
+                    let kid = kid(&token);
+                    if !seen.kids.contains(&kid) {
+                        seen.kids.push(kid.clone());
+                    }
+                    match seaweed.assume_role(&token).await {
+                        Ok(_) => seen.ok += 1,
+                        Err(e) => seen.refused.push((kid, e)),
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    };
+
+    let rotation = async {
+        let mut figures = Vec::new();
+        let refreshes_ok = || async {
+            let scrape = scrape(admin).await;
+            metric(
+                &scrape,
+                "oidc_edge_refreshes_total",
+                &[("issuer", ISSUER), ("result", "ok")],
+            )
+        };
+
+        // 1. The new public key beside the old one; the old key still signs.
+        let start = Instant::now();
+        cluster.restart(&[&old, &new], &old).await;
+        let ready = start.elapsed();
+        let both = sorted(&[&old.kid, &new.kid]);
+        let public = time_until("oidc-edge to publish the new key", || async {
+            public_kids(https, &ca).await == both
+        })
+        .await;
+        figures.push(format!(
+            "add the new public key: apiserver ready {ready:.1?} after the restart began, \
+             new key public at {:.1?}",
+            ready + public
+        ));
+
+        // 2. The new key signs; it has been public since step 1.
+        let start = Instant::now();
+        cluster.restart(&[&old, &new], &new).await;
+        let ready = start.elapsed();
+        let api = cluster.api();
+        let signing = time_until("a token signed by the new key", || async {
+            api.try_token(LISTER_NAMESPACE, LISTER, &[STS_AUDIENCE])
+                .await
+                .is_ok_and(|token| kid(&token) == new.kid)
+        })
+        .await;
+        figures.push(format!(
+            "sign with the new key: apiserver ready {ready:.1?} after the restart began, \
+             first new-key token at {:.1?}",
+            ready + signing
+        ));
+        // oidc-edge's own token was signed by the old key too: once the apiserver drops that
+        // key, it answers 401 to it. A projected token is renewed by the kubelet long before;
+        // here, as time is compressed, the reader's token file is renewed now (it is re-read
+        // on every fetch).
+        let reader = api
+            .try_token(READER_NAMESPACE, READER, &[])
+            .await
+            .expect("reader token");
+        assert_eq!(kid(&reader), new.kid);
+        scratch.replace("token", &reader);
+
+        // 3. The old public key leaves the apiserver; oidc-edge keeps it published.
+        let start = Instant::now();
+        cluster.restart(&[&new], &new).await;
+        let ready = start.elapsed();
+        let (status, apiserver_jwks) = cluster.get("/openid/v1/jwks").await;
+        assert_eq!(
+            (status, kids(&apiserver_jwks)),
+            (200, vec![new.kid.clone()])
+        );
+        let before = refreshes_ok().await;
+        let seen = time_until("oidc-edge to read the new apiserver", || async {
+            refreshes_ok().await > before
+        })
+        .await;
+        assert_eq!(public_kids(https, &ca).await, both);
+        figures.push(format!(
+            "drop the old public key: apiserver ready {ready:.1?} after the restart began, \
+             read by oidc-edge at {:.1?}; both keys still public (retention)",
+            ready + seen
+        ));
+        // Let the workload run on the final configuration for a moment.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        done.store(true, Ordering::SeqCst);
+        figures
+    };
+
+    let (seen, figures) = tokio::join!(client, rotation);
+    for line in &figures {
+        eprintln!("rotation: {line}");
+    }
+    eprintln!(
+        "rotation: {} exchanges, {} refused, {} TokenRequests failed during restarts",
+        seen.ok,
+        seen.refused.len(),
+        seen.mint_gaps
+    );
+    assert_eq!(seen.refused, Vec::new(), "\n{}", seaweed.log());
+    assert_eq!(seen.kids, vec![old.kid.clone(), new.kid.clone()]);
+    assert!(seen.ok >= 10, "{seen:?}");
+
+    // The token minted before the rotation still buys credentials.
+    seaweed
+        .assume_role(&early)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
 }

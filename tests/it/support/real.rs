@@ -195,6 +195,18 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGTERM by PID, as systemd stops a service; SIGKILL if it is still there after 10 s.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
 }
 
 impl Drop for Proc {
@@ -358,6 +370,19 @@ impl Cluster {
         };
         cluster.start_apiserver(verify, signing).await;
         cluster
+    }
+
+    /// Stops the apiserver (SIGTERM, as a control-plane restart does) and starts it again on
+    /// the same port, etcd and serving certificate, verifying with `verify` and signing with
+    /// `signing`: one step of a staged rotation (real-parts §1).
+    pub async fn restart(&mut self, verify: &[&SaKey], signing: &SaKey) {
+        if let Some(mut old) = self.apiserver.take() {
+            // Off the runtime: a task beside this one keeps running during the stop.
+            tokio::task::spawn_blocking(move || old.stop())
+                .await
+                .expect("stop task");
+        }
+        self.start_apiserver(verify, signing).await;
     }
 
     async fn start_apiserver(&mut self, verify: &[&SaKey], signing: &SaKey) {

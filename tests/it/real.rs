@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::clients::trusting;
+use crate::support::clients::{get, trusting};
 use crate::support::config::{Source, TestConfig};
 use crate::support::inprocess::InProcess;
 use crate::support::metrics::{metric, scrape};
@@ -49,8 +49,8 @@ impl Walkthrough {
         cluster
             .create_service_account(READER_NAMESPACE, READER)
             .await;
-        // Usually redundant (the bootstrap binds the role to all service accounts), but what
-        // the README tells users to apply, so the test runs on it (facts §2).
+        // Redundant with the bootstrap binding to all service accounts, which README step 2
+        // relies on; bound explicitly (facts §2) so the test does not depend on that default.
         cluster
             .bind_cluster_role(
                 "oidc-edge-issuer-discovery",
@@ -342,6 +342,14 @@ fn sorted(kids: &[&str]) -> Vec<String> {
     kids
 }
 
+/// The `/status` entry of the walkthrough's only source.
+async fn source_status(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = get(&format!("http://{admin}/status")).await;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    status["issuers"][0]["sources"][0].clone()
+}
+
 /// Polls `check` every 50 ms for up to 30 s and returns how long it took.
 async fn time_until<F, Fut>(what: &str, mut check: F) -> Duration
 where
@@ -409,15 +417,6 @@ async fn a_staged_rotation_of_the_apiserver_key_fails_no_exchange_and_old_tokens
 
     let rotation = async {
         let mut figures = Vec::new();
-        let refreshes_ok = || async {
-            let scrape = scrape(admin).await;
-            metric(
-                &scrape,
-                "oidc_edge_refreshes_total",
-                &[("issuer", ISSUER), ("result", "ok")],
-            )
-        };
-
         // 1. The new public key beside the old one; the old key still signs.
         let start = Instant::now();
         cluster.restart(&[&old, &new], &old).await;
@@ -449,17 +448,6 @@ async fn a_staged_rotation_of_the_apiserver_key_fails_no_exchange_and_old_tokens
              first new-key token at {:.1?}",
             ready + signing
         ));
-        // oidc-edge's own token was signed by the old key too: once the apiserver drops that
-        // key, it answers 401 to it. A projected token is renewed by the kubelet long before;
-        // here, as time is compressed, the reader's token file is renewed now (it is re-read
-        // on every fetch).
-        let reader = api
-            .try_token(READER_NAMESPACE, READER, &[])
-            .await
-            .expect("reader token");
-        assert_eq!(kid(&reader), new.kid);
-        scratch.replace("token", &reader);
-
         // 3. The old public key leaves the apiserver; oidc-edge keeps it published.
         let start = Instant::now();
         cluster.restart(&[&new], &new).await;
@@ -469,16 +457,36 @@ async fn a_staged_rotation_of_the_apiserver_key_fails_no_exchange_and_old_tokens
             (status, kids(&apiserver_jwks)),
             (200, vec![new.kid.clone()])
         );
-        let before = refreshes_ok().await;
-        let seen = time_until("oidc-edge to read the new apiserver", || async {
-            refreshes_ok().await > before
+        // oidc-edge's own token was signed by the old key too (as a README-style Secret token
+        // would be): the apiserver now refuses it, and oidc-edge keeps its last good set.
+        let unauthorized = format!(
+            "GET {}/openid/v1/jwks: answered 401 Unauthorized; the apiserver refused the \
+             credentials (token or client certificate)",
+            cluster.url()
+        );
+        let refused = time_until("oidc-edge's token to be refused", || async {
+            let source = source_status(admin).await;
+            source["healthy"] == false && source["last_error"] == unauthorized.as_str()
+        })
+        .await;
+        assert_eq!(public_kids(https, &ca).await, both);
+        // Renewed, as the kubelet renews a projected token (the file is re-read every fetch).
+        let reader = api
+            .try_token(READER_NAMESPACE, READER, &[])
+            .await
+            .expect("reader token");
+        assert_eq!(kid(&reader), new.kid);
+        scratch.replace("token", &reader);
+        let renewed = time_until("oidc-edge to read the apiserver again", || async {
+            source_status(admin).await["healthy"] == true
         })
         .await;
         assert_eq!(public_kids(https, &ca).await, both);
         figures.push(format!(
             "drop the old public key: apiserver ready {ready:.1?} after the restart began, \
-             read by oidc-edge at {:.1?}; both keys still public (retention)",
-            ready + seen
+             oidc-edge's old-key token refused at {:.1?}, its renewed token read {renewed:.1?} \
+             after the renewal; both keys still public (retention)",
+            ready + refused
         ));
         // Let the workload run on the final configuration for a moment.
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -1,5 +1,9 @@
 //! The apiserver, kubeconfig, in-cluster and url sources against the fake apiserver over real
-//! TLS: keys follow the cluster, outages and bad answers never change what is served.
+//! TLS: outages and bad answers never change what is served. The happy path, the real
+//! formats, `Accept`, RBAC and token renewal run against a real kube-apiserver in
+//! `real_source.rs`; what stays here needs a fault the real one cannot be made to produce, or
+//! an identity its test cluster does not have (client certificates; see
+//! `support/FAKE_APISERVER.md`).
 //!
 //! The fake runs on the test's runtime while the harness blocks on log lines, so these tests
 //! use a multi-threaded runtime: the fake keeps answering on the other worker.
@@ -11,7 +15,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::support::clients::{assert_not_published_yet, client, get, trusting};
+use crate::support::clients::{assert_not_published_yet, client, get};
 use crate::support::config::{Source, TestConfig};
 use crate::support::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER, Mode};
 use crate::support::inprocess::InProcess;
@@ -44,69 +48,6 @@ async fn served_kids(jwks_url: &str) -> Vec<String> {
     } else {
         Vec::new()
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fake_speaks_like_the_apiserver() {
-    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let http = trusting(&fake.pki.ca_pem).build().expect("client");
-    let jwks = format!("{}/openid/v1/jwks", fake.url());
-    let anonymous = http.get(&jwks).send().await.expect("GET");
-    assert_eq!(anonymous.status(), 401);
-    let json_only = http
-        .get(&jwks)
-        .bearer_auth(TOKEN)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(json_only.status(), 406);
-    let ok = http
-        .get(&jwks)
-        .bearer_auth(TOKEN)
-        .header("accept", "application/jwk-set+json, application/json")
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(ok.status(), 200);
-    assert_eq!(ok.headers()["content-type"], "application/jwk-set+json");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_appear_at_start_and_follow_a_rotation_with_grace() {
-    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (scratch, config) = setup(&fake);
-    let config = config.set("issuers.0.key_retention", "1s").write(&scratch);
-    let server = InProcess::start(&config).await;
-    eventually("the cluster's keys", || async {
-        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(K3S)
-    })
-    .await;
-    {
-        let s = fake.state.lock().expect("state");
-        assert_eq!(
-            s.jwks_auth[0].as_deref(),
-            Some(format!("Bearer {TOKEN}").as_str())
-        );
-        assert_eq!(
-            s.jwks_accept[0].as_deref(),
-            Some("application/jwk-set+json, application/json")
-        );
-    }
-
-    fake.set(|s| s.jwks = ROTATED.to_owned());
-    let mut both = fixture_kids(K3S);
-    both.extend(fixture_kids(ROTATED));
-    both.sort();
-    both.dedup();
-    eventually("new and old keys", || async {
-        served_kids(&server.url("/openid/v1/jwks")).await == both
-    })
-    .await;
-    eventually("the old key to drop after 1 s", || async {
-        served_kids(&server.url("/openid/v1/jwks")).await == fixture_kids(ROTATED)
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,34 +158,6 @@ async fn bad_upstream_answers_are_never_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_token_file_is_read_again_for_every_fetch() {
-    let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
-    let (scratch, config) = setup(&fake);
-    let server = InProcess::start(&config.write(&scratch)).await;
-    eventually("keys", || async {
-        !served_kids(&server.url("/openid/v1/jwks")).await.is_empty()
-    })
-    .await;
-    let rotated = "eyJhbGciOiJSUzI1NiJ9.token-b.sig";
-    fake.set(|s| s.tokens = vec![rotated.to_owned()]);
-    scratch.replace("token", rotated);
-    let expected = format!("Bearer {rotated}");
-    eventually("a fetch with the new token", || async {
-        fake.state
-            .lock()
-            .expect("state")
-            .jwks_auth
-            .last()
-            .cloned()
-            .flatten()
-            .as_deref()
-            == Some(expected.as_str())
-    })
-    .await;
-    assert_eq!(get(&server.url("/openid/v1/jwks")).await.0, 200);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_is_a_clear_error_naming_the_url() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;
     let (scratch, config) = setup(&fake);
@@ -301,33 +214,25 @@ async fn down_at_start_with_persisted_state_serves_at_once() {
     assert_eq!(get(&restarted.url("/openid/v1/jwks")).await, (200, good));
 }
 
+/// F-1 as it changes: the real apiserver's mismatch report is in `real_source.rs`, but its
+/// `--service-account-issuer` is fixed for the life of the test cluster; the fake's issuer
+/// changes between two refreshes, as after the apiserver is restarted with the flag fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_issuer_mismatch_upstream_is_reported_with_both_values() {
+async fn an_issuer_mismatch_is_reported_once_and_its_resolution_when_the_cluster_is_fixed() {
     let fake = FakeApiserver::start(K3S, K3S_DEFAULT_ISSUER, TOKEN).await;
     let (scratch, config) = setup(&fake);
     let config = config.write(&scratch);
     let server = InProcess::start(&config).await;
-    let line = server.wait_for_log("issuer mismatch");
-    assert!(line.contains("WARN"), "{line}");
-    assert!(
-        line.contains(&format!(
-            "the cluster signs tokens for \"{K3S_DEFAULT_ISSUER}\", not \"{ISSUER}\""
-        )),
-        "{line}"
-    );
-    assert!(
-        line.contains(&format!("--service-account-issuer={ISSUER}")),
-        "{line}"
-    );
-    // Reported once, not on every refresh; and the keys are still published.
+    server.wait_for_log("issuer mismatch");
+    // Reported once, not on every refresh.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(server.count_log("issuer mismatch"), 1);
-    assert_eq!(
-        served_kids(&server.url("/openid/v1/jwks")).await,
-        fixture_kids(K3S)
-    );
     fake.set(|s| s.issuer = ISSUER.to_owned());
-    server.wait_for_log("issuer mismatch resolved");
+    let line = server.wait_for_log("issuer mismatch resolved");
+    assert!(
+        line.contains("issuer mismatch resolved: the cluster signs tokens for this issuer"),
+        "{line}"
+    );
 }
 
 fn kubeconfig(server: &str, ca_pem: &str, user: &str) -> String {

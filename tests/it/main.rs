@@ -15,6 +15,7 @@ mod hostile; // a hostile upstream: last good set kept, memory bounded
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod real; // the k3s → oidc-edge → STS → S3 walkthrough with a real apiserver and SeaweedFS
+mod real_source; // the apiserver source against a real kube-apiserver: formats, Accept, RBAC, tokens
 mod serve; // serving: the demo, file refresh, refused sets, persistence across SIGKILL
 mod state; // the state file across restarts: confirmations, reused kids
 mod systemd; // unit files under systemd-analyze, sd_notify, socket activation

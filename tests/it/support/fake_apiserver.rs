@@ -63,8 +63,6 @@ pub struct FakeState {
     pub anonymous: bool,
     /// The `Authorization` header of every JWKS request, in order.
     pub jwks_auth: Vec<Option<String>>,
-    /// The `Accept` header of every JWKS request, in order.
-    pub jwks_accept: Vec<Option<String>>,
     /// Client certificates (DER) that no longer authenticate, as an expired one would not.
     pub refused_client_certs: Vec<Vec<u8>>,
     /// The client certificate (DER) of every JWKS request, in order.
@@ -96,7 +94,6 @@ impl FakeApiserver {
             tokens: vec![token.to_owned()],
             anonymous: false,
             jwks_auth: Vec::new(),
-            jwks_accept: Vec::new(),
             refused_client_certs: Vec::new(),
             jwks_client_certs: Vec::new(),
         }));
@@ -205,18 +202,27 @@ impl Drop for FakeApiserver {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// A response with the apiserver's `Cache-Control`: `public, max-age=3600` on the discovery
+/// routes' 200s (`pkg/routes/openidmetadata.go`), `no-cache, private` on everything else.
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let cache_control = if status == StatusCode::OK {
+        "public, max-age=3600"
+    } else {
+        "no-cache, private"
+    };
     Response::builder()
         .status(status)
         .header("content-type", content_type)
+        .header("cache-control", cache_control)
         .body(Full::new(body.into()).boxed())
         .expect("response")
 }
 
-/// The apiserver's `Status` object for an error.
-fn status_object(code: StatusCode, reason: &str) -> Response<Body> {
+/// The apiserver's `Status` object for an error, with its `message` (e.g. `Unauthorized`,
+/// `406: Not Acceptable`) and `reason` (`Unauthorized`, `NotAcceptable`).
+fn status_object(code: StatusCode, message: &str, reason: &str) -> Response<Body> {
     let body = format!(
-        r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"{reason}","reason":"{reason}","code":{}}}"#,
+        r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"{message}","reason":"{reason}","code":{}}}"#,
         code.as_u16()
     );
     full(code, "application/json", body)
@@ -239,7 +245,6 @@ async fn answer(
         let mut s = state.lock().expect("fake state");
         if path == "/openid/v1/jwks" {
             s.jwks_auth.push(auth.clone());
-            s.jwks_accept.push(accept.clone());
             s.jwks_client_certs.push(client_cert.clone());
         }
         let cert_ok = client_cert
@@ -260,7 +265,8 @@ async fn answer(
     match &mode {
         Mode::Status(code) => {
             let code = StatusCode::from_u16(*code).expect("status");
-            return status_object(code, code.canonical_reason().unwrap_or("Error"));
+            let reason = code.canonical_reason().unwrap_or("Error");
+            return status_object(code, reason, reason);
         }
         Mode::Hang => std::future::pending::<()>().await,
         Mode::Redirect(to) => {
@@ -273,7 +279,7 @@ async fn answer(
         _ => {}
     }
     if !authenticated {
-        return status_object(StatusCode::UNAUTHORIZED, "Unauthorized");
+        return status_object(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
     match path.as_str() {
         "/openid/v1/jwks" => {
@@ -281,7 +287,11 @@ async fn answer(
                 .as_deref()
                 .is_none_or(|a| a.contains("application/jwk-set+json") || a.contains("*/*"));
             if !acceptable {
-                return status_object(StatusCode::NOT_ACCEPTABLE, "NotAcceptable");
+                return status_object(
+                    StatusCode::NOT_ACCEPTABLE,
+                    "406: Not Acceptable",
+                    "NotAcceptable",
+                );
             }
             match mode {
                 Mode::Body(body) => full(StatusCode::OK, "application/jwk-set+json", body),
@@ -324,7 +334,7 @@ async fn answer(
             );
             full(StatusCode::OK, "application/json", doc)
         }
-        _ => status_object(StatusCode::NOT_FOUND, "NotFound"),
+        _ => status_object(StatusCode::NOT_FOUND, "NotFound", "NotFound"),
     }
 }
 

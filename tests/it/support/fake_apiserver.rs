@@ -1,9 +1,12 @@
-//! A fake kube-apiserver that speaks the real one's formats and failure modes, over real TLS
-//! with its own CA generated at test time (k3s style: an EC P-256 `k3s-server-ca@…` CA, a
-//! serving certificate for `kubernetes.default.svc`, `localhost` and `127.0.0.1`).
+//! A fake kube-apiserver for fault injection (what it imitates, from which real behaviour, and
+//! which tests still use it: `FAKE_APISERVER.md` beside this file). It speaks the real one's
+//! formats and failure modes over real TLS with its own CA generated at test time (k3s style:
+//! an EC P-256 `k3s-server-ca@…` CA, a serving certificate for `kubernetes.default.svc`,
+//! `localhost` and `127.0.0.1`).
 //!
 //! - `GET /openid/v1/jwks` → `application/jwk-set+json`; `406` when `Accept` does not admit it
-//!   (the real apiserver refuses `Accept: application/json` alone);
+//!   (the real apiserver refuses `Accept: application/json` alone); `Cache-Control` and the
+//!   `Status` bodies of 401 and 406 as kube-apiserver 1.20 sends them;
 //! - `GET /.well-known/openid-configuration` → `application/json` with a settable `issuer`;
 //! - `401` with a `Status` object unless a known bearer token or a client certificate signed by
 //!   the CA is presented;

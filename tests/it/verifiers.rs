@@ -278,23 +278,35 @@ async fn both_verify(issuer: &str) {
     // refused: authorization (the `Require oauth2_claim` lines) for a verified token with
     // another audience or issuer, the signature check for another key under the published
     // kid, and nothing at this log level for a missing token or an unknown kid.
-    let authz = "AH01631: user system:serviceaccount:default:s3-lister: authorization failure \
-                 for \"/ok\": ";
-    let signature = "_oauth2_jose_jwt_verify_jwk: cjose_jws_verify failed: [jws.c:968 \
-                     _cjose_jws_verify_sig_rs error:02000072:rsa routines::padding check failed]";
+    let authz = [
+        "AH01631: user system:serviceaccount:default:s3-lister: authorization failure \
+                  for \"/ok\": ",
+    ];
+    // OpenSSL's reason depends on the forged signature: as a number it is larger than the
+    // published modulus about half the time.
+    let signature = [
+        "_oauth2_jose_jwt_verify_jwk: cjose_jws_verify failed: [jws.c:968 \
+         _cjose_jws_verify_sig_rs error:02000072:rsa routines::padding check failed]",
+        "_oauth2_jose_jwt_verify_jwk: cjose_jws_verify failed: [jws.c:968 \
+         _cjose_jws_verify_sig_rs error:02000084:rsa routines::data too large for modulus]",
+    ];
     for (what, token, logged) in [
         ("no token", None, None),
         (
             "another audience",
             Some(&tokens.other_audience),
-            Some(authz),
+            Some(&authz[..]),
         ),
-        ("another issuer", Some(&tokens.other_issuer), Some(authz)),
+        (
+            "another issuer",
+            Some(&tokens.other_issuer),
+            Some(&authz[..]),
+        ),
         ("an unpublished key", Some(&tokens.unpublished_key), None),
         (
             "another key under the published kid",
             Some(&tokens.published_kid),
-            Some(signature),
+            Some(&signature[..]),
         ),
     ] {
         let lines_before = apache.error_log().len();
@@ -308,8 +320,8 @@ async fn both_verify(issuer: &str) {
             .collect();
         match logged {
             None => assert_eq!(messages, Vec::<&str>::new(), "{what}"),
-            Some(message) => assert!(
-                !messages.is_empty() && messages.iter().all(|m| *m == message),
+            Some(expected) => assert!(
+                !messages.is_empty() && messages.iter().all(|m| expected.contains(m)),
                 "{what}: {new_lines:#?}"
             ),
         }

@@ -131,7 +131,9 @@ struct Tokens {
     good: String,
     /// From the apiserver, its own audiences (no `--audience`).
     other_audience: String,
-    /// The good token's claims with another `iss`, signed by the published key under its kid.
+    /// The good token's claims with another `iss`, signed by the published key under its kid:
+    /// the same host with the path differing (`/cluster-a` added, or removed), the mistake a
+    /// path-prefixed issuer invites.
     other_issuer: String,
     /// The good token's claims signed by a key oidc-edge never published, under that key's kid.
     unpublished_key: String,
@@ -166,7 +168,12 @@ impl Tokens {
             serde_json::json!(["https://kubernetes.default.svc.cluster.local", "k3s"])
         );
         let mut forged = good_claims.clone();
-        forged["iss"] = "https://other.example.test".into();
+        forged["iss"] = if published.prefix().is_empty() {
+            format!("{ISSUER}/cluster-a")
+        } else {
+            ISSUER.to_owned()
+        }
+        .into();
         let other_issuer = sign(key, &key.kid, &forged);
         let foreign = SaKey::generate();
         let unpublished_key = sign(&foreign, &foreign.kid, &good_claims);

@@ -7,8 +7,8 @@
 //! Each is configured as its documentation says for a Kubernetes issuer: the issuer, the
 //! audience `sts.amazonaws.com`, and the URL oidc-edge publishes. The refusals use tokens that
 //! differ from the accepted one in one respect: the audience (minted by the same apiserver
-//! without `--audience`), the issuer (signed with the published key itself), or the key (one
-//! oidc-edge never published, under its own kid).
+//! without `--audience`), the issuer (the path added or removed, signed with the published key
+//! itself), or the key (one oidc-edge never published, under its own kid or the published one).
 
 use std::net::SocketAddr;
 

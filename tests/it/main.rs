@@ -20,3 +20,4 @@ mod serve; // serving: the demo, file refresh, refused sets, persistence across 
 mod state; // the state file across restarts: confirmations, reused kids
 mod systemd; // unit files under systemd-analyze, sd_notify, socket activation
 mod tls; // HTTPS with certificate files, listener limits, redirects
+mod verifiers; // Envoy and mod_oauth2 verify real tokens against what oidc-edge publishes

@@ -514,3 +514,145 @@ async fn a_staged_rotation_of_the_apiserver_key_fails_no_exchange_and_old_tokens
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
 }
+
+/// Mints a fresh `s3-lister` token every 100 ms and exchanges it at once, until STS accepts
+/// one or `limit` has passed; returns the refusals seen before, and how long until the
+/// acceptance (`None`: none within `limit`).
+async fn exchange_until_accepted(
+    api: &crate::support::real::Api,
+    seaweed: &Seaweed,
+    limit: Duration,
+) -> (Vec<StsError>, Option<Duration>) {
+    let start = Instant::now();
+    let mut refused = Vec::new();
+    while start.elapsed() < limit {
+        if let Ok(token) = api
+            .try_token(LISTER_NAMESPACE, LISTER, &[STS_AUDIENCE])
+            .await
+        {
+            match seaweed.assume_role(&token).await {
+                Ok(_) => return (refused, Some(start.elapsed())),
+                Err(e) => refused.push(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (refused, None)
+}
+
+/// The rotation the staged one avoids (real-parts §1): the old pair removed at once. Fresh tokens
+/// fail at STS until oidc-edge publishes the new key, and oidc-edge cannot read it while its own
+/// service-account token is signed by the removed key; in a cluster the kubelet renews a
+/// projected token at 80 % of its lifetime, not on a key change, so the test renews it as that
+/// renewal would, and measures from there. The figures are printed (`--nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abrupt_rotation_refuses_new_key_tokens_until_oidc_edge_reads_the_new_key_and_keeps_the_old_key_published()
+ {
+    let Some(bins) = Bins::find() else { return };
+    let (old, new) = (SaKey::generate(), SaKey::generate());
+    let mut walk = Walkthrough::start(&bins, &old).await;
+    let early = walk.token(LISTER, &[STS_AUDIENCE]).await;
+    walk.seaweed
+        .assume_role(&early)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", walk.seaweed.log()));
+    let (https, admin, ca) = (
+        walk.server.https(),
+        walk.server.admin,
+        walk.pki.ca_pem.clone(),
+    );
+
+    // The abrupt rotation: the apiserver restarts with only the new pair, so every token it
+    // mints from now on is signed by a key nobody has published yet, and the tokens it
+    // minted before, oidc-edge's own included, no longer authenticate to it.
+    let start = Instant::now();
+    walk.cluster.restart(&[&new], &new).await;
+    let ready = start.elapsed();
+    let api = walk.cluster.api();
+    let unauthorized = format!(
+        "GET {}/openid/v1/jwks: answered 401 Unauthorized; the apiserver refused the \
+         credentials (token or client certificate)",
+        walk.cluster.url()
+    );
+    let refused_at = time_until("oidc-edge's old-key token to be refused", || async {
+        let source = source_status(admin).await;
+        source["healthy"] == false && source["last_error"] == unauthorized.as_str()
+    })
+    .await;
+
+    // Until oidc-edge's credential is renewed it cannot read the new key: every fresh token
+    // is refused, although STS asks oidc-edge again on each unknown kid.
+    let jwks_before = walk.served("jwks").await;
+    let stale = Duration::from_secs(3);
+    let (refused, accepted) = exchange_until_accepted(&api, &walk.seaweed, stale).await;
+    assert_eq!(
+        accepted, None,
+        "a new-key token was accepted before oidc-edge had the key"
+    );
+    let not_found = StsError {
+        status: 403,
+        code: "AccessDenied".to_owned(),
+        message: format!(
+            "failed to validate web identity token: token validation failed with provider for \
+             issuer https://oidc.example.test: failed to get public key: key with ID {} not \
+             found in JWKS after refresh",
+            new.kid
+        ),
+    };
+    assert!(!refused.is_empty());
+    assert!(refused.iter().all(|e| *e == not_found), "{refused:#?}");
+    let refetched = walk.served("jwks").await - jwks_before;
+    assert_eq!(refetched, refused.len() as f64);
+    assert_eq!(public_kids(https, &ca).await, vec![old.kid.clone()]);
+
+    // The renewal, as the kubelet renews a projected token (the file is re-read every fetch).
+    let reader = api
+        .try_token(READER_NAMESPACE, READER, &[])
+        .await
+        .expect("reader token");
+    assert_eq!(kid(&reader), new.kid);
+    walk.scratch.replace("token", &reader);
+    let both = sorted(&[&old.kid, &new.kid]);
+    let api_task = api.clone();
+    let (published, (refused_after, accepted)) = tokio::join!(
+        time_until("oidc-edge to publish the new key", || async {
+            public_kids(https, &ca).await == both
+        }),
+        exchange_until_accepted(&api_task, &walk.seaweed, Duration::from_secs(10)),
+    );
+    let accepted = accepted.unwrap_or_else(|| {
+        panic!(
+            "no new-key token accepted within 10 s of the renewal: {refused_after:#?}\n{}",
+            walk.seaweed.log()
+        )
+    });
+    eprintln!(
+        "abrupt rotation: apiserver ready {ready:.1?} after the restart began; oidc-edge's \
+         old-key token refused {refused_at:.1?} later; {} fresh new-key tokens refused in {stale:?} \
+         while its token was stale ({refetched} JWKS refetches by STS, each without the new key); \
+         after the renewal: new key public in {published:.1?}, first new-key token accepted \
+         in {accepted:.1?} ({} refused before it)",
+        refused.len(),
+        refused_after.len()
+    );
+    // Recovery within a few seconds of the renewal: one refresh_interval (1 s) for oidc-edge,
+    // then STS refetches the JWKS on the unknown kid.
+    assert!(accepted < Duration::from_secs(5), "{accepted:?}");
+    assert!(
+        refused_after.iter().all(|e| *e == not_found),
+        "{refused_after:#?}"
+    );
+
+    // The old key stays published for key_retention (24 h by default, X-6), though the
+    // apiserver no longer has it: the workload's pre-rotation token still buys credentials.
+    let (status, apiserver_jwks) = walk.cluster.get("/openid/v1/jwks").await;
+    assert_eq!(
+        (status, kids(&apiserver_jwks)),
+        (200, vec![new.kid.clone()])
+    );
+    assert_eq!(public_kids(https, &ca).await, both);
+    walk.seaweed
+        .assume_role(&early)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+}

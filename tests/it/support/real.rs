@@ -36,6 +36,7 @@
 //! 127.0.0.1 ports and files in a temporary directory. When the namespace's first process dies
 //! the kernel kills the rest, so killing `unshare` (its parent, `--kill-child`) stops them all.
 
+pub mod relying;
 pub mod sigv4;
 
 use std::fs::File;

@@ -1,5 +1,6 @@
-//! Behind a real reverse proxy: nginx (Debian's package) terminates TLS with a generated CA and
-//! forwards to oidc-edge's plain listener, as in a container deployment. What relying parties
+//! Behind a real reverse proxy, as in a container deployment: nginx (Debian's package)
+//! terminates TLS with a generated CA and forwards to oidc-edge's plain listener; Caddy
+//! (Debian's package) forwards plain HTTP to it, with the Caddyfile block README shows. What relying parties
 //! get through it must be byte-identical to what oidc-edge serves, and a forged
 //! `X-Forwarded-Host` must change nothing.
 
@@ -127,6 +128,84 @@ async fn check_documents(
         assert_eq!(response.headers()["etag"], want_etag);
         assert!(response.bytes().await.expect("body").is_empty());
     }
+}
+
+/// Caddy in the foreground, stopped by its PID on drop (also when the test fails).
+struct Caddy(Child);
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Caddyfile the test runs: README's block with the ports filled in, after global options
+/// that keep Caddy to this test: no admin endpoint, no automatic HTTPS (no certificates, no
+/// :80/:443). The `http://` site address without a host catches every `Host`, so a forged one
+/// reaches oidc-edge; `bind` keeps it on loopback.
+fn caddyfile(port: u16, upstream: std::net::SocketAddr) -> String {
+    format!(
+        "{{\n\tadmin off\n\tauto_https off\n}}\n\n\
+         http://:{port} {{\n\tbind 127.0.0.1\n\treverse_proxy {upstream}\n}}\n"
+    )
+}
+
+fn start_caddy(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr) -> Caddy {
+    let home = scratch.path("caddy-home");
+    std::fs::create_dir_all(&home).expect("caddy home");
+    let conf = scratch.write("Caddyfile", &caddyfile(port, upstream));
+    let log = std::fs::File::create(scratch.path("caddy.log")).expect("caddy log");
+    // The port was picked free, then Caddy binds it: a race with other processes that
+    // Caddy's config leaves no way around (it cannot report a port it chose itself).
+    let child = Command::new("caddy")
+        .arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--adapter")
+        .arg("caddyfile")
+        .env("HOME", &home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("caddy (package caddy)");
+    let mut caddy = Caddy(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let log = std::fs::read_to_string(scratch.path("caddy.log")).unwrap_or_default();
+        let exited = caddy.0.try_wait().expect("caddy status");
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "caddy did not start ({exited:?}): {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    caddy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_caddy_the_documents_are_byte_identical_and_forwarded_headers_change_nothing() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let server = InProcess::start(&TestConfig::file_source("1s").write(&scratch)).await;
+    let port = free_tcp_port();
+    let _caddy = start_caddy(&scratch, port, server.addr);
+
+    let proxied = client();
+    check_documents(
+        "caddy",
+        &proxied,
+        &format!("http://127.0.0.1:{port}"),
+        &server,
+        true,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

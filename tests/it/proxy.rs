@@ -13,7 +13,7 @@ use crate::support::config::TestConfig;
 use crate::support::inprocess::InProcess;
 use crate::support::pebble::free_tcp_port;
 use crate::support::pki::Pki;
-use crate::support::{K3S, Scratch};
+use crate::support::{K3S, Scratch, repo_path};
 
 const DOMAIN: &str = "oidc.example.com";
 
@@ -143,15 +143,33 @@ impl Drop for Caddy {
     }
 }
 
-/// The Caddyfile the test runs: README's block with the ports filled in, after global options
-/// that keep Caddy to this test: no admin endpoint, no automatic HTTPS (no certificates, no
-/// :80/:443). The `http://` site address without a host catches every `Host`, so a forged one
-/// reaches oidc-edge; `bind` keeps it on loopback.
+/// The Caddyfile the test runs: README's Caddy block, read from README.md, with the ports filled
+/// in, after global options that keep Caddy to this test: no admin endpoint, no automatic HTTPS
+/// (no certificates, no :80/:443). The `http://` site address without a host catches every
+/// `Host`, so a forged one reaches oidc-edge; `bind` keeps it on loopback.
 fn caddyfile(port: u16, upstream: std::net::SocketAddr) -> String {
-    format!(
-        "{{\n\tadmin off\n\tauto_https off\n}}\n\n\
-         http://:{port} {{\n\tbind 127.0.0.1\n\treverse_proxy {upstream}\n}}\n"
-    )
+    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
+    let block = readme
+        .split("```caddyfile\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README's ```caddyfile block");
+    let block: Vec<&str> = block
+        .lines()
+        .map(|line| line.strip_prefix("  ").unwrap_or(line).trim_end())
+        .collect();
+    let block = block.join("\n");
+    assert!(
+        block.contains("http://:80 {") && block.contains("reverse_proxy 127.0.0.1:8080"),
+        "README's Caddy block changed shape: {block}"
+    );
+    let block = block
+        .replace("http://:80 {", &format!("http://:{port} {{"))
+        .replace(
+            "reverse_proxy 127.0.0.1:8080",
+            &format!("reverse_proxy {upstream}"),
+        );
+    format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{block}\n")
 }
 
 fn start_caddy(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr) -> Caddy {

@@ -34,6 +34,20 @@ pub enum Command {
         #[command(subcommand)]
         command: AwsCommand,
     },
+    /// Write the completion script for SHELL to standard output.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages: into DIR, `oidc-edge.1` and one page per subcommand
+    /// (`oidc-edge-serve.1`, `oidc-edge-aws-provider.1`, ...); without DIR, the main page to
+    /// standard output.
+    Man {
+        /// An existing directory to write the pages into.
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

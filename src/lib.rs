@@ -32,7 +32,8 @@
 //! - [`render`]: `render`, the documents written as files through `serve`'s own pipeline;
 //! - [`check`]: `check`, the doctor, which fetches a site as relying parties do and reports;
 //! - [`aws`]: `aws`, the provider command and trust policy to paste into AWS;
-//! - [`relying_party`]: what AWS, GCP and Azure accept, read by both `serve` and `check`.
+//! - [`relying_party`]: what AWS, GCP and Azure accept, read by both `serve` and `check`;
+//! - [`docs`]: `completions` and `man`, generated from [`cli`]'s definitions.
 //!
 //! Tests that span several modules (the property tests) live in `src/tests/`, built for tests
 //! only; a module's own tests stay beside it.
@@ -47,6 +48,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod display;
+pub mod docs;
 pub mod http;
 pub mod issuer;
 pub mod jwks;

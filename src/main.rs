@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use oidc_edge::cli::{AwsCommand, CheckArgs, Cli, Command};
 use oidc_edge::config::Config;
-use oidc_edge::{aws, check, render, server::Server, signals, telemetry};
+use oidc_edge::{aws, check, docs, render, server::Server, signals, telemetry};
 
 /// sysexits.h `EX_USAGE`: bad command line or configuration.
 const EX_USAGE: u8 = 64;
@@ -116,6 +116,21 @@ fn main() -> ExitCode {
                 print(&p.policy);
             }),
         }),
+        Command::Completions { shell } => exit(
+            docs::completions(shell, &mut std::io::stdout().lock()).map_err(anyhow::Error::from),
+        ),
+        Command::Man { dir: None } => {
+            exit(docs::man_page(&mut std::io::stdout().lock()).map_err(anyhow::Error::from))
+        }
+        Command::Man { dir: Some(dir) } => exit(
+            docs::man_pages(&dir)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
+                .map(|pages| {
+                    for page in pages {
+                        print(&format!("{}\n", page.display()));
+                    }
+                }),
+        ),
     }
 }
 

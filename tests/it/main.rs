@@ -9,6 +9,7 @@ mod acme; // ACME against Pebble: issuance, renewal, restart, cache
 mod admin; // admin endpoints, metrics, status, SIGHUP and SIGTERM
 mod apiserver; // sources over real TLS against the fake apiserver
 mod chaos; // upstream flapping and rotating while clients poll: nothing fails
+mod cli_docs; // man pages under man-db and groff, shell completions
 mod config; // the table of bad configurations, and check-config's exit codes
 mod doctor; // check, tokens, render, aws provider and trust-policy
 mod hostile; // a hostile upstream: last good set kept, memory bounded

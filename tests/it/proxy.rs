@@ -17,11 +17,13 @@ use crate::support::{K3S, Scratch, repo_path};
 
 const DOMAIN: &str = "oidc.example.com";
 
-struct Nginx(Child);
+/// A proxy (nginx or Caddy) in the foreground, stopped by its PID on drop, also when the
+/// test fails.
+struct Proxy(Child);
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        // SIGTERM, not SIGKILL: the master must stop its workers.
+        // SIGTERM, not SIGKILL: nginx's master must stop its workers.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.0.id().to_string())
@@ -30,7 +32,7 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr, pki: &Pki) -> Nginx {
+fn start_nginx(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr, pki: &Pki) -> Proxy {
     let leaf = pki.server_for(&[DOMAIN]);
     let cert = scratch.write("proxy.pem", &leaf.cert_pem);
     let key = scratch.write("proxy.key", &leaf.key_pem);
@@ -59,7 +61,7 @@ fn start_nginx(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr, pki
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx (package nginx-light)");
-    let nginx = Nginx(child);
+    let nginx = Proxy(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         let log = std::fs::read_to_string(scratch.path("nginx-error.log")).unwrap_or_default();
@@ -130,19 +132,6 @@ async fn check_documents(
     }
 }
 
-/// Caddy in the foreground, stopped by its PID on drop (also when the test fails).
-struct Caddy(Child);
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 /// The Caddyfile the test runs: README's Caddy block, read from README.md, with the ports filled
 /// in, after global options that keep Caddy to this test: no admin endpoint, no automatic HTTPS
 /// (no certificates, no :80/:443). The `http://` site address without a host catches every
@@ -172,7 +161,7 @@ fn caddyfile(port: u16, upstream: std::net::SocketAddr) -> String {
     format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{block}\n")
 }
 
-fn start_caddy(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr) -> Caddy {
+fn start_caddy(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr) -> Proxy {
     let home = scratch.path("caddy-home");
     std::fs::create_dir_all(&home).expect("caddy home");
     let conf = scratch.write("Caddyfile", &caddyfile(port, upstream));
@@ -193,7 +182,7 @@ fn start_caddy(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr) -> 
         .stderr(log)
         .spawn()
         .expect("caddy (package caddy)");
-    let mut caddy = Caddy(child);
+    let mut caddy = Proxy(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         let log = std::fs::read_to_string(scratch.path("caddy.log")).unwrap_or_default();

@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::clients::{get, trusting};
-use crate::support::config::{Source, TestConfig};
 use crate::support::inprocess::InProcess;
 use crate::support::metrics::{metric, scrape};
 use crate::support::pki::Pki;
 use crate::support::real::sigv4::Credentials;
 use crate::support::real::{
-    BUCKET, Bins, Cluster, ISSUER, ISSUER_HOST, LISTER, LISTER_NAMESPACE, STS_AUDIENCE, SaKey,
-    Seaweed, StsError, claims, kid,
+    BUCKET, Bins, Cluster, ISSUER, ISSUER_HOST, LISTER, LISTER_NAMESPACE, READER, READER_NAMESPACE,
+    STS_AUDIENCE, SaKey, Seaweed, StsError, claims, kid, serve_https,
 };
 use crate::support::{Scratch, kids};
 
@@ -36,55 +35,19 @@ struct Walkthrough {
     scratch: Scratch,
 }
 
-const READER_NAMESPACE: &str = "oidc-edge";
-const READER: &str = "oidc-edge";
-
 impl Walkthrough {
     /// An apiserver for [`ISSUER`] signing with `key`; the reader SA, `s3-lister` and `other`;
     /// oidc-edge reading the apiserver every second and serving HTTPS with a certificate for
     /// `oidc.example.test` from a test CA; SeaweedFS trusting that CA.
     async fn start(bins: &Bins, key: &SaKey) -> Self {
         let cluster = Cluster::start(bins, ISSUER, &[key], key).await;
-        cluster.create_namespace(READER_NAMESPACE).await;
-        cluster
-            .create_service_account(READER_NAMESPACE, READER)
-            .await;
-        // Redundant with the bootstrap binding to all service accounts, which README step 2
-        // relies on; bound explicitly (facts §2) so the test does not depend on that default.
-        cluster
-            .bind_cluster_role(
-                "oidc-edge-issuer-discovery",
-                "system:service-account-issuer-discovery",
-                READER_NAMESPACE,
-                READER,
-            )
-            .await;
+        let reader_token = cluster.bound_reader_token().await;
         for sa in [LISTER, "other"] {
             cluster.create_service_account(LISTER_NAMESPACE, sa).await;
         }
-        let reader_token = cluster.token(READER_NAMESPACE, READER, &[]).await;
-
         let scratch = Scratch::new();
-        scratch.write("apiserver-ca.pem", &cluster.ca_pem);
-        scratch.write("token", &reader_token);
         let pki = Pki::new("oidc-edge real-parts test CA");
-        let leaf = pki.server_for(&[ISSUER_HOST]);
-        scratch.write("cert.pem", &leaf.cert_pem);
-        scratch.write("key.pem", &leaf.key_pem);
-        let config = TestConfig::new()
-            .set("issuers.0.issuer", ISSUER)
-            .source(
-                Source::new("apiserver")
-                    .set("url", cluster.url())
-                    .set("ca_file", "apiserver-ca.pem")
-                    .set("token_file", "token")
-                    .set("refresh_interval", "1s"),
-            )
-            .set("https.listen", "127.0.0.1:0")
-            .set("https.files.cert_file", "cert.pem")
-            .set("https.files.key_file", "key.pem")
-            .write(&scratch);
-        let server = InProcess::start(&config).await;
+        let server = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
         let seaweed = Seaweed::start(bins, server.https(), &pki.ca_pem).await;
         Self {
             seaweed,

@@ -19,12 +19,11 @@ use crate::support::config::{Source, TestConfig};
 use crate::support::fake_apiserver::{FakeApiserver, K3S_DEFAULT_ISSUER};
 use crate::support::inprocess::InProcess;
 use crate::support::real::{
-    API_AUDIENCES, Bins, Cluster, ISSUER, STS_AUDIENCE, SaKey, claims, kid,
+    API_AUDIENCES, Bins, Cluster, ISSUER, READER, READER_NAMESPACE, STS_AUDIENCE, SaKey, claims,
+    kid,
 };
 use crate::support::{K3S, Scratch, kids};
 
-const READER_NAMESPACE: &str = "oidc-edge";
-const READER: &str = "oidc-edge";
 const READER_USER: &str = "system:serviceaccount:oidc-edge:oidc-edge";
 
 /// The first of the apiserver's own audiences, the one a projected token for talking to the
@@ -36,10 +35,7 @@ fn api_audience() -> &'static str {
 /// A real apiserver signing for `cluster_issuer` with `key`, with the reader service account.
 async fn cluster(bins: &Bins, cluster_issuer: &str, key: &SaKey) -> Cluster {
     let cluster = Cluster::start(bins, cluster_issuer, &[key], key).await;
-    cluster.create_namespace(READER_NAMESPACE).await;
-    cluster
-        .create_service_account(READER_NAMESPACE, READER)
-        .await;
+    cluster.create_reader().await;
     cluster
 }
 

@@ -13,13 +13,13 @@
 use std::net::SocketAddr;
 
 use crate::support::clients::trusting;
-use crate::support::config::{Source, TestConfig};
 use crate::support::inprocess::InProcess;
 use crate::support::metrics::{metric, scrape};
 use crate::support::pki::Pki;
 use crate::support::real::relying::{Apache, Envoy, RelyingBins};
 use crate::support::real::{
     Bins, Cluster, ISSUER, ISSUER_HOST, LISTER, LISTER_NAMESPACE, STS_AUDIENCE, SaKey, claims, kid,
+    serve_https,
 };
 use crate::support::{Scratch, kids};
 
@@ -37,43 +37,13 @@ impl Published {
         // The apiserver's `--service-account-issuer` is the issuer as relying parties know it,
         // path included: it is the `iss` of every token (facts §1).
         let cluster = Cluster::start(bins, issuer, &[key], key).await;
-        cluster.create_namespace("oidc-edge").await;
-        cluster
-            .create_service_account("oidc-edge", "oidc-edge")
-            .await;
-        cluster
-            .bind_cluster_role(
-                "oidc-edge-issuer-discovery",
-                "system:service-account-issuer-discovery",
-                "oidc-edge",
-                "oidc-edge",
-            )
-            .await;
+        let reader_token = cluster.bound_reader_token().await;
         cluster
             .create_service_account(LISTER_NAMESPACE, LISTER)
             .await;
-        let reader_token = cluster.token("oidc-edge", "oidc-edge", &[]).await;
         let scratch = Scratch::new();
-        scratch.write("apiserver-ca.pem", &cluster.ca_pem);
-        scratch.write("token", &reader_token);
         let pki = Pki::new("oidc-edge relying-party test CA");
-        let leaf = pki.server_for(&[ISSUER_HOST]);
-        scratch.write("cert.pem", &leaf.cert_pem);
-        scratch.write("key.pem", &leaf.key_pem);
-        let config = TestConfig::new()
-            .set("issuers.0.issuer", issuer)
-            .source(
-                Source::new("apiserver")
-                    .set("url", cluster.url())
-                    .set("ca_file", "apiserver-ca.pem")
-                    .set("token_file", "token")
-                    .set("refresh_interval", "1s"),
-            )
-            .set("https.listen", "127.0.0.1:0")
-            .set("https.files.cert_file", "cert.pem")
-            .set("https.files.key_file", "key.pem")
-            .write(&scratch);
-        let server = InProcess::start(&config).await;
+        let server = serve_https(&cluster, issuer, &reader_token, &pki, &scratch).await;
         Self {
             server,
             cluster,

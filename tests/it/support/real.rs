@@ -54,7 +54,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
 use self::sigv4::Credentials;
+use super::Scratch;
+use super::config::{Source, TestConfig};
+use super::inprocess::InProcess;
 use super::pebble::free_tcp_port;
+use super::pki::Pki;
 
 /// The issuer of the real tests: `.test` never resolves publicly (RFC 6761).
 pub const ISSUER: &str = "https://oidc.example.test";
@@ -69,6 +73,9 @@ pub const ROLE_ARN: &str = "arn:aws:iam::role/S3Lister";
 pub const LISTER_NAMESPACE: &str = "default";
 pub const LISTER: &str = "s3-lister";
 pub const BUCKET: &str = "docs";
+/// The service account oidc-edge reads the apiserver as.
+pub const READER_NAMESPACE: &str = "oidc-edge";
+pub const READER: &str = "oidc-edge";
 const REGION: &str = "us-east-1";
 
 /// The binaries of the real parts.
@@ -99,47 +106,66 @@ impl Bins {
     /// The binaries, or `None` (after saying so) when one is missing and
     /// `OIDC_EDGE_SKIP_REAL=1`; a missing one otherwise fails the test.
     pub fn find() -> Option<Self> {
-        let mut missing = Vec::new();
-        let mut path = |var: &str| {
-            let found = std::env::var(var)
-                .ok()
-                .or_else(|| from_env_file(var))
-                .map(PathBuf::from)
-                .filter(|p| p.is_file());
-            if found.is_none() {
-                missing.push(var.to_owned());
-            }
-            found.unwrap_or_default()
-        };
-        let bins = Self {
-            kube_apiserver: path("OIDC_EDGE_KUBE_APISERVER"),
-            etcd: path("OIDC_EDGE_ETCD"),
-            weed: path("OIDC_EDGE_WEED"),
-        };
-        for tool in ["socat", "unshare", "openssl"] {
-            if Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .map_or(true, |s| !s.success())
-            {
-                missing.push(tool.to_owned());
-            }
-        }
-        if missing.is_empty() {
-            return Some(bins);
-        }
-        assert!(
-            skip_allowed(),
-            "real parts missing ({}): run tests/real/setup (scripts/test does), or set OIDC_EDGE_SKIP_REAL=1",
-            missing.join(", ")
-        );
-        eprintln!(
-            "real parts missing ({}): skipped because OIDC_EDGE_SKIP_REAL=1",
-            missing.join(", ")
-        );
-        None
+        let [kube_apiserver, etcd, weed] = find_parts(
+            "real parts",
+            [
+                "OIDC_EDGE_KUBE_APISERVER",
+                "OIDC_EDGE_ETCD",
+                "OIDC_EDGE_WEED",
+            ],
+            &["socat", "unshare", "openssl"],
+        )?;
+        Some(Self {
+            kube_apiserver,
+            etcd,
+            weed,
+        })
     }
+}
+
+/// The binaries named by `vars` (from the environment, or setup's `real.env`) in that order,
+/// when each exists and every one of `tools` is on the PATH. Otherwise `None` (after saying
+/// so) when `OIDC_EDGE_SKIP_REAL=1`, and a failed test naming `tests/real/setup` when not.
+pub(crate) fn find_parts<const N: usize>(
+    what: &str,
+    vars: [&str; N],
+    tools: &[&str],
+) -> Option<[PathBuf; N]> {
+    let mut missing = Vec::new();
+    let paths = vars.map(|var| {
+        let found = std::env::var(var)
+            .ok()
+            .or_else(|| from_env_file(var))
+            .map(PathBuf::from)
+            .filter(|p| p.is_file());
+        if found.is_none() {
+            missing.push(var.to_owned());
+        }
+        found.unwrap_or_default()
+    });
+    for tool in tools {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            missing.push((*tool).to_owned());
+        }
+    }
+    if missing.is_empty() {
+        return Some(paths);
+    }
+    assert!(
+        skip_allowed(),
+        "{what} missing ({}): run tests/real/setup (scripts/test does), or set OIDC_EDGE_SKIP_REAL=1",
+        missing.join(", ")
+    );
+    eprintln!(
+        "{what} missing ({}): skipped because OIDC_EDGE_SKIP_REAL=1",
+        missing.join(", ")
+    );
+    None
 }
 
 /// A process killed by its PID on drop, its output in a file.
@@ -489,6 +515,59 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     }
+
+    /// Creates the service account oidc-edge reads the keys as, [`READER_NAMESPACE`]/[`READER`].
+    pub async fn create_reader(&self) {
+        self.create_namespace(READER_NAMESPACE).await;
+        self.create_service_account(READER_NAMESPACE, READER).await;
+    }
+
+    /// [`Cluster::create_reader`], bound to `system:service-account-issuer-discovery`, and a
+    /// token for it. The binding is redundant with the bootstrap binding to all service
+    /// accounts, which README step 2 relies on; it is made explicitly (facts §2) so that the
+    /// tests do not depend on that default.
+    pub async fn bound_reader_token(&self) -> String {
+        self.create_reader().await;
+        self.bind_cluster_role(
+            "oidc-edge-issuer-discovery",
+            "system:service-account-issuer-discovery",
+            READER_NAMESPACE,
+            READER,
+        )
+        .await;
+        self.token(READER_NAMESPACE, READER, &[]).await
+    }
+}
+
+/// oidc-edge in process, serving `issuer` over HTTPS with a certificate for
+/// [`ISSUER_HOST`] from `pki`, and reading `cluster` every second with `reader_token`; its
+/// files under `scratch`.
+pub async fn serve_https(
+    cluster: &Cluster,
+    issuer: &str,
+    reader_token: &str,
+    pki: &Pki,
+    scratch: &Scratch,
+) -> InProcess {
+    scratch.write("apiserver-ca.pem", &cluster.ca_pem);
+    scratch.write("token", reader_token);
+    let leaf = pki.server_for(&[ISSUER_HOST]);
+    scratch.write("cert.pem", &leaf.cert_pem);
+    scratch.write("key.pem", &leaf.key_pem);
+    let config = TestConfig::new()
+        .set("issuers.0.issuer", issuer)
+        .source(
+            Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "token")
+                .set("refresh_interval", "1s"),
+        )
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "cert.pem")
+        .set("https.files.key_file", "key.pem")
+        .write(scratch);
+    InProcess::start(&config).await
 }
 
 /// The apiserver's API as the admin.

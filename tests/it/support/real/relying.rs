@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{Bridge, ISSUER_HOST, Proc, from_env_file, skip_allowed, wait_for};
+use super::{Bridge, ISSUER_HOST, Proc, find_parts, wait_for};
 use crate::support::pebble::free_tcp_port;
 
 /// The binaries of the relying parties.
@@ -41,36 +41,20 @@ impl RelyingBins {
     /// The binaries, or `None` (after saying so) when one is missing and
     /// `OIDC_EDGE_SKIP_REAL=1`; a missing one otherwise fails the test, naming `tests/real/setup`.
     pub fn find() -> Option<Self> {
-        let mut missing = Vec::new();
-        let mut path = |var: &str| {
-            let found = std::env::var(var)
-                .ok()
-                .or_else(|| from_env_file(var))
-                .map(PathBuf::from)
-                .filter(|p| p.is_file());
-            if found.is_none() {
-                missing.push(var.to_owned());
-            }
-            found.unwrap_or_default()
-        };
-        let bins = Self {
-            envoy: path("OIDC_EDGE_ENVOY"),
-            apache2: path("OIDC_EDGE_APACHE2"),
-            mod_oauth2: path("OIDC_EDGE_MOD_OAUTH2"),
-        };
-        if missing.is_empty() {
-            return Some(bins);
-        }
-        assert!(
-            skip_allowed(),
-            "relying parties missing ({}): run tests/real/setup (scripts/test does), or set OIDC_EDGE_SKIP_REAL=1",
-            missing.join(", ")
-        );
-        eprintln!(
-            "relying parties missing ({}): skipped because OIDC_EDGE_SKIP_REAL=1",
-            missing.join(", ")
-        );
-        None
+        let [envoy, apache2, mod_oauth2] = find_parts(
+            "relying parties",
+            [
+                "OIDC_EDGE_ENVOY",
+                "OIDC_EDGE_APACHE2",
+                "OIDC_EDGE_MOD_OAUTH2",
+            ],
+            &[],
+        )?;
+        Some(Self {
+            envoy,
+            apache2,
+            mod_oauth2,
+        })
     }
 }
 

@@ -179,71 +179,55 @@ impl PublicListener {
     /// Serves until `cancel` fires, then lets open connections finish their requests for at
     /// most `grace`.
     pub async fn serve(self, metrics: &Metrics, cancel: CancellationToken, grace: Duration) {
-        let closes = CloseCounters::new(self.name, metrics);
-        serve(
-            self.listener,
-            self.router,
-            self.transport,
-            self.limits,
-            closes,
-            cancel,
-            grace,
-        )
-        .await;
-    }
-}
-
-async fn serve(
-    listener: TcpListener,
-    router: Router,
-    transport: Transport,
-    limits: Limits,
-    closes: CloseCounters,
-    cancel: CancellationToken,
-    grace: Duration,
-) {
-    let name = closes.listener;
-    let builder = Arc::new(http_builder(&limits));
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let connections = Arc::new(Connections::default());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let permit = match Arc::clone(&permits).try_acquire_owned() {
-            Ok(permit) => permit,
-            // At the cap: make room, so that stalled or idle clients cannot keep real ones out
-            // however many they open. A bounded wait: the accept loop must never hang (H1).
-            Err(_) => match make_room(&connections, &permits, &closes, &cancel).await {
-                Some(permit) => permit,
-                None if cancel.is_cancelled() => break,
-                None => {
-                    closes.count(Closed::Refused);
-                    warn!(listener = name, %peer, "at max_connections and no connection gave way: refused a new one");
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let entry = connections.admit();
-        let service = tracked_service(router.clone(), &entry.state);
-        let (builder, transport, cancel, closes) = (
-            Arc::clone(&builder),
-            transport.clone(),
-            cancel.clone(),
-            closes.clone(),
-        );
-        tracker.spawn(async move {
+        let PublicListener {
+            name,
+            listener,
+            router,
+            transport,
+            limits,
+        } = self;
+        let closes = CloseCounters::new(name, metrics);
+        let builder = Arc::new(http_builder(&limits));
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let connections = Arc::new(Connections::default());
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let permit = match Arc::clone(&permits).try_acquire_owned() {
+                Ok(permit) => permit,
+                // At the cap: make room, so that stalled or idle clients cannot keep real ones out
+                // however many they open. A bounded wait: the accept loop must never hang (H1).
+                Err(_) => match make_room(&connections, &permits, &closes, &cancel).await {
+                    Some(permit) => permit,
+                    None if cancel.is_cancelled() => break,
+                    None => {
+                        closes.count(Closed::Refused);
+                        warn!(listener = name, %peer, "at max_connections and no connection gave way: refused a new one");
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let entry = connections.admit();
+            let service = tracked_service(router.clone(), &entry.state);
+            let (builder, transport, cancel, closes) = (
+                Arc::clone(&builder),
+                transport.clone(),
+                cancel.clone(),
+                closes.clone(),
+            );
+            tracker.spawn(async move {
             let _permit = permit;
             let closed = serve_connection(tcp, &transport, &builder, service, &entry, limits, &cancel).await;
             if let Some(reason) = closed {
@@ -251,16 +235,17 @@ async fn serve(
                 debug!(listener = closes.listener, %peer, reason = reason.label(), "connection closed by a limit");
             }
         });
-    }
-    drop(listener);
-    info!(listener = name, "draining open connections");
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            listener = name,
-            ?grace,
-            "connections still open at the end of the grace period"
-        );
+        }
+        drop(listener);
+        info!(listener = name, "draining open connections");
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                listener = name,
+                ?grace,
+                "connections still open at the end of the grace period"
+            );
+        }
     }
 }
 

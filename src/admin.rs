@@ -17,6 +17,7 @@ use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
 use crate::jwks::unix_now;
 use crate::listener::{Limits, PublicListener, Transport};
 use crate::metrics::Metrics;
+use crate::publish::{IssuerPublisher, TargetStatus};
 use crate::tls::{CertState, HttpsStatus};
 
 /// The admin listener: `/livez`, `/readyz`, `/metrics`, `/status`.
@@ -39,6 +40,8 @@ pub struct Admin {
     pub max_staleness: Option<Duration>,
     /// The HTTPS certificate, when there is an HTTPS listener (L4).
     pub https: Option<Arc<dyn CertState>>,
+    /// Bucket targets, each issuer's publisher (`[[issuers.publish]]`).
+    pub publishers: Vec<Arc<IssuerPublisher>>,
 }
 
 /// Open connections the admin listener holds: probes and scrapes, a few at a time.
@@ -168,6 +171,8 @@ struct StatusDoc {
     issuers: Vec<IssuerStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     https: Option<HttpsStatus>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    publish: Vec<TargetStatus>,
 }
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
@@ -178,6 +183,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         ready,
         issuers,
         https: admin.https.as_deref().map(crate::tls::https_status),
+        publish: admin.publishers.iter().flat_map(|p| p.statuses()).collect(),
     };
     let mut body = serde_json::to_vec_pretty(&doc).expect("status serialises");
     body.push(b'\n');

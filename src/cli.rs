@@ -29,6 +29,11 @@ pub enum Command {
     /// (Cloudflare Pages, S3), byte-identical to what `serve` answers. Like `serve`, it keeps
     /// vanished keys for `key_retention` through the state in `[state] dir`.
     Render(RenderArgs),
+    /// Keep the configured buckets (`[[issuers.publish]]`) in step with the sources: the same
+    /// pipeline as `serve` (validation, merge, rotation grace, state, admin endpoints) without
+    /// public listeners; each target is written after every change, JWKS first, only where it
+    /// differs, and read back.
+    Publish(PublishArgs),
     /// Helpers for AWS IAM.
     Aws {
         #[command(subcommand)]
@@ -92,6 +97,17 @@ pub struct RenderArgs {
     /// `pages` writes a Cloudflare Pages `_headers` file; `s3` writes `s3-objects.json`.
     #[arg(long, value_enum, default_value = "pages")]
     pub layout: Layout,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Configuration file.
+    #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Fetch the sources and publish once, then exit: 0 when every target holds the documents
+    /// (written or unchanged), 1 with one line per failure otherwise (CI, a CronJob).
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -54,6 +54,7 @@ pub mod issuer;
 pub mod jwks;
 pub mod listener;
 pub mod metrics;
+pub mod publish;
 pub mod relying_party;
 pub mod render;
 pub mod server;

@@ -31,8 +31,37 @@ fn main() -> ExitCode {
             let Some(config) = load(&args.config) else {
                 return ExitCode::from(EX_USAGE);
             };
+            if config.http.is_none() && config.https.is_none() {
+                eprintln!(
+                    "oidc-edge: {}: http: no listener is configured; this configuration only \
+                     publishes to buckets: run `oidc-edge publish`",
+                    config.file.display()
+                );
+                return ExitCode::from(EX_USAGE);
+            }
             telemetry::init(&config.log);
             log_warnings(&config);
+            exit(serve(config))
+        }
+        Command::Publish(args) => {
+            let Some(mut config) = load(&args.config) else {
+                return ExitCode::from(EX_USAGE);
+            };
+            if config.issuers.iter().all(|i| i.publish.is_empty()) {
+                eprintln!(
+                    "oidc-edge: {}: issuers: no issuer has an [[issuers.publish]] target",
+                    config.file.display()
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+            telemetry::init(&config.log);
+            log_warnings(&config);
+            if args.once {
+                return publish_once(&config);
+            }
+            // The buckets serve; this process binds only its admin listener.
+            config.http = None;
+            config.https = None;
             exit(serve(config))
         }
         Command::CheckConfig(args) => match load(&args.config) {
@@ -187,6 +216,36 @@ fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Resul
         .enable_all()
         .build()?
         .block_on(future)
+}
+
+/// `publish --once`: a line per target on stdout, a line per failure on stderr.
+fn publish_once(config: &Config) -> ExitCode {
+    let results = match block_on(oidc_edge::server::publish_once(config)) {
+        Ok(results) => results,
+        Err(e) => return exit(Err(e)),
+    };
+    let mut failed = false;
+    for (_, result) in results {
+        match result {
+            Ok(synced) => {
+                for url in &synced.written {
+                    print(&format!("{url}: written\n"));
+                }
+                for url in &synced.unchanged {
+                    print(&format!("{url}: unchanged\n"));
+                }
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("oidc-edge: {e:#}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

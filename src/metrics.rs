@@ -57,6 +57,34 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub issuer: String,
+    /// The target's `to`, e.g. `s3://bucket/prefix`.
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishResultLabels {
+    pub issuer: String,
+    pub target: String,
+    pub result: PublishResult,
+}
+
+/// Outcome of one publish attempt to one target.
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue,
+)]
+#[allow(non_camel_case_types)]
+pub enum PublishResult {
+    /// At least one object was written and read back.
+    written,
+    /// The bucket already held both documents.
+    unchanged,
+    /// A request failed, or a read-back differed.
+    error,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -70,6 +98,9 @@ pub struct Metrics {
     /// M2: failed writes of an issuer's state file; each is retried on every refresh.
     state_write_errors: Family<IssuerLabels, Counter>,
     connections_closed: Family<ConnectionCloseLabels, Counter>,
+    publishes: Family<PublishResultLabels, Counter>,
+    published_objects: Family<PublishLabels, Counter>,
+    publish_last_success: Family<PublishLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,6 +182,24 @@ impl Metrics {
             "Connections the server closed because a limit or deadline ran out, by listener and reason",
             connections_closed.clone(),
         );
+        let publishes = Family::<PublishResultLabels, Counter>::default();
+        registry.register(
+            "publishes",
+            "Publish attempts to a bucket target, by issuer, target and result",
+            publishes.clone(),
+        );
+        let published_objects = Family::<PublishLabels, Counter>::default();
+        registry.register(
+            "published_objects",
+            "Objects written to a bucket target (and read back), by issuer and target",
+            published_objects.clone(),
+        );
+        let publish_last_success = Family::<PublishLabels, Gauge>::default();
+        registry.register(
+            "publish_last_success_seconds",
+            "Unix time of the last publish attempt that left the target holding the served documents",
+            publish_last_success.clone(),
+        );
         Self {
             registry,
             requests,
@@ -162,6 +211,9 @@ impl Metrics {
             acme_events,
             state_write_errors,
             connections_closed,
+            publishes,
+            published_objects,
+            publish_last_success,
         }
     }
 
@@ -248,6 +300,34 @@ impl Metrics {
         self.acme_events
             .get_or_create(&AcmeEventLabels { event })
             .inc();
+    }
+
+    /// One publish attempt to `target` of `issuer`, which wrote `written` objects; a success
+    /// also sets the target's last-success time to `now` (Unix seconds).
+    pub fn count_publish(
+        &self,
+        labels: &PublishLabels,
+        result: PublishResult,
+        written: usize,
+        now: u64,
+    ) {
+        self.publishes
+            .get_or_create(&PublishResultLabels {
+                issuer: labels.issuer.clone(),
+                target: labels.target.clone(),
+                result,
+            })
+            .inc();
+        if written > 0 {
+            self.published_objects
+                .get_or_create(labels)
+                .inc_by(u64::try_from(written).unwrap_or(u64::MAX));
+        }
+        if result != PublishResult::error {
+            self.publish_last_success
+                .get_or_create(labels)
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
 
     /// The text exposition (OpenMetrics 1.0, which Prometheus scrapes natively).

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -81,7 +81,7 @@ pub async fn render(config: &Config, options: &Options) -> anyhow::Result<Vec<Ob
     let mut written: Vec<(PathBuf, Object)> = Vec::new();
     for (index, cfg) in config.issuers.iter().enumerate() {
         let endpoint = &cfg.endpoint;
-        let IssuerRuntime { pipeline, sources } = IssuerRuntime::restored(
+        IssuerRuntime::restored(
             index,
             endpoint,
             cfg.keys,
@@ -90,23 +90,9 @@ pub async fn render(config: &Config, options: &Options) -> anyhow::Result<Vec<Ob
             &store,
             &metrics,
         )
+        .await?
+        .refresh_once()
         .await?;
-        for (i, mut source) in sources.into_iter().enumerate() {
-            if !pipeline.refresh(i, &mut source.fetcher).await {
-                let status = pipeline.status().await;
-                let source = &status.sources[i];
-                let reason = source.last_error.as_deref().unwrap_or("nothing fetched");
-                bail!("{}: {}: {reason}", endpoint.issuer, source.source);
-            }
-        }
-        if !pipeline.persisted().await {
-            bail!(
-                "{}: could not save the key set to {}; without it the next render loses \
-                 rotation grace",
-                endpoint.issuer,
-                pipeline.state_path().display()
-            );
-        }
         let snapshot = store
             .get(index)
             .with_context(|| format!("{}: no key set to publish", endpoint.issuer))?;

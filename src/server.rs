@@ -18,6 +18,8 @@ use crate::jwks::refresh::{IssuerRuntime, run_source};
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, PublicListener, TlsTransport, Transport};
 use crate::metrics::Metrics;
+use crate::publish::IssuerPublisher;
+use crate::publish::bucket::Synced;
 use crate::signals::{self, Hangup};
 use crate::state::create_state_dir;
 use crate::supervisor::{Heartbeats, Supervisor};
@@ -38,6 +40,9 @@ pub struct Server {
     listeners: Vec<PublicListener>,
     /// What keeps the HTTPS certificate current.
     tls_upkeep: Option<Upkeep>,
+    /// Bucket targets, per issuer that has any.
+    publishers: Vec<Arc<IssuerPublisher>>,
+    store: Arc<DocumentStore>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,6 +72,7 @@ impl Server {
             );
             issuers.push(issuer.await?);
         }
+        let publishers = publishers(&config, &metrics)?;
         let endpoints = config.endpoints();
         let site = || Site::new(&endpoints, &metrics).with_access_log(config.log.access);
         let public = |name, listener, router, transport| PublicListener {
@@ -131,6 +137,7 @@ impl Server {
             metrics: Arc::clone(&metrics),
             max_staleness: config.admin.max_staleness,
             https: cert_state,
+            publishers: publishers.clone(),
         };
         let admin_listener = listener::listen(config.admin.listen, "admin.listen")?;
         listeners.push(admin::listener(admin_listener, admin, config.limits));
@@ -138,6 +145,8 @@ impl Server {
             issuers,
             listeners,
             tls_upkeep,
+            publishers,
+            store,
             metrics,
         })
     }
@@ -197,6 +206,10 @@ impl Server {
                 supervisor.spawn(name, task.instrument(info_span!("source", index)));
             }
         }
+        for publisher in self.publishers {
+            let name = format!("publisher of {}", publisher.issuer());
+            supervisor.spawn(name, publisher.run(Arc::clone(&self.store), cancel.clone()));
+        }
         if let Some(upkeep) = self.tls_upkeep {
             let name = upkeep.name();
             supervisor.spawn(name, upkeep.run(Arc::clone(&self.metrics), cancel.clone()));
@@ -226,4 +239,55 @@ impl Server {
             None => Ok(()),
         }
     }
+}
+
+/// Every issuer's bucket targets, opened (credentials resolved), for the issuers that have any.
+fn publishers(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Vec<Arc<IssuerPublisher>>> {
+    config
+        .issuers
+        .iter()
+        .enumerate()
+        .filter(|(_, cfg)| !cfg.publish.is_empty())
+        .map(|(index, cfg)| {
+            IssuerPublisher::open(index, &cfg.endpoint, &cfg.publish, metrics).map(Arc::new)
+        })
+        .collect()
+}
+
+/// `publish --once`: every issuer's sources fetched once through `serve`'s pipeline (restored
+/// from and saved to `[state] dir`, as `render` does), then every target brought in step.
+/// Returns each target's result; an issuer whose refresh fails writes nothing anywhere.
+pub async fn publish_once(
+    config: &Config,
+) -> anyhow::Result<Vec<(String, anyhow::Result<Synced>)>> {
+    create_state_dir(&config.state_dir)?;
+    let store = Arc::new(DocumentStore::new(config.issuers.len()));
+    let metrics = Arc::new(Metrics::new());
+    let publishers = publishers(config, &metrics)?;
+    let mut results = Vec::new();
+    for publisher in publishers {
+        let index = publisher.index();
+        let cfg = &config.issuers[index];
+        IssuerRuntime::restored(
+            index,
+            &cfg.endpoint,
+            cfg.keys,
+            &cfg.sources,
+            &config.state_dir,
+            &store,
+            &metrics,
+        )
+        .await?
+        .refresh_once()
+        .await?;
+        let snapshot = store
+            .get(index)
+            .ok_or_else(|| anyhow::anyhow!("{}: no key set to publish", publisher.issuer()))?;
+        let tos = cfg.publish.iter().map(|t| t.to.clone());
+        results.extend(tos.zip(publisher.publish(&snapshot).await));
+    }
+    Ok(results)
 }

@@ -12,6 +12,7 @@
 //! validation time (`tls::files::load`), so that a bad certificate fails `check-config`.
 
 mod https;
+mod publish;
 mod raw;
 mod sources;
 mod summary;
@@ -25,6 +26,7 @@ use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::merge::KeyPolicy;
 use crate::jwks::source::SourceConfig;
 use crate::listener::Limits;
+use crate::publish::target::PublishTarget;
 use crate::telemetry::LogConfig;
 
 /// Where `serve` and `check-config` look when neither `--config` nor `$OIDC_EDGE_CONFIG` is set.
@@ -53,6 +55,8 @@ pub struct IssuerConfig {
     pub endpoint: IssuerEndpoint,
     pub keys: KeyPolicy,
     pub sources: Vec<SourceConfig>,
+    /// Buckets kept in step with what is served (`oidc-edge publish`).
+    pub publish: Vec<PublishTarget>,
 }
 
 /// A configuration error: `<file>: <key>: <what is wrong>`, on one line.

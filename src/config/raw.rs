@@ -28,6 +28,23 @@ pub(super) struct RawIssuer {
     pub(super) max_keys: Option<usize>,
     #[serde(default)]
     pub(super) sources: Vec<RawSource>,
+    #[serde(default)]
+    pub(super) publish: Vec<RawPublish>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPublish {
+    pub(super) to: String,
+    pub(super) endpoint: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) access_key_id_file: Option<PathBuf>,
+    pub(super) secret_access_key_file: Option<PathBuf>,
+    pub(super) role_arn: Option<String>,
+    pub(super) web_identity_token_file: Option<PathBuf>,
+    pub(super) sts_endpoint: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

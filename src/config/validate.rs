@@ -64,6 +64,12 @@ const KEY_RETENTION_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
     max: DAYS_30,
 };
+/// A request to the store, retries included: long enough for a slow store, short enough that
+/// a hung one is noticed well within a refresh interval.
+pub(super) const PUBLISH_TIMEOUT_BOUNDS: Bounds = Bounds {
+    min: (Duration::from_millis(100), "100ms"),
+    max: MINUTES_5,
+};
 /// Readiness is judged in whole seconds (`/readyz`), so less than one second means nothing.
 const MAX_STALENESS_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
@@ -96,6 +102,7 @@ impl Validator<'_> {
             .map(|(i, r)| self.issuer(&format!("issuers[{i}]"), r))
             .collect::<Result<Vec<_>, _>>()?;
         self.routes_are_unique(&issuers)?;
+        self.publish_keys_are_unique(&issuers)?;
 
         let state_dir = raw
             .state
@@ -123,10 +130,12 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
-        if http.is_none() && https.is_none() {
+        // A publisher inside the cluster serves nothing itself: its buckets do.
+        let publishes = issuers.iter().any(|i| !i.publish.is_empty());
+        if http.is_none() && https.is_none() && !publishes {
             return Err(self.err(
                 "http",
-                "no listener is configured: add [http] with listen = \"…\", or [https]",
+                "no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] target",
             ));
         }
         if let Some(HttpsConfig {
@@ -276,6 +285,12 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, s)| self.source(&format!("{key}.sources[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
+        let publish = raw
+            .publish
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.publish_target(&format!("{key}.publish[{i}]"), p))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(IssuerConfig {
             endpoint: IssuerEndpoint {
                 jwks_content_type,
@@ -287,6 +302,7 @@ impl Validator<'_> {
                 max_keys,
             },
             sources,
+            publish,
         })
     }
 

@@ -15,6 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::HeaderValue;
+use tokio::sync::watch;
 
 use super::merge::{KeyPolicy, Ledger, MergeError, merge};
 use super::validate::{Rejected, validate};
@@ -123,13 +124,23 @@ fn cache_control(max_age_secs: u64) -> HeaderValue {
 #[derive(Debug)]
 pub struct DocumentStore {
     slots: Box<[ArcSwapOption<Snapshot>]>,
+    /// Signalled on every publish, for writers that follow the snapshots (bucket targets).
+    /// Off the request path: requests only load `slots`.
+    changes: Box<[watch::Sender<()>]>,
 }
 
 impl DocumentStore {
     pub fn new(issuers: usize) -> Self {
         Self {
             slots: (0..issuers).map(|_| ArcSwapOption::empty()).collect(),
+            changes: (0..issuers).map(|_| watch::Sender::new(())).collect(),
         }
+    }
+
+    /// A receiver that sees issuer `index`'s next publish (and only the latest, if several
+    /// came while it was busy).
+    pub fn subscribe(&self, index: usize) -> watch::Receiver<()> {
+        self.changes[index].subscribe()
     }
 
     /// The snapshot of issuer `index`, or `None` before its first good key set.
@@ -139,6 +150,7 @@ impl DocumentStore {
 
     pub fn publish(&self, index: usize, snapshot: Snapshot) {
         self.slots[index].store(Some(Arc::new(snapshot)));
+        self.changes[index].send_replace(());
     }
 }
 

@@ -805,8 +805,8 @@ fn render_fails_and_keeps_the_old_files_when_the_state_cannot_be_saved() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "https://oidc.example.com: could not save the key set to {}; without it the next \
-             render loses rotation grace",
+            "https://oidc.example.com: could not save the key set to {}; without it the next run \
+             loses rotation grace",
             state.display()
         )),
         "{stderr}"

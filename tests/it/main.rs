@@ -15,6 +15,7 @@ mod doctor; // check, tokens, render, aws provider and trust-policy
 mod hostile; // a hostile upstream: last good set kept, memory bounded
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod proxy; // behind nginx terminating TLS: byte-identical documents
+mod publish; // publish to a real S3 store (SeaweedFS): writes, order, failures, R2 headers
 mod real; // the k3s → oidc-edge → STS → S3 walkthrough with a real apiserver and SeaweedFS
 mod real_source; // the apiserver source against a real kube-apiserver: formats, Accept, RBAC, tokens
 mod serve; // serving: the demo, file refresh, refused sets, persistence across SIGKILL

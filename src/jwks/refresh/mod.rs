@@ -26,7 +26,7 @@ use crate::issuer::endpoint::IssuerEndpoint;
 use crate::metrics::{Metrics, RefreshResult};
 
 pub use self::runtime::{IssuerRuntime, Source};
-pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, next_refresh_in, run_source};
+pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, jitter_sample, next_refresh_in, run_source};
 pub use self::status::{IssuerStatus, SourceStatus};
 
 /// M3: a confirmation alone (no change to the keys) is written to the state file at most this

@@ -29,6 +29,30 @@ pub struct Source {
 }
 
 impl IssuerRuntime {
+    /// Fetches every source once and saves the ledger: `serve`'s pipeline driven once, as
+    /// `render` and `publish --once` do. A failing source, a refused set or merge, or a state
+    /// file that cannot be written fails it (without the file, the next run would lose
+    /// rotation grace); what is already published elsewhere stays the last good.
+    pub async fn refresh_once(self) -> anyhow::Result<Arc<IssuerPipeline>> {
+        let Self { pipeline, sources } = self;
+        for (i, mut source) in sources.into_iter().enumerate() {
+            if !pipeline.refresh(i, &mut source.fetcher).await {
+                let status = pipeline.status().await;
+                let source = &status.sources[i];
+                let reason = source.last_error.as_deref().unwrap_or("nothing fetched");
+                anyhow::bail!("{}: {}: {reason}", pipeline.issuer(), source.source);
+            }
+        }
+        if !pipeline.persisted().await {
+            anyhow::bail!(
+                "{}: could not save the key set to {}; without it the next run loses rotation grace",
+                pipeline.issuer(),
+                pipeline.state_path().display()
+            );
+        }
+        Ok(pipeline)
+    }
+
     /// Builds the fetchers, and the pipeline with its persisted set restored and published
     /// (served from the first request on).
     pub async fn restored(

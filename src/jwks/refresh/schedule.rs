@@ -33,7 +33,7 @@ pub fn next_refresh_in(interval: Duration, consecutive_failures: u32, jitter: f6
 }
 
 /// A uniform sample in `[0, 1)` from the process's random hash keys: jitter needs no crate.
-pub(super) fn jitter_sample() -> f64 {
+pub fn jitter_sample() -> f64 {
     let bits = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();

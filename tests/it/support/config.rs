@@ -102,6 +102,22 @@ impl TestConfig {
         self
     }
 
+    /// Adds an `[[issuers.publish]]` target to the last issuer.
+    pub fn publish(mut self, target: toml::Table) -> Self {
+        let issuer = self.table["issuers"]
+            .as_array_mut()
+            .and_then(|issuers| issuers.last_mut())
+            .and_then(toml::Value::as_table_mut)
+            .expect("an issuer");
+        issuer
+            .entry("publish")
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("publish is an array")
+            .push(target.into());
+        self
+    }
+
     /// Sets a dotted key: `limits.idle_timeout`, `https.files.cert_file`, `issuers.0.max_keys`
     /// (after an array's name comes an index). Missing tables on the way are created.
     pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {

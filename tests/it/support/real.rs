@@ -868,6 +868,11 @@ pub struct Seaweed {
     _s3_bridge: Bridge,
     /// The S3 and STS endpoint, on the test's side.
     pub s3: SocketAddr,
+    /// A static identity allowed everything.
+    pub admin: Credentials,
+    /// A static identity that may read, write and list objects, but not create buckets: what
+    /// a publisher should be given.
+    pub publisher: Credentials,
     _dir: tempfile::TempDir,
 }
 
@@ -885,12 +890,21 @@ impl Seaweed {
             secret_access_key: URL_SAFE_NO_PAD.encode(random_bytes()),
             session_token: None,
         };
+        let publisher = Credentials {
+            access_key_id: "AKIDSEAWEEDPUBLISHER".to_owned(),
+            secret_access_key: URL_SAFE_NO_PAD.encode(random_bytes()),
+            session_token: None,
+        };
         write(
             "s3.json",
             &serde_json::json!({"identities": [{"name": "admin",
                 "credentials": [{"accessKey": admin.access_key_id,
                     "secretKey": admin.secret_access_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+                {"name": "publisher",
+                "credentials": [{"accessKey": publisher.access_key_id,
+                    "secretKey": publisher.secret_access_key}],
+                "actions": ["Read", "Write", "List"]}]})
             .to_string(),
         );
         write("iam.json", &iam_config().to_string());
@@ -952,6 +966,8 @@ wait
             issuer_bridge,
             _s3_bridge: s3_bridge,
             s3,
+            admin,
+            publisher,
             _dir: dir,
         }
     }
@@ -1015,6 +1031,34 @@ wait
         s3_request(&http, self.s3, credentials, method, path, query, body)
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e:?}"))
+    }
+}
+
+impl Seaweed {
+    /// `GET /BUCKET/key` as the admin: status, headers and body bytes.
+    pub async fn object(&self, key: &str) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        let host = self.s3.to_string();
+        let path = format!("/{BUCKET}/{key}");
+        let request = sigv4::Request {
+            method: "GET",
+            host: &host,
+            path: &path,
+            query: &[],
+            body: b"",
+        };
+        let headers = sigv4::sign(&self.admin, REGION, &request, SystemTime::now());
+        let mut get = super::clients::client().get(format!("http://{host}{path}"));
+        for (name, value) in headers {
+            get = get.header(name, value);
+        }
+        let response = get.send().await.expect("GET object");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (
+            status,
+            headers,
+            response.bytes().await.expect("body").to_vec(),
+        )
     }
 }
 

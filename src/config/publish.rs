@@ -1,0 +1,217 @@
+//! Validation of `[[issuers.publish]]`: the bucket URL, the store's endpoint, and credentials
+//! that are complete before anything runs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::raw::RawPublish;
+use super::validate::{PUBLISH_TIMEOUT_BOUNDS, Validator};
+use super::{ConfigError, IssuerConfig};
+use crate::display::redacted_text;
+use crate::publish::target::{Credentials, DEFAULT_TIMEOUT, PublishTarget};
+
+impl Validator<'_> {
+    pub(super) fn publish_target(
+        &self,
+        key: &str,
+        raw: RawPublish,
+    ) -> Result<PublishTarget, ConfigError> {
+        let to_key = format!("{key}.to");
+        let shown = redacted_text(&raw.to);
+        let url = url::Url::parse(&raw.to)
+            .map_err(|e| self.err(&to_key, format!("{shown:?} is not a URL: {e}")))?;
+        match url.scheme() {
+            "s3" => {}
+            "az" | "azure" | "abfs" | "abfss" => {
+                return Err(self.err(
+                    &to_key,
+                    format!("{shown:?}: Azure Blob targets are not supported yet; use s3://bucket/prefix"),
+                ));
+            }
+            other => {
+                return Err(self.err(
+                    &to_key,
+                    format!("{shown:?}: scheme {other:?} is not \"s3\" (s3://bucket/prefix)"),
+                ));
+            }
+        }
+        let bucket = url.host_str().unwrap_or_default().to_owned();
+        if bucket.is_empty() {
+            return Err(self.err(
+                &to_key,
+                format!("{shown:?} names no bucket (s3://bucket/prefix)"),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() || url.port().is_some() {
+            return Err(self.err(
+                &to_key,
+                format!("{shown:?}: the bucket URL takes no user, password or port; the store's address goes in endpoint"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(self.err(
+                &to_key,
+                format!("{shown:?} must not contain a query or fragment"),
+            ));
+        }
+        let prefix = url.path().trim_matches('/').to_owned();
+        if !prefix.is_empty()
+            && prefix
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(self.err(
+                &to_key,
+                format!("{shown:?}: the prefix has an empty, \".\" or \"..\" segment"),
+            ));
+        }
+
+        let endpoint = raw
+            .endpoint
+            .as_deref()
+            .map(|text| self.store_url(&format!("{key}.endpoint"), text))
+            .transpose()?;
+        if raw.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(self.err(format!("{key}.region"), "must not be empty"));
+        }
+        let region = raw.region.clone();
+        let ca_file = raw.ca_file.as_deref().map(|path| self.resolve(path));
+        if let Some(path) = &ca_file {
+            self.pem(
+                &format!("{key}.ca_file"),
+                &crate::jwks::source::apiserver::Pem::File(path.clone()),
+                super::sources::PemKind::Certificates,
+            )?;
+        }
+        let credentials = self.publish_credentials(key, &raw)?;
+        let timeout = self.bounded_duration(
+            &format!("{key}.timeout"),
+            raw.timeout,
+            DEFAULT_TIMEOUT,
+            PUBLISH_TIMEOUT_BOUNDS,
+        )?;
+        Ok(PublishTarget {
+            to: raw.to,
+            bucket,
+            prefix,
+            endpoint,
+            region,
+            ca_file,
+            credentials,
+            timeout,
+        })
+    }
+
+    fn publish_credentials(&self, key: &str, raw: &RawPublish) -> Result<Credentials, ConfigError> {
+        let files = (
+            raw.access_key_id_file.as_ref(),
+            raw.secret_access_key_file.as_ref(),
+        );
+        let web = (raw.role_arn.as_ref(), raw.web_identity_token_file.as_ref());
+        let pair = |(a, b): (&str, &str), (x, y): (bool, bool)| match (x, y) {
+            (true, false) => Err(self.err(format!("{key}.{b}"), format!("is required with {a}"))),
+            (false, true) => Err(self.err(format!("{key}.{a}"), format!("is required with {b}"))),
+            _ => Ok(()),
+        };
+        pair(
+            ("access_key_id_file", "secret_access_key_file"),
+            (files.0.is_some(), files.1.is_some()),
+        )?;
+        pair(
+            ("role_arn", "web_identity_token_file"),
+            (web.0.is_some(), web.1.is_some()),
+        )?;
+        if raw.sts_endpoint.is_some() && web.0.is_none() {
+            return Err(self.err(
+                format!("{key}.sts_endpoint"),
+                "is only used with role_arn and web_identity_token_file",
+            ));
+        }
+        match (files, web) {
+            ((Some(_), _), (Some(_), _)) => Err(self.err(
+                format!("{key}.role_arn"),
+                "set either access_key_id_file and secret_access_key_file, or role_arn and web_identity_token_file, not both",
+            )),
+            ((Some(id), Some(secret)), _) => {
+                let (id, secret) = (self.resolve(id), self.resolve(secret));
+                self.readable(&format!("{key}.access_key_id_file"), &id)?;
+                self.readable(&format!("{key}.secret_access_key_file"), &secret)?;
+                Ok(Credentials::KeyFiles {
+                    access_key_id: id,
+                    secret_access_key: secret,
+                })
+            }
+            (_, (Some(role_arn), Some(token_file))) => {
+                let token_file: PathBuf = self.resolve(token_file);
+                // A projected token may not be written yet when the pod starts (L13).
+                self.file_to_come(&format!("{key}.web_identity_token_file"), &token_file)?;
+                let sts_endpoint = raw
+                    .sts_endpoint
+                    .as_deref()
+                    .map(|text| self.https_url(&format!("{key}.sts_endpoint"), text))
+                    .transpose()?;
+                Ok(Credentials::WebIdentity {
+                    role_arn: role_arn.clone(),
+                    token_file,
+                    sts_endpoint,
+                })
+            }
+            _ => Ok(Credentials::Environment),
+        }
+    }
+
+    /// An `http(s)://host[:port][/]` URL of a store, with no user info.
+    fn store_url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
+        let shown = redacted_text(text);
+        let url = url::Url::parse(text)
+            .map_err(|e| self.err(key, format!("{shown:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(self.err(key, format!("{shown:?} must use https (or http)")));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(
+                key,
+                format!("{shown:?} must not contain user info (user:password@): it would be shown in logs and /status"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() || url.path() != "/" {
+            return Err(self.err(
+                key,
+                format!(
+                    "{shown:?} must be a bare origin, like https://host:port, with no path or query"
+                ),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// Two targets must never write the same object: the last writer would win, and one
+    /// issuer's relying parties would get another's keys.
+    pub(super) fn publish_keys_are_unique(
+        &self,
+        issuers: &[IssuerConfig],
+    ) -> Result<(), ConfigError> {
+        let mut seen: HashMap<(Option<&str>, &str, String), (usize, usize)> = HashMap::new();
+        for (i, cfg) in issuers.iter().enumerate() {
+            for (t, target) in cfg.publish.iter().enumerate() {
+                let endpoint = target.endpoint.as_ref().map(url::Url::as_str);
+                for path in [&cfg.endpoint.discovery_path, &cfg.endpoint.jwks_path] {
+                    let object = target.key(path);
+                    let place = (endpoint, target.bucket.as_str(), object.clone());
+                    if let Some((oi, ot)) = seen.insert(place, (i, t))
+                        && (oi, ot) != (i, t)
+                    {
+                        return Err(self.err(
+                            format!("issuers[{i}].publish[{t}].to"),
+                            format!(
+                                "{} is also written by issuers[{oi}].publish[{ot}]",
+                                target.object_url(&object)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

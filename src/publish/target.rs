@@ -1,0 +1,72 @@
+//! What one `[[issuers.publish]]` table says: a bucket prefix that receives the issuer's two
+//! documents, where the store is, and how to authenticate to it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One S3-compatible bucket prefix (S3, R2, B2, SeaweedFS, Garage) that gets an issuer's
+/// documents, as `serve` would answer them.
+#[derive(Debug, Clone)]
+pub struct PublishTarget {
+    /// `s3://bucket/prefix` as written in the config: the target's name in every message.
+    pub to: String,
+    pub bucket: String,
+    /// The key prefix, without a leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+    /// The store's API endpoint (R2, B2, a self-hosted store); `None` is AWS S3 itself.
+    pub endpoint: Option<url::Url>,
+    /// The signing region; R2 takes `auto` (s3-publish-facts §3). `None`: `AWS_REGION`, else
+    /// `AWS_DEFAULT_REGION`, else `us-east-1`, when the publisher starts.
+    pub region: Option<String>,
+    /// A CA bundle for the store and its STS, beside the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub credentials: Credentials,
+    /// One request to the store, the retries of a failed one included.
+    pub timeout: Duration,
+}
+
+/// How the publisher authenticates, as the platform hands credentials out. The instance
+/// metadata service is never asked: a publisher with no credentials fails with a message
+/// that names what it looked for, instead of hanging on a link-local address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Two files holding the access key id and the secret (a Kubernetes Secret volume,
+    /// systemd's `LoadCredential=`), read at start.
+    KeyFiles {
+        access_key_id: PathBuf,
+        secret_access_key: PathBuf,
+    },
+    /// `AssumeRoleWithWebIdentity` with a token file: the federation this project enables, so
+    /// a publisher pod needs no long-lived key once its issuer is trusted. The token file is
+    /// read again at every exchange (kubelet rotates projected tokens).
+    WebIdentity {
+        role_arn: String,
+        token_file: PathBuf,
+        /// `None`: `https://sts.<region>.amazonaws.com`.
+        sts_endpoint: Option<url::Url>,
+    },
+    /// Whatever the environment holds when the publisher starts: `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`), else `AWS_ROLE_ARN` and
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` (and `AWS_ENDPOINT_URL_STS`).
+    Environment,
+}
+
+/// What a request to the store may take, retries included, unless the target says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl PublishTarget {
+    /// The object key of a document served at `path` (`/openid/v1/jwks`).
+    pub fn key(&self, path: &str) -> String {
+        let path = path.trim_start_matches('/');
+        if self.prefix.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{}/{path}", self.prefix)
+        }
+    }
+
+    /// `s3://bucket/key`, for messages.
+    pub fn object_url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}

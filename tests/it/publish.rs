@@ -1,0 +1,283 @@
+//! `oidc-edge publish` against a real S3 store (SeaweedFS, which checks SigV4), with a tap in
+//! front of it that records what the publisher sends (support/s3tap.rs).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use crate::support::config::TestConfig;
+use crate::support::process::Binary;
+use crate::support::real::{BUCKET, Bins, Seaweed};
+use crate::support::s3tap::{Mode, S3Tap, Seen, puts};
+use crate::support::{K3S, PRIVATE_RSA, ROTATED, Scratch, bin, kids};
+
+const JWKS_KEY: &str = "site/openid/v1/jwks";
+const DISCOVERY_KEY: &str = "site/.well-known/openid-configuration";
+
+/// SeaweedFS behind a tap, and a scratch dir with a publisher's keys in files.
+struct Store {
+    tap: S3Tap,
+    seaweed: Seaweed,
+    scratch: Scratch,
+}
+
+impl Store {
+    async fn start(bins: &Bins) -> Self {
+        // No STS exchange here: the issuer bridge is never used.
+        let unused_issuer = "127.0.0.1:9".parse().expect("addr");
+        let seaweed = Seaweed::start(bins, unused_issuer, "").await;
+        let scratch = Scratch::new();
+        // A trailing newline, as `echo` and most secret files have: it must not count.
+        scratch.write("key-id", &format!("{}\n", seaweed.publisher.access_key_id));
+        scratch.write("secret", &seaweed.publisher.secret_access_key);
+        scratch.write("jwks.json", K3S);
+        Self {
+            tap: S3Tap::start(seaweed.s3),
+            seaweed,
+            scratch,
+        }
+    }
+
+    /// The target `s3://docs/site` through the tap, with the publisher's key files.
+    fn target(&self) -> toml::Table {
+        let mut target = toml::Table::new();
+        for (key, value) in [
+            ("to", format!("s3://{BUCKET}/site")),
+            ("endpoint", self.tap.url()),
+            ("access_key_id_file", "key-id".to_owned()),
+            ("secret_access_key_file", "secret".to_owned()),
+            ("timeout", "2s".to_owned()),
+        ] {
+            target.insert(key.to_owned(), value.into());
+        }
+        target
+    }
+
+    /// The default config (file source `jwks.json`) with `target`.
+    fn config(&self, target: toml::Table) -> PathBuf {
+        TestConfig::file_source("1s")
+            .publish(target)
+            .write(&self.scratch)
+    }
+
+    /// `oidc-edge publish --once` on `config`, with no AWS variables from the test's
+    /// environment.
+    fn publish_once(&self, config: &std::path::Path) -> Output {
+        Command::new(bin())
+            .args(["publish", "--once", "--config"])
+            .arg(config)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run oidc-edge publish")
+    }
+
+    async fn object(&self, key: &str) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        self.seaweed.object(key).await
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The R2 trap (s3-publish-facts §3): R2 answers 501 to `x-amz-checksum-*` headers and
+/// refuses a second checksum beside Content-MD5; a publisher must send neither.
+fn assert_no_checksum_headers(seen: &[Seen]) {
+    for request in seen {
+        for (name, _) in &request.headers {
+            assert!(
+                !name.starts_with("x-amz-checksum-")
+                    && name != "x-amz-sdk-checksum-algorithm"
+                    && name != "content-md5",
+                "{} {} sent {name}",
+                request.method,
+                request.path
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_once_writes_serves_bytes_jwks_first_then_nothing_then_only_what_rotated() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    let config = store.config(store.target());
+
+    // First run: both objects, the JWKS first.
+    let out = store.publish_once(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("s3://{BUCKET}/{JWKS_KEY}: written\ns3://{BUCKET}/{DISCOVERY_KEY}: written\n")
+    );
+    let seen = store.tap.take();
+    assert_eq!(
+        puts(&seen),
+        [
+            format!("PUT /{BUCKET}/{JWKS_KEY}"),
+            format!("PUT /{BUCKET}/{DISCOVERY_KEY}")
+        ]
+    );
+    assert_no_checksum_headers(&seen);
+    let put = seen.iter().find(|s| s.method == "PUT").expect("a PUT");
+    assert_eq!(put.header("content-type"), Some("application/json"));
+    assert_eq!(put.header("cache-control"), Some("public, max-age=300"));
+    assert_eq!(
+        put.header("x-amz-meta-sha256").map(str::len),
+        Some(64),
+        "{put:?}"
+    );
+
+    // What the bucket holds is what `serve` answers on the same config and state.
+    let mut serve_config = TestConfig::file_source("1s");
+    serve_config = serve_config.set("state.dir", "state");
+    let serve_path = store.scratch.write("serve.toml", &serve_config.text());
+    let server = Binary::start(&serve_path);
+    let http = crate::support::clients::client();
+    for (key, path) in [
+        (JWKS_KEY, "/openid/v1/jwks"),
+        (DISCOVERY_KEY, "/.well-known/openid-configuration"),
+    ] {
+        let served = http.get(server.url(path)).send().await.expect("GET");
+        let served_headers = served.headers().clone();
+        let served_body = served.bytes().await.expect("body").to_vec();
+        let (status, headers, body) = store.object(key).await;
+        assert_eq!(status, 200, "{key}: {}", text(&body));
+        assert_eq!(body, served_body, "{key}");
+        for name in ["content-type", "cache-control"] {
+            assert_eq!(headers.get(name), served_headers.get(name), "{key}: {name}");
+        }
+    }
+    drop(server);
+
+    // Second run: nothing to write, no PUT at all.
+    let out = store.publish_once(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("s3://{BUCKET}/{JWKS_KEY}: unchanged\ns3://{BUCKET}/{DISCOVERY_KEY}: unchanged\n")
+    );
+    assert_eq!(puts(&store.tap.take()), Vec::<String>::new());
+
+    // A rotation upstream: only the JWKS changes (same algorithms, same discovery document),
+    // and the key that left upstream stays published for key_retention, across processes.
+    store.scratch.replace("jwks.json", ROTATED);
+    let out = store.publish_once(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("s3://{BUCKET}/{JWKS_KEY}: written\ns3://{BUCKET}/{DISCOVERY_KEY}: unchanged\n")
+    );
+    let seen = store.tap.take();
+    assert_eq!(puts(&seen), [format!("PUT /{BUCKET}/{JWKS_KEY}")]);
+    assert_no_checksum_headers(&seen);
+    let (_, _, body) = store.object(JWKS_KEY).await;
+    let mut want = kids(K3S);
+    want.extend(kids(ROTATED));
+    want.sort();
+    want.dedup();
+    let mut got = kids(&text(&body));
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_set_is_never_written_and_the_bucket_keeps_the_last_good_one() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    let config = store.config(store.target());
+    let out = store.publish_once(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (_, _, good) = store.object(JWKS_KEY).await;
+    store.tap.take();
+
+    store.scratch.replace("jwks.json", PRIVATE_RSA);
+    let out = store.publish_once(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("PRIVATE KEY MATERIAL"),
+        "the refusal says why: {stderr}"
+    );
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        store.tap.take().is_empty(),
+        "not even a HEAD went to the store"
+    );
+    let (status, _, body) = store.object(JWKS_KEY).await;
+    assert_eq!((status, body), (200, good));
+}
+
+/// What the store does wrong (the tap's mode and the target keys changed), and a piece of
+/// the one line the publisher must say about it.
+type Case = (&'static str, Mode, Vec<(&'static str, String)>, &'static str);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failures_are_one_line_naming_the_object_and_the_next_run_recovers() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    let closed = crate::support::pebble::free_tcp_port();
+    store.scratch.write("wrong-secret", "not-the-secret");
+    let cases: [Case; 5] = [
+        (
+            "bad credentials",
+            Mode::Pass,
+            vec![("secret_access_key_file", "wrong-secret".to_owned())],
+            "403 Forbidden",
+        ),
+        (
+            "a missing bucket",
+            Mode::Pass,
+            vec![("to", "s3://no-such-bucket/site".to_owned())],
+            "s3://no-such-bucket/site/openid/v1/jwks",
+        ),
+        (
+            "an unreachable endpoint",
+            Mode::Pass,
+            vec![("endpoint", format!("http://127.0.0.1:{closed}"))],
+            "error sending request",
+        ),
+        (
+            "a 500",
+            Mode::Fail500,
+            vec![],
+            "after 2 retries, max_retries: 2, retry_timeout: 2s - Server returned non-2xx status code: 500 Internal Server Error",
+        ),
+        ("a hang", Mode::Hang, vec![], "timed out"),
+    ];
+    for (what, mode, changes, reason) in cases {
+        let mut target = store.target();
+        for (key, value) in changes {
+            target.insert(key.to_owned(), value.into());
+        }
+        let config = store.config(target);
+        store.tap.set_mode(mode);
+        let started = std::time::Instant::now();
+        let out = store.publish_once(&config);
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("oidc-edge: s3://"))
+            .unwrap_or_else(|| panic!("{what}: no line naming the object: {stderr}"));
+        assert!(line.contains(reason), "{what}: {line}");
+        assert!(line.contains("openid/v1/jwks"), "{what}: {line}");
+        assert_eq!(text(&out.stdout), "", "{what}");
+        // Bounded by the target's timeout (2 s per request, retries included): never a hang.
+        assert!(
+            took < std::time::Duration::from_secs(30),
+            "{what}: {took:?}"
+        );
+        // Nothing partial: the discovery document is never written before the JWKS.
+        let (status, _, _) = store.object(DISCOVERY_KEY).await;
+        assert_eq!(status, 404, "{what}");
+        store.tap.set_mode(Mode::Pass);
+    }
+    // The store recovers: the next run publishes.
+    let out = store.publish_once(&store.config(store.target()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (status, _, body) = store.object(DISCOVERY_KEY).await;
+    assert_eq!(status, 200, "{}", text(&body));
+}

@@ -81,6 +81,8 @@ def listen_port(listen):
 
 def port_number(container, port):
     """A probe's or targetPort's port, by name or number, as a container port number."""
+    if port is None:
+        return None
     for p in container.get("ports") or []:
         if port in (p.get("name"), p["containerPort"]):
             return p["containerPort"]

@@ -14,6 +14,7 @@ mod config; // the table of bad configurations, and check-config's exit codes
 mod doctor; // check, tokens, render, aws provider and trust-policy
 mod hostile; // a hostile upstream: last good set kept, memory bounded
 mod http; // the public router without sockets: routing, headers, conditional requests
+mod monitoring; // the alert rules and dashboard against a real Prometheus scraping oidc-edge
 mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod publish; // publish to a real S3 store (SeaweedFS): writes, order, failures, R2 headers
 mod real; // the k3s → oidc-edge → STS → S3 walkthrough with a real apiserver and SeaweedFS

@@ -1,7 +1,7 @@
 //! `oidc-edge healthcheck`, the container image's HEALTHCHECK: the real binary against a real
 //! server's admin listener. Exit 0 and one line on stdout when `/readyz` answers 2xx; exit 1
 //! and one line on stderr naming the URL otherwise (a 503 with its reason, nothing listening,
-//! no answer in time, a remote host, a config whose admin port is not known).
+//! no answer in time, a remote host, a config whose admin port is not known, a private CA).
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::Output;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::config::TestConfig;
 use crate::support::inprocess::InProcess;
+use crate::support::pki::Pki;
 use crate::support::process::run;
 use crate::support::{K3S, Scratch};
 
@@ -148,6 +149,27 @@ fn no_answer_within_the_timeout_is_unhealthy() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(2), "took {took:?}");
     drop(silent);
+}
+
+/// An https URL is verified against the roots compiled into the binary, as in the image,
+/// which has no CA bundle: a private CA is not among them.
+#[tokio::test]
+async fn https_trusts_only_the_compiled_in_public_roots() {
+    let scratch = Scratch::new();
+    let pki = Pki::new("test private CA");
+    let config = TestConfig::https_files(&scratch, &pki.server_for(&["localhost"]));
+    let server = InProcess::start(&config.write(&scratch)).await;
+    let url = format!("https://localhost:{}/openid/v1/jwks", server.https().port());
+    assert_eq!(
+        healthcheck(&[&url]),
+        (
+            Some(1),
+            String::new(),
+            format!(
+                "oidc-edge: GET {url}: cannot connect: invalid peer certificate: UnknownIssuer\n"
+            )
+        )
+    );
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! 0 on a 2xx answer, 1 otherwise with one line on stderr naming the URL and what went wrong.
 //!
 //! The scratch image has no shell or curl, so this is its HEALTHCHECK, as Traefik and others
-//! ship one. It runs every 30 s, so it does only that: no logging, no worker threads, no proxy (a
-//! HTTP(S)_PROXY in the container must not turn a local probe into a remote one), no
+//! ship one. It runs every 30 s, so it does only that: no logging, no worker threads, no
+//! proxy (an HTTP(S)_PROXY in the container must not turn a local probe into a remote one), no
 //! redirects (a probe that ends somewhere else says nothing about this server), and no host
 //! but this one unless `--allow-remote`.
 

@@ -2,12 +2,26 @@
 # numeric non-root user, with no shell. Base images are build arguments, so that the image
 # builds against any registry or mirror:
 #
-#   podman build -t oidc-edge .
+#   podman build --format docker -t oidc-edge .
 #   podman run --rm -p 8080:8080 oidc-edge            # the demo key set on :8080
 #   podman run --rm -p 8080:8080 -v ./config.toml:/etc/oidc-edge/config.toml:ro oidc-edge
 #
-# Health: GET :9090/livez and :9090/readyz (the admin listener), not a HEALTHCHECK: the image
-# has no shell or curl to run one.
+# `--format docker`: podman and buildah write the OCI format by default, which has no
+# HEALTHCHECK; they drop it with a warning. `docker build` keeps it.
+#
+# Multi-arch: each platform is built natively, in a builder image of its own architecture
+# (pulled for that platform; under qemu-user emulation, package qemu-user-static, when it is
+# not the host's), never cross-compiled:
+#
+#   podman build --format docker --platform linux/amd64,linux/arm64 --manifest oidc-edge:0.1.0 .
+#
+# Only amd64 is built and tested here (scripts/container-test); the arm64 build is not.
+#
+# Health: HEALTHCHECK runs `oidc-edge healthcheck`, which GETs /readyz on the admin listener
+# that the config's admin.listen names (0.0.0.0:9090 is asked on 127.0.0.1:9090): a scratch
+# image has no shell or curl. It reads the config that `serve` reads by default; to serve
+# another file, set OIDC_EDGE_CONFIG rather than --config, so that both read the same one.
+# Kubernetes ignores HEALTHCHECK: give it probes on :9090/livez and :9090/readyz.
 #
 # No CA bundle either, on purpose: apiservers are trusted through their pinned CA only, and
 # `url` sources without ca_file, the doctor's fetch and its TLS probe all use Mozilla's roots
@@ -17,17 +31,34 @@ ARG BUILDER=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME=scratch
 
 FROM ${BUILDER} AS build
+# The platform's architecture (linux/arm64 gives arm64), set by docker buildx and newer
+# podman; buildah 1.28 (Debian 12) leaves it empty unless given: the builder's own then.
+ARG TARGETARCH
 WORKDIR /src
 COPY . .
 # crt-static on the gnu target gives a static-pie binary that runs in an empty image.
-# The release profile (fat LTO, one codegen unit) keeps it small.
+# The release profile (fat LTO, one codegen unit) keeps it small. The target is the one of
+# the platform asked for, and must be the builder's own: with a builder of another
+# architecture, cargo would cross-compile, which this image has no linker for.
 RUN --mount=type=cache,target=/src/target \
-    RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --locked --release --target x86_64-unknown-linux-gnu \
- && mkdir -p /out/etc/oidc-edge /out/var/lib/oidc-edge \
- && cp target/x86_64-unknown-linux-gnu/release/oidc-edge /out/oidc-edge \
- && cp config/container.toml /out/etc/oidc-edge/config.toml \
- && cp config/demo-jwks.json /out/etc/oidc-edge/demo-jwks.json
+    set -eu; \
+    host=$(rustc --print host-tuple); \
+    case "${TARGETARCH:-}" in \
+      amd64) target=x86_64-unknown-linux-gnu ;; \
+      arm64) target=aarch64-unknown-linux-gnu ;; \
+      '') target=$host ;; \
+      *) echo "TARGETARCH=$TARGETARCH: only amd64 and arm64 are built" >&2; exit 1 ;; \
+    esac; \
+    if [ "$target" != "$host" ]; then \
+      echo "the builder runs $host, not $target: use a builder image of the target platform" >&2; \
+      exit 1; \
+    fi; \
+    echo "building $target (TARGETARCH=${TARGETARCH:-unset})"; \
+    RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked --release --target "$target"; \
+    mkdir -p /out/etc/oidc-edge /out/var/lib/oidc-edge; \
+    cp "target/$target/release/oidc-edge" /out/oidc-edge; \
+    cp config/container.toml /out/etc/oidc-edge/config.toml; \
+    cp config/demo-jwks.json /out/etc/oidc-edge/demo-jwks.json
 
 FROM ${RUNTIME}
 COPY --from=build /out/oidc-edge /oidc-edge
@@ -35,6 +66,10 @@ COPY --from=build /out/etc/oidc-edge /etc/oidc-edge
 COPY --from=build --chown=65532:65532 /out/var/lib/oidc-edge /var/lib/oidc-edge
 USER 65532:65532
 EXPOSE 8080 9090
+# The default --timeout of the check is 3 s, under the 5 s given here. Until the first key set
+# is published (an apiserver may take a few tries), failures within start-period do not count.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["/oidc-edge", "healthcheck"]
 VOLUME ["/var/lib/oidc-edge"]
 ENTRYPOINT ["/oidc-edge"]
 CMD ["serve", "--config", "/etc/oidc-edge/config.toml"]

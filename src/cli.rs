@@ -22,6 +22,9 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Validate the configuration, print a summary and exit (0 valid, 64 invalid).
     CheckConfig(ConfigArgs),
+    /// GET the admin listener's `/readyz` (or URL) once: exit 0 on a 2xx answer, 1 otherwise
+    /// with the reason on standard error. The container image's HEALTHCHECK (it has no curl).
+    Healthcheck(HealthcheckArgs),
     /// Fetch an issuer's documents as AWS, GCP and Azure do and check every rule they apply
     /// (exit 0 all pass, 2 any fails).
     Check(CheckArgs),
@@ -60,6 +63,23 @@ pub struct ConfigArgs {
     /// Configuration file.
     #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Configuration file whose `admin.listen` is asked, without URL (an address of 0.0.0.0
+    /// or [::] is asked on 127.0.0.1 or [::1]).
+    #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The http or https URL to GET instead; no redirect is followed.
+    #[arg(value_name = "URL")]
+    pub url: Option<String>,
+    /// Allow a URL whose host is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// The most the whole check may take (more than zero).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -32,6 +32,7 @@
 //! - [`render`]: `render`, the documents written as files through `serve`'s own pipeline;
 //! - [`check`]: `check`, the doctor, which fetches a site as relying parties do and reports;
 //! - [`aws`]: `aws`, the provider command and trust policy to paste into AWS;
+//! - [`healthcheck`]: `healthcheck`, one GET of `/readyz`: the container image's HEALTHCHECK;
 //! - [`relying_party`]: what AWS, GCP and Azure accept, read by both `serve` and `check`;
 //! - [`docs`]: `completions` and `man`, generated from [`cli`]'s definitions.
 //!
@@ -49,6 +50,7 @@ pub mod clock;
 pub mod config;
 pub mod display;
 pub mod docs;
+pub mod healthcheck;
 pub mod http;
 pub mod issuer;
 pub mod jwks;

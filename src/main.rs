@@ -96,6 +96,9 @@ fn main() -> ExitCode {
                 Ok(())
             }))
         }
+        Command::Healthcheck(args) => {
+            exit(block_on(oidc_edge::healthcheck::run(&args)).map(|ok| print(&ok)))
+        }
         Command::Check(args) => match block_on(check::run(&check_options(&args))) {
             Ok(report) => {
                 if args.json {

@@ -13,6 +13,7 @@ const PAGES: &[&str] = &[
     "oidc-edge.1",
     "oidc-edge-serve.1",
     "oidc-edge-check-config.1",
+    "oidc-edge-healthcheck.1",
     "oidc-edge-check.1",
     "oidc-edge-render.1",
     "oidc-edge-aws.1",
@@ -26,6 +27,7 @@ const PAGES: &[&str] = &[
 const SUBCOMMANDS: &[&str] = &[
     "serve",
     "check-config",
+    "healthcheck",
     "check",
     "render",
     "aws",

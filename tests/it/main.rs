@@ -12,6 +12,7 @@ mod chaos; // upstream flapping and rotating while clients poll: nothing fails
 mod cli_docs; // man pages under man-db and groff, shell completions
 mod config; // the table of bad configurations, and check-config's exit codes
 mod doctor; // check, tokens, render, aws provider and trust-policy
+mod healthcheck; // the image's HEALTHCHECK: ready, not ready, nothing listening, refusals
 mod hostile; // a hostile upstream: last good set kept, memory bounded
 mod http; // the public router without sockets: routing, headers, conditional requests
 mod monitoring; // the alert rules and dashboard against a real Prometheus scraping oidc-edge

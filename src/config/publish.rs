@@ -55,8 +55,11 @@ impl Validator<'_> {
             ));
         }
         let prefix = url.path().trim_matches('/').to_owned();
-        if !prefix.is_empty()
-            && prefix
+        // Checked on the text as written: the URL parser already dropped dot segments.
+        let written = raw.to.splitn(4, '/').nth(3).unwrap_or_default();
+        let written = written.trim_matches('/');
+        if !written.is_empty()
+            && written
                 .split('/')
                 .any(|p| p.is_empty() || p == "." || p == "..")
         {

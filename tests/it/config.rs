@@ -18,6 +18,15 @@ fn valid_with(issuer_extra: &str, source_extra: &str, rest: &str) -> String {
     format!("{ISSUER}{issuer_extra}\n{SOURCE}{source_extra}\n{HTTP}{rest}")
 }
 
+/// The valid file-source issuer with one `[[issuers.publish]]` target of `keys`, and no
+/// listener (a publisher serves nothing itself).
+fn publish(keys: &str) -> String {
+    format!(
+        "{ISSUER}{SOURCE}  [[issuers.publish]]\n  {}\n",
+        keys.replace('\n', "\n  ")
+    )
+}
+
 /// A config whose one source is `kind = "apiserver"` with `keys`.
 fn apiserver(keys: &str) -> String {
     format!("{ISSUER}  [[issuers.sources]]\n  kind = \"apiserver\"\n{keys}\n{HTTP}")
@@ -40,7 +49,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown issuer key",
             valid_with("jwks_pth = \"/keys\"", "", ""),
-            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources` (line 3, column 1)",
+            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources`, `publish` (line 3, column 1)",
         ),
         (
             "wrong type",
@@ -244,7 +253,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "no listener",
             format!("{ISSUER}{SOURCE}"),
-            "http: no listener is configured: add [http] with listen = \"…\", or [https]",
+            "http: no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] target",
         ),
         (
             "https without certificates",
@@ -308,6 +317,70 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "public admin listener",
             valid_with("", "", "[admin]\nlisten = \"0.0.0.0:9090\"\n"),
             "admin.listen: 0.0.0.0:9090 is not a loopback address; the admin endpoints are not for the internet (set allow_remote = true to bind it anyway, e.g. inside a container)",
+        ),
+        (
+            "publish to a URL that is not s3",
+            publish("to = \"https://bucket.example.com/site\""),
+            "issuers[0].publish[0].to: \"https://bucket.example.com/site\": scheme \"https\" is not \"s3\" (s3://bucket/prefix)",
+        ),
+        (
+            "publish to azure",
+            publish("to = \"az://$web/site\""),
+            "issuers[0].publish[0].to: \"az://$web/site\": Azure Blob targets are not supported yet; use s3://bucket/prefix",
+        ),
+        (
+            "publish to a bucket with a port",
+            publish("to = \"s3://bucket:9000/site\""),
+            "issuers[0].publish[0].to: \"s3://bucket:9000/site\": the bucket URL takes no user, password or port; the store's address goes in endpoint",
+        ),
+        (
+            "publish with a dot segment",
+            publish("to = \"s3://bucket/a/../b\""),
+            "issuers[0].publish[0].to: \"s3://bucket/a/../b\": the prefix has an empty, \".\" or \"..\" segment",
+        ),
+        (
+            "publish endpoint with a path",
+            publish("to = \"s3://bucket\"\nendpoint = \"https://store.example.com/bucket\""),
+            "issuers[0].publish[0].endpoint: \"https://store.example.com/bucket\" must be a bare origin, like https://host:port, with no path or query",
+        ),
+        (
+            "publish endpoint with a password",
+            publish("to = \"s3://bucket\"\nendpoint = \"https://key:SECRET@store.example.com\""),
+            "issuers[0].publish[0].endpoint: \"https://***@store.example.com\" must not contain user info (user:password@): it would be shown in logs and /status",
+        ),
+        (
+            "publish with half a key pair",
+            publish("to = \"s3://bucket\"\naccess_key_id_file = \"jwks.json\""),
+            "issuers[0].publish[0].secret_access_key_file: is required with access_key_id_file",
+        ),
+        (
+            "publish with keys and web identity",
+            publish(
+                "to = \"s3://bucket\"\naccess_key_id_file = \"jwks.json\"\nsecret_access_key_file = \"jwks.json\"\nrole_arn = \"arn:aws:iam::1:role/r\"\nweb_identity_token_file = \"jwks.json\"",
+            ),
+            "issuers[0].publish[0].role_arn: set either access_key_id_file and secret_access_key_file, or role_arn and web_identity_token_file, not both",
+        ),
+        (
+            "publish with an http STS",
+            publish(
+                "to = \"s3://bucket\"\nrole_arn = \"arn:aws:iam::1:role/r\"\nweb_identity_token_file = \"jwks.json\"\nsts_endpoint = \"http://sts.example.com\"",
+            ),
+            "issuers[0].publish[0].sts_endpoint: \"http://sts.example.com\" must use https: keys are fetched over TLS only",
+        ),
+        (
+            "publish key file missing",
+            publish(
+                "to = \"s3://bucket\"\naccess_key_id_file = \"nope\"\nsecret_access_key_file = \"jwks.json\"",
+            ),
+            "issuers[0].publish[0].access_key_id_file: cannot read DIR/nope: No such file or directory (os error 2)",
+        ),
+        (
+            "two targets writing the same object",
+            format!(
+                "{}  [[issuers.publish]]\n  to = \"s3://bucket/site\"\n",
+                publish("to = \"s3://bucket/site/\"")
+            ),
+            "issuers[0].publish[1].to: s3://bucket/site/.well-known/openid-configuration is also written by issuers[0].publish[0]",
         ),
         (
             "bad log format",

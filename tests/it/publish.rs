@@ -211,7 +211,12 @@ async fn a_refused_key_set_is_never_written_and_the_bucket_keeps_the_last_good_o
 
 /// What the store does wrong (the tap's mode and the target keys changed), and a piece of
 /// the one line the publisher must say about it.
-type Case = (&'static str, Mode, Vec<(&'static str, String)>, &'static str);
+type Case = (
+    &'static str,
+    Mode,
+    Vec<(&'static str, String)>,
+    &'static str,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_failures_are_one_line_naming_the_object_and_the_next_run_recovers() {
@@ -280,4 +285,126 @@ async fn store_failures_are_one_line_naming_the_object_and_the_next_run_recovers
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let (status, _, body) = store.object(DISCOVERY_KEY).await;
     assert_eq!(status, 200, "{}", text(&body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    // A publisher only: no [http], so nothing public is bound.
+    let mut config = TestConfig::file_source("100ms").publish(store.target());
+    config = config.remove("http");
+    let path = config.write(&store.scratch);
+    let publisher = Binary::start_publisher(&path);
+
+    let holds = |want: Vec<String>| {
+        let store = &store;
+        async move {
+            let (status, _, body) = store.object(JWKS_KEY).await;
+            status == 200 && {
+                let mut got = kids(&text(&body));
+                got.sort();
+                got == want
+            }
+        }
+    };
+    let mut want = kids(K3S);
+    want.sort();
+    crate::support::eventually("the bucket holds the first key set", || holds(want.clone())).await;
+    let (status, _, _) = store.object(DISCOVERY_KEY).await;
+    assert_eq!(status, 200);
+
+    // The store fails while a rotation comes in: the status says so, by target; the bucket
+    // keeps the first set, whole.
+    store.tap.set_mode(Mode::Fail500);
+    store.scratch.replace("jwks.json", ROTATED);
+    let admin = publisher.admin_url("/status");
+    crate::support::eventually("the status reports the failing store", || {
+        let admin = admin.clone();
+        async move {
+            let (_, body) = crate::support::clients::get(&admin).await;
+            body.contains("500 Internal Server Error")
+        }
+    })
+    .await;
+    assert!(holds(want.clone()).await);
+
+    // The store recovers: the rotation reaches the bucket without a restart, the old key
+    // retained.
+    store.tap.set_mode(Mode::Pass);
+    want.extend(kids(ROTATED));
+    want.sort();
+    want.dedup();
+    crate::support::eventually("the bucket holds the rotated set", || holds(want.clone())).await;
+
+    let (_, status) = crate::support::clients::get(&admin).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let target = &status["publish"][0];
+    assert_eq!(target["issuer"], crate::support::config::ISSUER);
+    assert_eq!(target["to"], format!("s3://{BUCKET}/site"));
+    assert_eq!(target["last_error"], serde_json::Value::Null, "{status:#}");
+    assert_eq!(
+        target["last_written"],
+        serde_json::json!([format!("s3://{BUCKET}/{JWKS_KEY}")])
+    );
+    assert!(target["last_success_at"].as_u64().is_some(), "{status:#}");
+    let scrape = crate::support::metrics::scrape(publisher.admin).await;
+    let labels = [
+        ("issuer", crate::support::config::ISSUER),
+        ("target", "s3://docs/site"),
+    ];
+    let count = |result| {
+        crate::support::metrics::metric(
+            &scrape,
+            "oidc_edge_publishes_total",
+            &[labels[0], labels[1], ("result", result)],
+        )
+    };
+    assert_eq!(count("written"), 2.0, "the first set, then the rotation");
+    assert!(count("error") >= 1.0);
+    // Both documents first, then the JWKS alone.
+    let objects =
+        crate::support::metrics::metric(&scrape, "oidc_edge_published_objects_total", &labels);
+    assert_eq!(objects, 3.0);
+}
+
+#[test]
+fn serve_refuses_a_config_that_only_publishes_and_publish_one_without_targets() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let mut target = toml::Table::new();
+    target.insert("to".to_owned(), "s3://bucket".into());
+    let only_publishes = TestConfig::file_source("1s")
+        .publish(target)
+        .remove("http")
+        .write(&scratch);
+    let out = crate::support::process::run(&[
+        "serve",
+        "--config",
+        only_publishes.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "oidc-edge: {}: http: no listener is configured; this configuration only publishes to buckets: run `oidc-edge publish`\n",
+            only_publishes.display()
+        )
+    );
+
+    let serves = scratch.write("serve.toml", &TestConfig::file_source("1s").text());
+    let out = crate::support::process::run(&[
+        "publish",
+        "--once",
+        "--config",
+        serves.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "oidc-edge: {}: issuers: no issuer has an [[issuers.publish]] target\n",
+            serves.display()
+        )
+    );
 }

@@ -102,6 +102,12 @@ impl TestConfig {
         self
     }
 
+    /// Removes a top-level table or key (`http`).
+    pub fn remove(mut self, key: &str) -> Self {
+        self.table.remove(key);
+        self
+    }
+
     /// Adds an `[[issuers.publish]]` target to the last issuer.
     pub fn publish(mut self, target: toml::Table) -> Self {
         let issuer = self.table["issuers"]

@@ -43,9 +43,27 @@ impl Binary {
         Self::spawn(command, config, env)
     }
 
+    /// Starts `oidc-edge publish --config CONFIG`, which binds only its admin listener (`addr`
+    /// is left unbound).
+    pub fn start_publisher(config: &Path) -> Self {
+        let mut command = Command::new(bin());
+        command.args(["publish", "--config"]).arg(config);
+        Self::spawn_listening(command, config, &[], false)
+    }
+
     /// Starts `command`, which must exec `oidc-edge serve --config CONFIG` (e.g. through
     /// `sh -c`).
-    pub fn spawn(mut command: Command, config: &Path, env: &[(&str, &str)]) -> Self {
+    pub fn spawn(command: Command, config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_listening(command, config, env, true)
+    }
+
+    /// Starts `command`; waits for the plain HTTP listener when `http`, and for the admin one.
+    fn spawn_listening(
+        mut command: Command,
+        config: &Path,
+        env: &[(&str, &str)],
+        http: bool,
+    ) -> Self {
         assert_admin_on_port_0(config);
         let mut child = command
             .env_remove("RUST_LOG")
@@ -72,7 +90,9 @@ impl Binary {
             admin: unbound,
             log,
         };
-        server.addr = server.listening("http");
+        if http {
+            server.addr = server.listening("http");
+        }
         server.admin = server.listening("admin");
         server
     }

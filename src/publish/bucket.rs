@@ -2,15 +2,18 @@
 //! party. Per document, JWKS first: look at what the bucket holds (one HEAD), write only what
 //! differs, read the written object back and compare it with what `serve` answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use aws_lc_rs::digest;
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::aws::{
+    AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCredentialProvider,
+};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, AttributeValue, Attributes, BackoffConfig, Certificate, ClientOptions, GetOptions,
-    ObjectStore as _, PutMode, PutOptions, PutPayload, RetryConfig,
+    Attribute, AttributeValue, Attributes, BackoffConfig, Certificate, ClientOptions,
+    CredentialProvider, GetOptions, ObjectStore as _, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
 use super::target::{Credentials, PublishTarget};
@@ -89,9 +92,9 @@ impl Bucket {
             options = options.with_allow_http(endpoint.scheme() == "http");
             builder = builder.with_endpoint(endpoint.as_str().trim_end_matches('/'));
         }
-        builder = with_credentials(builder, to, &target.credentials)?;
-        let store = builder
-            .with_client_options(options)
+        // Before the credentials: the STS client takes the same roots and timeouts.
+        builder = builder.with_client_options(options);
+        let store = with_credentials(builder, to, &target.credentials)?
             .build()
             .map_err(|e| anyhow!("{to}: {}", one_line(&e.to_string())))?;
         Ok(Self {
@@ -226,15 +229,26 @@ fn with_credentials(
             .map(|text| text.trim().to_owned())
             .with_context(|| format!("{to}: cannot read {what} {}", path.display()))
     };
+    // object_store's own exchange (it re-reads the token file, caches the credentials until
+    // shortly before they expire), wrapped so that its failures say they are the exchange:
+    // its errors only name "POST REDACTED".
     let web_identity = |builder: AmazonS3Builder, role: &str, token: &str, sts: Option<&str>| {
-        let builder = builder
+        let mut exchange = builder
+            .clone()
             .with_config(AmazonS3ConfigKey::RoleArn, role)
             .with_config(AmazonS3ConfigKey::WebIdentityTokenFile, token)
             .with_config(AmazonS3ConfigKey::RoleSessionName, "oidc-edge-publish");
-        match sts {
-            Some(sts) => builder.with_config(AmazonS3ConfigKey::StsEndpoint, sts),
-            None => builder,
+        if let Some(sts) = sts {
+            exchange = exchange.with_config(AmazonS3ConfigKey::StsEndpoint, sts);
         }
+        let exchange = exchange
+            .build()
+            .map_err(|e| anyhow!("{to}: {}", one_line(&e.to_string())))?;
+        let sts = sts.map_or_else(|| "the regional AWS STS".to_owned(), str::to_owned);
+        anyhow::Ok(builder.with_credentials(Arc::new(WebIdentityExchange {
+            inner: Arc::clone(exchange.credentials()),
+            what: format!("AssumeRoleWithWebIdentity of {role} with {token} at {sts}"),
+        })))
     };
     Ok(match credentials {
         Credentials::KeyFiles {
@@ -252,7 +266,7 @@ fn with_credentials(
             role_arn,
             &token_file.to_string_lossy(),
             sts_endpoint.as_ref().map(url::Url::as_str),
-        ),
+        )?,
         Credentials::Environment => {
             if let (Some(id), Some(secret)) =
                 (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
@@ -268,7 +282,7 @@ fn with_credentials(
                 (env("AWS_ROLE_ARN"), env("AWS_WEB_IDENTITY_TOKEN_FILE"))
             {
                 let sts = env("AWS_ENDPOINT_URL_STS");
-                web_identity(builder, &role, &token, sts.as_deref())
+                web_identity(builder, &role, &token, sts.as_deref())?
             } else {
                 bail!(
                     "{to}: no credentials: set access_key_id_file and secret_access_key_file or \
@@ -279,6 +293,29 @@ fn with_credentials(
             }
         }
     })
+}
+
+/// The web-identity credential provider, its failures labelled as the exchange they are.
+#[derive(Debug)]
+struct WebIdentityExchange {
+    inner: AwsCredentialProvider,
+    /// `AssumeRoleWithWebIdentity of ROLE with TOKEN_FILE at STS`: never the token itself.
+    what: String,
+}
+
+#[async_trait::async_trait]
+impl CredentialProvider for WebIdentityExchange {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        self.inner
+            .get_credential()
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: format!("{}: {}", self.what, error_chain(&e)).into(),
+            })
+    }
 }
 
 /// A non-empty environment variable.

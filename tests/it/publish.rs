@@ -408,3 +408,160 @@ fn serve_refuses_a_config_that_only_publishes_and_publish_one_without_targets() 
         )
     );
 }
+
+/// Web identity end to end: the publisher pod's projected token (a real kube-apiserver's,
+/// audience `sts.amazonaws.com`) buys S3 credentials from SeaweedFS's STS, which verifies it
+/// against the issuer's published documents, as AWS STS would; then the publisher writes with
+/// those credentials. No long-lived key anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_buys_its_s3_credentials_with_a_service_account_token_of_the_real_cluster() {
+    use crate::support::pki::Pki;
+    use crate::support::real::{
+        Cluster, ISSUER, LISTER, LISTER_NAMESPACE, ROLE_ARN, STS_AUDIENCE, SaKey, serve_https,
+    };
+    use crate::support::s3tap::TlsFront;
+
+    let Some(bins) = Bins::find() else { return };
+    let key = SaKey::generate();
+    let cluster = Cluster::start(&bins, ISSUER, &[&key], &key).await;
+    let reader_token = cluster.bound_reader_token().await;
+    cluster
+        .create_service_account(LISTER_NAMESPACE, LISTER)
+        .await;
+    let scratch = Scratch::new();
+    let pki = Pki::new("oidc-edge publish test CA");
+    // oidc-edge serves the issuer publicly, so that STS can verify tokens (the bootstrap).
+    let server = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
+    let seaweed = Seaweed::start(&bins, server.https(), &pki.ca_pem).await;
+    let sts = TlsFront::start(seaweed.s3, &pki.server_for(&["127.0.0.1"])).await;
+
+    // The publisher pod: the cluster's keys through the apiserver source, and a projected
+    // token for STS, with a trailing newline as files made by hand have.
+    let token = cluster
+        .token(LISTER_NAMESPACE, LISTER, &[STS_AUDIENCE])
+        .await;
+    scratch.write("aws-token", &format!("{token}\n"));
+    scratch.write("test-ca.pem", &pki.ca_pem);
+    let mut target = toml::Table::new();
+    for (k, v) in [
+        ("to", format!("s3://{BUCKET}/cluster")),
+        ("endpoint", format!("http://{}", seaweed.s3)),
+        ("role_arn", ROLE_ARN.to_owned()),
+        ("web_identity_token_file", "aws-token".to_owned()),
+        ("sts_endpoint", format!("https://{}", sts.addr)),
+        ("ca_file", "test-ca.pem".to_owned()),
+    ] {
+        target.insert(k.to_owned(), v.into());
+    }
+    let config = TestConfig::new()
+        .remove("http")
+        .set("issuers.0.issuer", ISSUER)
+        .source(
+            crate::support::config::Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "token"),
+        )
+        .set("state.dir", "publisher-state")
+        .publish(target);
+    let path = scratch.write("publisher.toml", &config.text());
+    let out = Command::new(bin())
+        .args(["publish", "--once", "--config"])
+        .arg(&path)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .expect("run oidc-edge publish");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\nSeaweedFS: {}",
+        text(&out.stderr),
+        seaweed.log()
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "s3://{BUCKET}/cluster/openid/v1/jwks: written\ns3://{BUCKET}/cluster/.well-known/openid-configuration: written\n"
+        )
+    );
+    let (status, _, body) = seaweed.object("cluster/openid/v1/jwks").await;
+    assert_eq!(status, 200);
+    assert_eq!(kids(&text(&body)), vec![key.kid.clone()]);
+    assert!(
+        seaweed.issuer_connections() > 0,
+        "STS fetched the issuer's documents to verify the token"
+    );
+
+    // A token STS refuses (another audience) fails with STS's reason, naming the object.
+    let wrong = cluster.token(LISTER_NAMESPACE, LISTER, &[]).await;
+    scratch.replace("aws-token", &wrong);
+    std::fs::remove_dir_all(scratch.path("publisher-state")).expect("fresh state");
+    let (_, _, before) = seaweed.object("cluster/openid/v1/jwks").await;
+    let out = Command::new(bin())
+        .args(["publish", "--once", "--config"])
+        .arg(&path)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .expect("run oidc-edge publish");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "oidc-edge: s3://{BUCKET}/cluster/openid/v1/jwks: "
+        )) && stderr.contains("AssumeRoleWithWebIdentity"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&wrong), "the token never reaches the log");
+    let (_, _, after) = seaweed.object("cluster/openid/v1/jwks").await;
+    assert_eq!(before, after);
+}
+
+/// Credentials from the environment, as a CI job or a pod with a Secret in its env has them;
+/// with none anywhere, a start-time error that says where it looked (never the metadata
+/// service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_environment_and_their_absence_is_named() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    let mut target = store.target();
+    target.remove("access_key_id_file");
+    target.remove("secret_access_key_file");
+    let config = store.config(target);
+    let run = |env: &[(&str, &str)]| {
+        Command::new(bin())
+            .args(["publish", "--once", "--config"])
+            .arg(&config)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .output()
+            .expect("run oidc-edge publish")
+    };
+
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    // The log has it too; the last line is the one for the terminal.
+    assert_eq!(
+        text(&out.stderr).lines().last().map(|l| format!("{l}\n")),
+        Some(format!(
+            "oidc-edge: s3://{BUCKET}/site: no credentials: set access_key_id_file and \
+             secret_access_key_file or role_arn and web_identity_token_file in the target, or \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_ROLE_ARN and \
+             AWS_WEB_IDENTITY_TOKEN_FILE in the environment (the instance metadata service is \
+             never asked)\n"
+        ))
+    );
+    assert!(store.tap.take().is_empty());
+
+    let secret = store.seaweed.publisher.secret_access_key.clone();
+    let out = run(&[
+        ("AWS_ACCESS_KEY_ID", &store.seaweed.publisher.access_key_id),
+        ("AWS_SECRET_ACCESS_KEY", &secret),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (status, _, _) = store.object(JWKS_KEY).await;
+    assert_eq!(status, 200);
+    assert!(!text(&out.stderr).contains(&secret), "no secret in the log");
+}

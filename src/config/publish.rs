@@ -8,7 +8,9 @@ use super::raw::RawPublish;
 use super::validate::{PUBLISH_TIMEOUT_BOUNDS, Validator};
 use super::{ConfigError, IssuerConfig};
 use crate::display::redacted_text;
-use crate::publish::target::{Credentials, DEFAULT_TIMEOUT, PublishTarget};
+use crate::publish::target::{
+    AzureCredentials, DEFAULT_TIMEOUT, PublishTarget, S3Credentials, Store,
+};
 
 impl Validator<'_> {
     pub(super) fn publish_target(
@@ -20,27 +22,37 @@ impl Validator<'_> {
         let shown = redacted_text(&raw.to);
         let url = url::Url::parse(&raw.to)
             .map_err(|e| self.err(&to_key, format!("{shown:?} is not a URL: {e}")))?;
-        match url.scheme() {
-            "s3" => {}
-            "az" | "azure" | "abfs" | "abfss" => {
-                return Err(self.err(
-                    &to_key,
-                    format!("{shown:?}: Azure Blob targets are not supported yet; use s3://bucket/prefix"),
-                ));
-            }
+        let azure = match url.scheme() {
+            "s3" => false,
+            "az" => true,
             other => {
                 return Err(self.err(
                     &to_key,
-                    format!("{shown:?}: scheme {other:?} is not \"s3\" (s3://bucket/prefix)"),
+                    format!("{shown:?}: scheme {other:?} is not \"s3\" (s3://bucket/prefix) or \"az\" (az://container/prefix)"),
                 ));
             }
+        };
+        let allowed: &[&str] = if azure {
+            &["account", "account_key_file", "sas_token_file"]
+        } else {
+            &[
+                "region",
+                "access_key_id_file",
+                "secret_access_key_file",
+                "role_arn",
+                "web_identity_token_file",
+                "sts_endpoint",
+            ]
+        };
+        if let Some(extra) = raw.set_keys().into_iter().find(|k| !allowed.contains(k)) {
+            return Err(self.err(
+                format!("{key}.{extra}"),
+                format!("is not used by {}:// targets", url.scheme()),
+            ));
         }
         let bucket = url.host_str().unwrap_or_default().to_owned();
         if bucket.is_empty() {
-            return Err(self.err(
-                &to_key,
-                format!("{shown:?} names no bucket (s3://bucket/prefix)"),
-            ));
+            return Err(self.err(&to_key, format!("{shown:?} names no bucket or container")));
         }
         if !url.username().is_empty() || url.password().is_some() || url.port().is_some() {
             return Err(self.err(
@@ -72,7 +84,7 @@ impl Validator<'_> {
         let endpoint = raw
             .endpoint
             .as_deref()
-            .map(|text| self.store_url(&format!("{key}.endpoint"), text))
+            .map(|text| self.store_url(&format!("{key}.endpoint"), text, azure))
             .transpose()?;
         if raw.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
             return Err(self.err(format!("{key}.region"), "must not be empty"));
@@ -86,7 +98,17 @@ impl Validator<'_> {
                 super::sources::PemKind::Certificates,
             )?;
         }
-        let credentials = self.publish_credentials(key, &raw)?;
+        let store = if azure {
+            Store::Azure {
+                account: raw.account.clone(),
+                credentials: self.azure_credentials(key, &raw)?,
+            }
+        } else {
+            Store::S3 {
+                region,
+                credentials: self.s3_credentials(key, &raw)?,
+            }
+        };
         let timeout = self.bounded_duration(
             &format!("{key}.timeout"),
             raw.timeout,
@@ -98,14 +120,40 @@ impl Validator<'_> {
             bucket,
             prefix,
             endpoint,
-            region,
             ca_file,
-            credentials,
+            store,
             timeout,
         })
     }
 
-    fn publish_credentials(&self, key: &str, raw: &RawPublish) -> Result<Credentials, ConfigError> {
+    fn azure_credentials(
+        &self,
+        key: &str,
+        raw: &RawPublish,
+    ) -> Result<AzureCredentials, ConfigError> {
+        if raw.account.as_deref().is_some_and(|a| a.trim().is_empty()) {
+            return Err(self.err(format!("{key}.account"), "must not be empty"));
+        }
+        match (&raw.account_key_file, &raw.sas_token_file) {
+            (Some(_), Some(_)) => Err(self.err(
+                format!("{key}.sas_token_file"),
+                "set either account_key_file or sas_token_file, not both",
+            )),
+            (Some(path), None) => {
+                let path = self.resolve(path);
+                self.readable(&format!("{key}.account_key_file"), &path)?;
+                Ok(AzureCredentials::AccountKeyFile(path))
+            }
+            (None, Some(path)) => {
+                let path = self.resolve(path);
+                self.readable(&format!("{key}.sas_token_file"), &path)?;
+                Ok(AzureCredentials::SasTokenFile(path))
+            }
+            (None, None) => Ok(AzureCredentials::Environment),
+        }
+    }
+
+    fn s3_credentials(&self, key: &str, raw: &RawPublish) -> Result<S3Credentials, ConfigError> {
         let files = (
             raw.access_key_id_file.as_ref(),
             raw.secret_access_key_file.as_ref(),
@@ -139,7 +187,7 @@ impl Validator<'_> {
                 let (id, secret) = (self.resolve(id), self.resolve(secret));
                 self.readable(&format!("{key}.access_key_id_file"), &id)?;
                 self.readable(&format!("{key}.secret_access_key_file"), &secret)?;
-                Ok(Credentials::KeyFiles {
+                Ok(S3Credentials::KeyFiles {
                     access_key_id: id,
                     secret_access_key: secret,
                 })
@@ -153,18 +201,19 @@ impl Validator<'_> {
                     .as_deref()
                     .map(|text| self.https_url(&format!("{key}.sts_endpoint"), text))
                     .transpose()?;
-                Ok(Credentials::WebIdentity {
+                Ok(S3Credentials::WebIdentity {
                     role_arn: role_arn.clone(),
                     token_file,
                     sts_endpoint,
                 })
             }
-            _ => Ok(Credentials::Environment),
+            _ => Ok(S3Credentials::Environment),
         }
     }
 
-    /// An `http(s)://host[:port][/]` URL of a store, with no user info.
-    fn store_url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
+    /// An `http(s)://host[:port][/]` URL of a store, with no user info; with `path`, also a
+    /// path (Azure's path-style endpoints end with the account: Azurite, Azure Stack).
+    fn store_url(&self, key: &str, text: &str, path: bool) -> Result<url::Url, ConfigError> {
         let shown = redacted_text(text);
         let url = url::Url::parse(text)
             .map_err(|e| self.err(key, format!("{shown:?} is not a URL: {e}")))?;
@@ -177,7 +226,7 @@ impl Validator<'_> {
                 format!("{shown:?} must not contain user info (user:password@): it would be shown in logs and /status"),
             ));
         }
-        if url.query().is_some() || url.fragment().is_some() || url.path() != "/" {
+        if url.query().is_some() || url.fragment().is_some() || (url.path() != "/" && !path) {
             return Err(self.err(
                 key,
                 format!(

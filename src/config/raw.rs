@@ -44,7 +44,36 @@ pub(super) struct RawPublish {
     pub(super) role_arn: Option<String>,
     pub(super) web_identity_token_file: Option<PathBuf>,
     pub(super) sts_endpoint: Option<String>,
+    pub(super) account: Option<String>,
+    pub(super) account_key_file: Option<PathBuf>,
+    pub(super) sas_token_file: Option<PathBuf>,
     pub(super) timeout: Option<String>,
+}
+
+impl RawPublish {
+    /// The store-specific keys that are set, for "not used by s3:// targets" errors.
+    pub(super) fn set_keys(&self) -> Vec<&'static str> {
+        [
+            ("region", self.region.is_some()),
+            ("access_key_id_file", self.access_key_id_file.is_some()),
+            (
+                "secret_access_key_file",
+                self.secret_access_key_file.is_some(),
+            ),
+            ("role_arn", self.role_arn.is_some()),
+            (
+                "web_identity_token_file",
+                self.web_identity_token_file.is_some(),
+            ),
+            ("sts_endpoint", self.sts_endpoint.is_some()),
+            ("account", self.account.is_some()),
+            ("account_key_file", self.account_key_file.is_some()),
+            ("sas_token_file", self.sas_token_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]

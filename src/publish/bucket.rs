@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use aws_lc_rs::digest;
-use object_store::aws::{
-    AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCredentialProvider,
-};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, AttributeValue, Attributes, BackoffConfig, Certificate, ClientOptions,
-    CredentialProvider, GetOptions, ObjectStore as _, PutMode, PutOptions, PutPayload, RetryConfig,
+    Attribute, AttributeValue, Attributes, BackoffConfig, Certificate, ClientOptions, GetOptions,
+    ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::target::{Credentials, PublishTarget};
+use super::target::{PublishTarget, Store};
 use crate::display::error_chain;
 use crate::jwks::store::Document;
 
@@ -24,9 +21,6 @@ use crate::jwks::store::Document;
 /// is the body's MD5 only for some uploads (not multipart, not SSE-KMS), so change detection
 /// reads this instead (s3-publish-facts §4).
 const SHA256_METADATA: &str = "sha256";
-
-/// The signing region when neither the target nor the environment names one.
-const DEFAULT_REGION: &str = "us-east-1";
 
 /// Retries of one failed request (a 5xx, a reset connection) within the target's timeout;
 /// the next publish attempt retries the rest.
@@ -36,7 +30,7 @@ const MAX_RETRIES: usize = 2;
 #[derive(Debug)]
 pub struct Bucket {
     target: PublishTarget,
-    store: AmazonS3,
+    store: Arc<dyn ObjectStore>,
 }
 
 /// What one document needs in the bucket.
@@ -71,32 +65,24 @@ impl Bucket {
                 options = options.with_root_certificate(cert);
             }
         }
-        let region = target
-            .region
-            .clone()
-            .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| DEFAULT_REGION.to_owned());
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&target.bucket)
-            .with_region(region)
-            // Path style (`endpoint/bucket/key`) works on S3, R2, B2 and self-hosted stores
-            // alike, and keeps dotted bucket names inside the certificate's name.
-            .with_virtual_hosted_style_request(false)
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: MAX_RETRIES,
-                retry_timeout: target.timeout,
-            });
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: MAX_RETRIES,
+            retry_timeout: target.timeout,
+        };
         if let Some(endpoint) = &target.endpoint {
             options = options.with_allow_http(endpoint.scheme() == "http");
-            builder = builder.with_endpoint(endpoint.as_str().trim_end_matches('/'));
         }
-        // Before the credentials: the STS client takes the same roots and timeouts.
-        builder = builder.with_client_options(options);
-        let store = with_credentials(builder, to, &target.credentials)?
-            .build()
-            .map_err(|e| anyhow!("{to}: {}", one_line(&e.to_string())))?;
+        let store = match &target.store {
+            Store::S3 {
+                region,
+                credentials,
+            } => super::s3::open(target, region.as_deref(), credentials, options, retry)?,
+            Store::Azure {
+                account,
+                credentials,
+            } => super::azure::open(target, account.as_deref(), credentials, options, retry)?,
+        };
         Ok(Self {
             target: target.clone(),
             store,
@@ -219,107 +205,8 @@ fn sha256_hex(body: &[u8]) -> String {
         .collect()
 }
 
-fn with_credentials(
-    builder: AmazonS3Builder,
-    to: &str,
-    credentials: &Credentials,
-) -> anyhow::Result<AmazonS3Builder> {
-    let read = |what: &str, path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .map(|text| text.trim().to_owned())
-            .with_context(|| format!("{to}: cannot read {what} {}", path.display()))
-    };
-    // object_store's own exchange (it re-reads the token file, caches the credentials until
-    // shortly before they expire), wrapped so that its failures say they are the exchange:
-    // its errors only name "POST REDACTED".
-    let web_identity = |builder: AmazonS3Builder, role: &str, token: &str, sts: Option<&str>| {
-        let mut exchange = builder
-            .clone()
-            .with_config(AmazonS3ConfigKey::RoleArn, role)
-            .with_config(AmazonS3ConfigKey::WebIdentityTokenFile, token)
-            .with_config(AmazonS3ConfigKey::RoleSessionName, "oidc-edge-publish");
-        if let Some(sts) = sts {
-            exchange = exchange.with_config(AmazonS3ConfigKey::StsEndpoint, sts);
-        }
-        let exchange = exchange
-            .build()
-            .map_err(|e| anyhow!("{to}: {}", one_line(&e.to_string())))?;
-        let sts = sts.map_or_else(|| "the regional AWS STS".to_owned(), str::to_owned);
-        anyhow::Ok(builder.with_credentials(Arc::new(WebIdentityExchange {
-            inner: Arc::clone(exchange.credentials()),
-            what: format!("AssumeRoleWithWebIdentity of {role} with {token} at {sts}"),
-        })))
-    };
-    Ok(match credentials {
-        Credentials::KeyFiles {
-            access_key_id,
-            secret_access_key,
-        } => builder
-            .with_access_key_id(read("access_key_id_file", access_key_id)?)
-            .with_secret_access_key(read("secret_access_key_file", secret_access_key)?),
-        Credentials::WebIdentity {
-            role_arn,
-            token_file,
-            sts_endpoint,
-        } => web_identity(
-            builder,
-            role_arn,
-            &token_file.to_string_lossy(),
-            sts_endpoint.as_ref().map(url::Url::as_str),
-        )?,
-        Credentials::Environment => {
-            if let (Some(id), Some(secret)) =
-                (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
-            {
-                let builder = builder
-                    .with_access_key_id(id)
-                    .with_secret_access_key(secret);
-                match env("AWS_SESSION_TOKEN") {
-                    Some(token) => builder.with_token(token),
-                    None => builder,
-                }
-            } else if let (Some(role), Some(token)) =
-                (env("AWS_ROLE_ARN"), env("AWS_WEB_IDENTITY_TOKEN_FILE"))
-            {
-                let sts = env("AWS_ENDPOINT_URL_STS");
-                web_identity(builder, &role, &token, sts.as_deref())?
-            } else {
-                bail!(
-                    "{to}: no credentials: set access_key_id_file and secret_access_key_file or \
-                     role_arn and web_identity_token_file in the target, or AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY, or AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE in the \
-                     environment (the instance metadata service is never asked)"
-                );
-            }
-        }
-    })
-}
-
-/// The web-identity credential provider, its failures labelled as the exchange they are.
-#[derive(Debug)]
-struct WebIdentityExchange {
-    inner: AwsCredentialProvider,
-    /// `AssumeRoleWithWebIdentity of ROLE with TOKEN_FILE at STS`: never the token itself.
-    what: String,
-}
-
-#[async_trait::async_trait]
-impl CredentialProvider for WebIdentityExchange {
-    type Credential = AwsCredential;
-
-    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
-        self.inner
-            .get_credential()
-            .await
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: format!("{}: {}", self.what, error_chain(&e)).into(),
-            })
-    }
-}
-
 /// A non-empty environment variable.
-fn env(name: &str) -> Option<String> {
+pub(super) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
@@ -330,7 +217,7 @@ fn at(url: &str, error: &object_store::Error) -> anyhow::Error {
     anyhow!("{url}: {}", one_line(&error_chain(error)))
 }
 
-fn one_line(text: &str) -> String {
+pub(super) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

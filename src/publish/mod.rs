@@ -8,7 +8,9 @@
 //! change, on a slow heartbeat (to repair a bucket someone edited), and with capped backoff
 //! after a failure.
 
+mod azure;
 pub mod bucket;
+mod s3;
 pub mod target;
 
 use std::sync::{Arc, Mutex};

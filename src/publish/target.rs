@@ -1,35 +1,52 @@
-//! What one `[[issuers.publish]]` table says: a bucket prefix that receives the issuer's two
-//! documents, where the store is, and how to authenticate to it.
+//! What one `[[issuers.publish]]` table says: a bucket (or container) prefix that receives the
+//! issuer's two documents, where the store is, and how to authenticate to it.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// One S3-compatible bucket prefix (S3, R2, B2, SeaweedFS, Garage) that gets an issuer's
-/// documents, as `serve` would answer them.
+/// One object-storage prefix that gets an issuer's documents, as `serve` would answer them.
 #[derive(Debug, Clone)]
 pub struct PublishTarget {
-    /// `s3://bucket/prefix` as written in the config: the target's name in every message.
+    /// `s3://bucket/prefix` or `az://container/prefix` as written in the config: the target's
+    /// name in every message.
     pub to: String,
+    /// The bucket (S3) or container (Azure Blob; `$web` for a static website).
     pub bucket: String,
     /// The key prefix, without a leading or trailing `/`; empty for the bucket's root.
     pub prefix: String,
-    /// The store's API endpoint (R2, B2, a self-hosted store); `None` is AWS S3 itself.
+    /// The store's API endpoint (R2, B2, a self-hosted store, Azurite); `None` is the cloud's
+    /// own (AWS S3, `https://<account>.blob.core.windows.net`).
     pub endpoint: Option<url::Url>,
-    /// The signing region; R2 takes `auto` (s3-publish-facts §3). `None`: `AWS_REGION`, else
-    /// `AWS_DEFAULT_REGION`, else `us-east-1`, when the publisher starts.
-    pub region: Option<String>,
-    /// A CA bundle for the store and its STS, beside the system roots.
+    /// A CA bundle for the store and its token exchange, beside the system roots.
     pub ca_file: Option<PathBuf>,
-    pub credentials: Credentials,
     /// One request to the store, the retries of a failed one included.
     pub timeout: Duration,
+    pub store: Store,
 }
 
-/// How the publisher authenticates, as the platform hands credentials out. The instance
+/// The kind of store, with what only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// S3 and the S3-compatible stores (R2, B2, MinIO, SeaweedFS, Garage).
+    S3 {
+        /// The signing region; R2 takes `auto` (s3-publish-facts §3). `None`: `AWS_REGION`,
+        /// else `AWS_DEFAULT_REGION`, else `us-east-1`, when the publisher starts.
+        region: Option<String>,
+        credentials: S3Credentials,
+    },
+    /// Azure Blob Storage.
+    Azure {
+        /// The storage account; `None`: `AZURE_STORAGE_ACCOUNT_NAME` when the publisher starts.
+        account: Option<String>,
+        credentials: AzureCredentials,
+    },
+}
+
+/// How an S3 publisher authenticates, as the platform hands credentials out. The instance
 /// metadata service is never asked: a publisher with no credentials fails with a message
 /// that names what it looked for, instead of hanging on a link-local address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credentials {
+pub enum S3Credentials {
     /// Two files holding the access key id and the secret (a Kubernetes Secret volume,
     /// systemd's `LoadCredential=`), read at start.
     KeyFiles {
@@ -51,6 +68,19 @@ pub enum Credentials {
     Environment,
 }
 
+/// How an Azure Blob publisher authenticates; never the instance metadata service either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AzureCredentials {
+    /// A file holding the storage account key, read at start.
+    AccountKeyFile(PathBuf),
+    /// A file holding a SAS token (`sv=…&sig=…`), read at start.
+    SasTokenFile(PathBuf),
+    /// Whatever the environment holds when the publisher starts: `AZURE_STORAGE_ACCOUNT_KEY`,
+    /// else `AZURE_STORAGE_SAS_TOKEN`, else workload identity as the AKS webhook injects it
+    /// (`AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`).
+    Environment,
+}
+
 /// What a request to the store may take, retries included, unless the target says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -65,8 +95,12 @@ impl PublishTarget {
         }
     }
 
-    /// `s3://bucket/key`, for messages.
+    /// `s3://bucket/key` or `az://container/key`, for messages.
     pub fn object_url(&self, key: &str) -> String {
-        format!("s3://{}/{key}", self.bucket)
+        let scheme = match self.store {
+            Store::S3 { .. } => "s3",
+            Store::Azure { .. } => "az",
+        };
+        format!("{scheme}://{}/{key}", self.bucket)
     }
 }

@@ -321,12 +321,17 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "publish to a URL that is not s3",
             publish("to = \"https://bucket.example.com/site\""),
-            "issuers[0].publish[0].to: \"https://bucket.example.com/site\": scheme \"https\" is not \"s3\" (s3://bucket/prefix)",
+            "issuers[0].publish[0].to: \"https://bucket.example.com/site\": scheme \"https\" is not \"s3\" (s3://bucket/prefix) or \"az\" (az://container/prefix)",
         ),
         (
-            "publish to azure",
-            publish("to = \"az://$web/site\""),
-            "issuers[0].publish[0].to: \"az://$web/site\": Azure Blob targets are not supported yet; use s3://bucket/prefix",
+            "publish an s3 key on an azure target",
+            publish("to = \"az://$web/site\"\nregion = \"auto\""),
+            "issuers[0].publish[0].region: is not used by az:// targets",
+        ),
+        (
+            "publish an azure key on an s3 target",
+            publish("to = \"s3://bucket\"\naccount_key_file = \"jwks.json\""),
+            "issuers[0].publish[0].account_key_file: is not used by s3:// targets",
         ),
         (
             "publish to a bucket with a port",

@@ -565,3 +565,98 @@ async fn credentials_come_from_the_environment_and_their_absence_is_named() {
     assert_eq!(status, 200);
     assert!(!text(&out.stderr).contains(&secret), "no secret in the log");
 }
+
+/// Azure Blob (a static website's `$web` container) on Azurite, which checks SharedKey
+/// signatures: the same documents and headers as `serve`, the JWKS first, nothing rewritten
+/// when unchanged; a wrong account key is refused with Azure's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_once_keeps_an_azure_static_website_container_in_step() {
+    use crate::support::azurite::{ACCOUNT, ACCOUNT_KEY, Azurite};
+
+    let Some(azurite) = Azurite::start() else {
+        return;
+    };
+    azurite.create_container("$web").await;
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    scratch.write("account-key", &format!("{ACCOUNT_KEY}\n"));
+    let mut target = toml::Table::new();
+    for (k, v) in [
+        ("to", "az://$web/site".to_owned()),
+        ("endpoint", azurite.endpoint()),
+        ("account", ACCOUNT.to_owned()),
+        ("account_key_file", "account-key".to_owned()),
+    ] {
+        target.insert(k.to_owned(), v.into());
+    }
+    let config = TestConfig::file_source("1s")
+        .set("issuers.0.jwks_content_type", "application/jwk-set+json")
+        .publish(target.clone())
+        .write(&scratch);
+    let run = |config: &std::path::Path| {
+        Command::new(bin())
+            .args(["publish", "--once", "--config"])
+            .arg(config)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .output()
+            .expect("run oidc-edge publish")
+    };
+
+    let out = run(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("az://$web/{JWKS_KEY}: written\naz://$web/{DISCOVERY_KEY}: written\n")
+    );
+    let server = Binary::start(
+        &scratch.write(
+            "serve.toml",
+            &TestConfig::file_source("1s")
+                .set("issuers.0.jwks_content_type", "application/jwk-set+json")
+                .text(),
+        ),
+    );
+    let http = crate::support::clients::client();
+    for (key, path) in [
+        (JWKS_KEY, "/openid/v1/jwks"),
+        (DISCOVERY_KEY, "/.well-known/openid-configuration"),
+    ] {
+        let served = http.get(server.url(path)).send().await.expect("GET");
+        let served_headers = served.headers().clone();
+        let served_body = served.bytes().await.expect("body").to_vec();
+        let (status, headers, body) = azurite.blob("$web", key).await;
+        assert_eq!(status, 200, "{key}: {}", text(&body));
+        assert_eq!(body, served_body, "{key}");
+        for name in ["content-type", "cache-control"] {
+            assert_eq!(headers.get(name), served_headers.get(name), "{key}: {name}");
+        }
+    }
+    drop(server);
+
+    let out = run(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("az://$web/{JWKS_KEY}: unchanged\naz://$web/{DISCOVERY_KEY}: unchanged\n")
+    );
+
+    // A wrong key (the right length, another value) is refused, naming the object.
+    let wrong = ACCOUNT_KEY.replace('E', "F");
+    scratch.write("wrong-key", &wrong);
+    target.insert("account_key_file".to_owned(), "wrong-key".into());
+    let wrong_config = TestConfig::file_source("1s")
+        .set("issuers.0.jwks_content_type", "application/jwk-set+json")
+        .publish(target)
+        .write(&scratch);
+    scratch.replace("jwks.json", ROTATED);
+    let out = run(&wrong_config);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let line = stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with(&format!("oidc-edge: az://$web/{JWKS_KEY}: ")) && line.contains("403"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&wrong), "no key in the log");
+}

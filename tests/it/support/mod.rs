@@ -2,6 +2,7 @@
 //! below. Every server a test starts binds 127.0.0.1 port 0 and is stopped when its handle
 //! drops: a process by its PID, an in-process server by its shutdown signal.
 
+pub mod azurite; // Azurite (Azure Blob emulator) on port 0, SharedKey-signed requests
 pub mod broken_site; // deliberately broken issuers for the doctor
 pub mod clients; // the one HTTP client builder, the rustls client config, HTTPS assertions
 pub mod config; // config files built over `toml::Table`, not spliced from strings

@@ -8,6 +8,7 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 use super::bucket::{env, one_line};
+use super::connector::PublicRoots;
 use super::target::{AzureCredentials, PublishTarget};
 
 /// The target's container. With an `endpoint`, blobs are at `endpoint/container/key` (path
@@ -19,6 +20,7 @@ pub(super) fn open(
     credentials: &AzureCredentials,
     options: ClientOptions,
     retry: RetryConfig,
+    connector: PublicRoots,
 ) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let to = &target.to;
     let Some(account) = account
@@ -28,6 +30,7 @@ pub(super) fn open(
         bail!("{to}: no storage account: set account in the target, or AZURE_STORAGE_ACCOUNT_NAME");
     };
     let mut builder = MicrosoftAzureBuilder::new()
+        .with_http_connector(connector)
         .with_account(account)
         .with_container_name(&target.bucket)
         .with_retry(retry)

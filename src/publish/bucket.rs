@@ -9,10 +9,11 @@ use anyhow::{Context as _, anyhow, bail};
 use aws_lc_rs::digest;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, AttributeValue, Attributes, BackoffConfig, Certificate, ClientOptions, GetOptions,
-    ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectStore,
+    PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
+use super::connector::PublicRoots;
 use super::target::{PublishTarget, Store};
 use crate::display::error_chain;
 use crate::jwks::store::Document;
@@ -53,18 +54,25 @@ impl Bucket {
     /// Nothing goes on the network yet.
     pub fn open(target: &PublishTarget) -> anyhow::Result<Self> {
         let to = &target.to;
+        let connect_timeout = target.timeout.min(Duration::from_secs(5));
         let mut options = ClientOptions::new()
             .with_timeout(target.timeout)
-            .with_connect_timeout(target.timeout.min(Duration::from_secs(5)));
-        if let Some(path) = &target.ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("{to}: cannot read ca_file {}", path.display()))?;
-            let certs = Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow!("{to}: ca_file {}: {e}", path.display()))?;
-            for cert in certs {
-                options = options.with_root_certificate(cert);
-            }
-        }
+            .with_connect_timeout(connect_timeout);
+        let ca = match &target.ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("{to}: cannot read ca_file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let connector =
+            PublicRoots::new(ca.as_deref(), target.timeout, connect_timeout).map_err(|e| {
+                let path = target
+                    .ca_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
+                anyhow!("{to}: ca_file {}: {e}", path.display())
+            })?;
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
             max_retries: MAX_RETRIES,
@@ -77,11 +85,25 @@ impl Bucket {
             Store::S3 {
                 region,
                 credentials,
-            } => super::s3::open(target, region.as_deref(), credentials, options, retry)?,
+            } => super::s3::open(
+                target,
+                region.as_deref(),
+                credentials,
+                options,
+                retry,
+                connector,
+            )?,
             Store::Azure {
                 account,
                 credentials,
-            } => super::azure::open(target, account.as_deref(), credentials, options, retry)?,
+            } => super::azure::open(
+                target,
+                account.as_deref(),
+                credentials,
+                options,
+                retry,
+                connector,
+            )?,
         };
         Ok(Self {
             target: target.clone(),

@@ -10,6 +10,7 @@
 
 mod azure;
 pub mod bucket;
+mod connector;
 mod s3;
 pub mod target;
 

@@ -8,6 +8,7 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCr
 use object_store::{ClientOptions, CredentialProvider, ObjectStore, RetryConfig};
 
 use super::bucket::{env, one_line};
+use super::connector::PublicRoots;
 use super::target::{PublishTarget, S3Credentials};
 use crate::display::error_chain;
 
@@ -22,6 +23,7 @@ pub(super) fn open(
     credentials: &S3Credentials,
     options: ClientOptions,
     retry: RetryConfig,
+    connector: PublicRoots,
 ) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let to = &target.to;
     let region = region
@@ -30,6 +32,7 @@ pub(super) fn open(
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .unwrap_or_else(|| DEFAULT_REGION.to_owned());
     let mut builder = AmazonS3Builder::new()
+        .with_http_connector(connector)
         .with_bucket_name(&target.bucket)
         .with_region(region)
         // Path style (`endpoint/bucket/key`) works on S3, R2, B2 and self-hosted stores

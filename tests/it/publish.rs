@@ -493,6 +493,28 @@ async fn the_publisher_buys_its_s3_credentials_with_a_service_account_token_of_t
         "STS fetched the issuer's documents to verify the token"
     );
 
+    // The trust is Mozilla's roots plus ca_file, never the system store (L9: the scratch image
+    // has none): with the test CA only in SSL_CERT_FILE, STS's certificate is refused.
+    let no_ca_path = scratch.write(
+        "publisher-no-ca.toml",
+        &config
+            .clone()
+            .remove_key("issuers.0.publish.0.ca_file")
+            .text(),
+    );
+    std::fs::remove_dir_all(scratch.path("publisher-state")).expect("fresh state");
+    let out = Command::new(bin())
+        .args(["publish", "--once", "--config"])
+        .arg(&no_ca_path)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SSL_CERT_FILE", scratch.path("test-ca.pem"))
+        .output()
+        .expect("run oidc-edge publish");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+
     // A token STS refuses (another audience) fails with STS's reason, naming the object.
     let wrong = cluster.token(LISTER_NAMESPACE, LISTER, &[]).await;
     scratch.replace("aws-token", &wrong);

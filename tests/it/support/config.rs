@@ -108,6 +108,31 @@ impl TestConfig {
         self
     }
 
+    /// Removes a dotted key (`issuers.0.publish.0.ca_file`), which must exist.
+    pub fn remove_key(mut self, key: &str) -> Self {
+        let (path, last) = key.rsplit_once('.').expect("a dotted key");
+        let mut parts = path.split('.');
+        let first = parts.next().expect("a part");
+        let mut at = self
+            .table
+            .get_mut(first)
+            .unwrap_or_else(|| panic!("{key}: no {first}"));
+        for part in parts {
+            at = match at {
+                toml::Value::Array(array) => &mut array[part.parse::<usize>().expect("an index")],
+                toml::Value::Table(table) => table
+                    .get_mut(part)
+                    .unwrap_or_else(|| panic!("{key}: no {part}")),
+                _ => panic!("{key}: {part} is in neither a table nor an array"),
+            };
+        }
+        at.as_table_mut()
+            .expect("a table")
+            .remove(last)
+            .unwrap_or_else(|| panic!("{key} is not set"));
+        self
+    }
+
     /// Adds an `[[issuers.publish]]` target to the last issuer.
     pub fn publish(mut self, target: toml::Table) -> Self {
         let issuer = self.table["issuers"]

@@ -16,8 +16,8 @@ Run with the venv's python (PyYAML), by scripts/manifests-test:
       `oidc-edge check-config` can be run on exactly what the pod gets.
   manifests-check.py break WHAT RENDERED OUT
       Writes a copy of RENDERED with one deliberate fault (see break_copy), for the test
-      that proves the checks can fail, or, for WHAT = r2-keys, the documented edit that
-      publishes to R2 with keys from a Secret, which the checks must accept.
+      that proves the checks can fail, or, for WHAT = r2-keys or azure-sas, a documented edit
+      (R2 or Azure Blob, with keys from a Secret) that the checks must accept.
   manifests-check.py enable-component KUSTOMIZATION RELPATH
       Adds a component to a (temporary copy of a) kustomization.yaml.
 """
@@ -42,7 +42,12 @@ LONG_RUNNING_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
 RUN_ONCE_KINDS = {"Job", "CronJob"}
 
 # Credentials a manifest must never spell out (they belong in a Secret).
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_TOKEN",
+)
+# The keys of a publish target that name a secret file (S3 keys, an Azure account key or SAS).
+SECRET_FILE_KEYS = ("access_key_id_file", "secret_access_key_file", "account_key_file", "sas_token_file")
 
 # The only role any binding may grant: reading the two discovery documents. A later workload
 # that needs more must add it here, on purpose.
@@ -232,7 +237,7 @@ def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
         if "value" in env.get(name, {}):
             fail(cw, f"env {name} is written into the manifest: use valueFrom.secretKeyRef (or the *_file keys)")
 
-    def web_identity_token(where, path):
+    def web_identity_token(where, path, audience):
         m, token = mounted_file(pod, c, path)
         sat = (token or {}).get("serviceAccountToken")
         if sat is None:
@@ -240,8 +245,8 @@ def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
             return
         used_tokens.add(m["name"])
         if not sat.get("audience"):
-            fail(where, "the web identity token must have the audience of the IAM OIDC provider "
-                        "(sts.amazonaws.com), never the apiserver's own (no audience)")
+            fail(where, f"the web identity token must have the audience of {audience}, "
+                        "never the apiserver's own (no audience)")
         if not 600 <= sat.get("expirationSeconds", 3600) <= 3600:
             fail(where, "the web identity token must live at most an hour (expirationSeconds)")
         if not m.get("readOnly"):
@@ -251,12 +256,14 @@ def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
     for i, issuer in enumerate(config.get("issuers", [])):
         for t, target in enumerate(issuer.get("publish", [])):
             tw = f"{cw} issuers[{i}].publish[{t}] ({target.get('to')})"
+            azure = str(target.get("to", "")).startswith("az://")
             if "web_identity_token_file" in target:
-                web_identity_token(tw, resolve(config_dir, target["web_identity_token_file"]))
-            elif "access_key_id_file" in target or "secret_access_key_file" in target:
-                for key in ("access_key_id_file", "secret_access_key_file"):
+                web_identity_token(tw, resolve(config_dir, target["web_identity_token_file"]),
+                                   "the IAM OIDC provider (sts.amazonaws.com)")
+            elif any(key in target for key in SECRET_FILE_KEYS):
+                for key in SECRET_FILE_KEYS:
                     if key not in target:
-                        continue  # check-config names the missing half
+                        continue  # check-config names a missing half
                     path = resolve(config_dir, target[key])
                     m = secret_file(pod, c, path)
                     if m is None:
@@ -265,15 +272,27 @@ def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
                         if not m.get("readOnly"):
                             fail(tw, f"the Secret mount at {m['mountPath']} must be readOnly")
                         pod_files.append(("secret", path))
-            # The environment, in the binary's order: keys, then web identity.
-            elif "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env:
+            # The environment, in the binary's order.
+            elif azure and {"AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_TOKEN"} & env.keys():
                 pass  # from a Secret (a literal secret fails above)
-            elif "value" in env.get("AWS_WEB_IDENTITY_TOKEN_FILE", {}) and "AWS_ROLE_ARN" in env:
+            elif azure and "value" in env.get("AZURE_FEDERATED_TOKEN_FILE", {}):
+                web_identity_token(f"{tw} (env AZURE_FEDERATED_TOKEN_FILE)",
+                                   env["AZURE_FEDERATED_TOKEN_FILE"]["value"],
+                                   "the Entra ID federated credential (api://AzureADTokenExchange)")
+            elif azure and pod.labels.get("azure.workload.identity/use") == "true":
+                pass  # AKS's webhook adds the token and AZURE_* variables when the pod is created
+            elif not azure and "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env:
+                pass  # from a Secret (a literal secret fails above)
+            elif not azure and "value" in env.get("AWS_WEB_IDENTITY_TOKEN_FILE", {}) and "AWS_ROLE_ARN" in env:
                 web_identity_token(f"{tw} (env AWS_WEB_IDENTITY_TOKEN_FILE)",
-                                   env["AWS_WEB_IDENTITY_TOKEN_FILE"]["value"])
+                                   env["AWS_WEB_IDENTITY_TOKEN_FILE"]["value"],
+                                   "the IAM OIDC provider (sts.amazonaws.com)")
             elif not any("secretRef" in e for e in c.get("envFrom") or []):
-                fail(tw, "has no credentials: no key files, no web identity, and no AWS_* variables "
-                         "in the container (the publisher refuses to start)")
+                fail(tw, "has no credentials: no key files, no web identity, and no credentials in "
+                         "the container's environment (the publisher refuses to start)")
+            if azure and "account" not in target and "AZURE_STORAGE_ACCOUNT_NAME" not in env \
+                    and not c.get("envFrom"):
+                fail(tw, "names no storage account: set account, or AZURE_STORAGE_ACCOUNT_NAME")
 
 
 def check_oidc_edge(pod, configmaps, out_dir, index):
@@ -599,35 +618,46 @@ def break_copy(what, rendered, out):
         volumes["state"]["emptyDir"] = {}
     elif what == "cronjob-concurrency":
         workload["spec"]["concurrencyPolicy"] = "Allow"
-    # Not a fault: the edit the README gives for R2 (keys from a Secret in place of the web
-    # identity token), which must pass every check.
-    elif what == "r2-keys":
-        r2 = "/var/run/secrets/oidc-edge/r2"
+    # Not faults: the edits the README gives for R2 (keys from a Secret in place of the web
+    # identity token) and for an Azure static website (a SAS from a Secret), which must pass
+    # every check.
+    elif what in ("r2-keys", "azure-sas"):
+        if what == "r2-keys":
+            name, mount = "r2-keys", "/var/run/secrets/oidc-edge/r2"
+            lines = {
+                "region": ['endpoint = "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com"',
+                           'region = "auto"'],
+                "role_arn": [f'access_key_id_file = "{mount}/access_key_id"'],
+                "web_identity_token_file": [f'secret_access_key_file = "{mount}/secret_access_key"'],
+            }
+        else:
+            name, mount = "azure-sas", "/var/run/secrets/oidc-edge/azure"
+            lines = {
+                "to": ['to = "az://$web"'],
+                "region": ['account = "oidcexample"'],
+                "role_arn": [f'sas_token_file = "{mount}/sas_token"'],
+                "web_identity_token_file": [],
+            }
 
-        def to_r2(text):
-            lines = []
+        def edit(text):
+            out = []
             for line in text.splitlines():
                 indent = line[: len(line) - len(line.lstrip())]
                 key = line.lstrip().split(" ", 1)[0]
-                if key == "region":
-                    lines.append(f'{indent}endpoint = "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com"')
-                    lines.append(f'{indent}region = "auto"')
-                elif key == "role_arn":
-                    lines.append(f'{indent}access_key_id_file = "{r2}/access_key_id"')
-                elif key == "web_identity_token_file":
-                    lines.append(f'{indent}secret_access_key_file = "{r2}/secret_access_key"')
+                if key in lines:
+                    out.extend(indent + new for new in lines[key])
                 else:
-                    lines.append(line)
-            return "\n".join(lines) + "\n"
+                    out.append(line)
+            return "\n".join(out) + "\n"
 
-        config_edit(to_r2)
+        config_edit(edit)
         aws = next(n for n, v in volumes.items() if any(
             "audience" in src.get("serviceAccountToken", {}) for src in dig(v, "projected", "sources") or []))
         pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != aws] + [
-            {"name": "r2-keys", "secret": {"secretName": "oidc-edge-r2", "defaultMode": 0o440}}
+            {"name": name, "secret": {"secretName": f"oidc-edge-{name}", "defaultMode": 0o440}}
         ]
         container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != aws] + [
-            {"name": "r2-keys", "mountPath": r2, "readOnly": True}
+            {"name": name, "mountPath": mount, "readOnly": True}
         ]
     else:
         sys.exit(f"unknown fault {what}")

@@ -11,11 +11,13 @@ Run with the venv's python (PyYAML), by scripts/manifests-test:
       Checks every object; prints each failure and exits 1 if any. For every oidc-edge
       container, writes the mounted config directory to OUT_DIR/<n>/config/ (every key of the
       ConfigMap, as the pod sees it), its --config file name to OUT_DIR/<n>/config-file, and
-      the files the pod's projected token volume provides to OUT_DIR/<n>/pod-files, so that
+      the files its projected token volumes and Secret volumes provide to
+      OUT_DIR/<n>/pod-files ("token PATH", "ca PATH", "secret PATH"), so that
       `oidc-edge check-config` can be run on exactly what the pod gets.
   manifests-check.py break WHAT RENDERED OUT
       Writes a copy of RENDERED with one deliberate fault (see break_copy), for the test
-      that proves the checks can fail.
+      that proves the checks can fail, or, for WHAT = r2-keys or azure-sas, a documented edit
+      (R2 or Azure Blob, with keys from a Secret) that the checks must accept.
   manifests-check.py enable-component KUSTOMIZATION RELPATH
       Adds a component to a (temporary copy of a) kustomization.yaml.
 """
@@ -34,6 +36,18 @@ IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 DEFAULT_STATE_DIR = "/var/lib/oidc-edge"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+
+# A workload that runs until stopped, and one that runs to completion (`publish --once`).
+LONG_RUNNING_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
+RUN_ONCE_KINDS = {"Job", "CronJob"}
+
+# Credentials a manifest must never spell out (they belong in a Secret).
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_TOKEN",
+)
+# The keys of a publish target that name a secret file (S3 keys, an Azure account key or SAS).
+SECRET_FILE_KEYS = ("access_key_id_file", "secret_access_key_file", "account_key_file", "sas_token_file")
 
 # The only role any binding may grant: reading the two discovery documents. A later workload
 # that needs more must add it here, on purpose.
@@ -101,8 +115,10 @@ class Pod:
         self.spec = template["spec"]
         self.where = name_of(owner)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
-        # Filled by check_oidc_edge: (container, parsed config) per oidc-edge container.
+        # Filled by check_oidc_edge: (container, parsed config) per oidc-edge container, and
+        # whether one of them runs `publish` (no public listener).
         self.configs = []
+        self.publishes = False
 
 
 def check_security(pod):
@@ -164,6 +180,121 @@ def mounted_file(pod, container, path):
     return None, None
 
 
+def secret_file(pod, container, path):
+    """The mount that provides `path` from a Secret volume in `container`, if any."""
+    for m in container.get("volumeMounts") or []:
+        if m.get("subPath") or not under(path, m["mountPath"]) or path == m["mountPath"]:
+            continue
+        volume = pod.volumes.get(m["name"]) or {}
+        sources = dig(volume, "projected", "sources") or []
+        if "secret" in volume or any("secret" in s for s in sources):
+            return m
+    return None
+
+
+def resolve(config_dir, path):
+    """A path of the config as the binary resolves it: relative to the config's directory."""
+    return path if posixpath.isabs(path) else posixpath.normpath(posixpath.join(config_dir, path))
+
+
+def check_publisher(pod, c, cw, args, config, admin_port, state):
+    """A container that runs `publish`: where it runs, what it exposes, where its state is."""
+    pod.publishes = True
+    once = "--once" in args
+    kind = pod.owner["kind"]
+    if not any(issuer.get("publish") for issuer in config.get("issuers", [])):
+        fail(cw, "runs publish, but no issuer of its config has an [[issuers.publish]] target")
+    if once and kind not in RUN_ONCE_KINDS:
+        fail(cw, f"publish --once exits after one run: a {kind} would restart it in a loop (use a CronJob)")
+    if not once and kind not in LONG_RUNNING_KINDS:
+        fail(cw, f"publish runs until stopped: a {kind} never completes (use --once, or a Deployment)")
+    # Only the admin listener is bound (and none with --once): any other port is a mistake.
+    for p in c.get("ports") or []:
+        if once or p["containerPort"] != admin_port:
+            fail(cw, f"port {p.get('name', p['containerPort'])}: publish binds no public listener"
+                 + (" (and none at all with --once)" if once else ", only the admin port"))
+    if kind == "Deployment":
+        if dig(pod.owner, "spec", "replicas") not in (None, 1):
+            fail(pod.where, "replicas must be 1: two publishers keep their own rotation grace and overwrite each other")
+        if dig(pod.owner, "spec", "strategy", "type") != "Recreate":
+            fail(pod.where, "strategy.type must be Recreate: a rolling update runs two publishers at once")
+    if once:
+        # Each run is a new pod: only a claim carries the retained keys to the next one.
+        if not any(
+            under(state, m["mountPath"]) and "persistentVolumeClaim" in pod.volumes.get(m["name"], {})
+            for m in c.get("volumeMounts") or []
+        ):
+            fail(cw, f"[state] dir {state} must be on a persistentVolumeClaim: every run is a new pod, "
+                     "and an emptyDir would lose the keys kept for key_retention")
+    if kind == "CronJob" and dig(pod.owner, "spec", "concurrencyPolicy") != "Forbid":
+        fail(pod.where, "concurrencyPolicy must be Forbid: two runs would share the state and write the same objects")
+
+
+def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
+    """Every publish target's credentials, as the pod provides them."""
+    env = {e["name"]: e for e in c.get("env") or []}
+    for name in SECRET_ENV:
+        if "value" in env.get(name, {}):
+            fail(cw, f"env {name} is written into the manifest: use valueFrom.secretKeyRef (or the *_file keys)")
+
+    def web_identity_token(where, path, audience):
+        m, token = mounted_file(pod, c, path)
+        sat = (token or {}).get("serviceAccountToken")
+        if sat is None:
+            fail(where, f"the web identity token {path} must come from a projected serviceAccountToken")
+            return
+        used_tokens.add(m["name"])
+        if not sat.get("audience"):
+            fail(where, f"the web identity token must have the audience of {audience}, "
+                        "never the apiserver's own (no audience)")
+        if not 600 <= sat.get("expirationSeconds", 3600) <= 3600:
+            fail(where, "the web identity token must live at most an hour (expirationSeconds)")
+        if not m.get("readOnly"):
+            fail(where, f"the token mount at {m['mountPath']} must be readOnly")
+        pod_files.append(("token", path))
+
+    for i, issuer in enumerate(config.get("issuers", [])):
+        for t, target in enumerate(issuer.get("publish", [])):
+            tw = f"{cw} issuers[{i}].publish[{t}] ({target.get('to')})"
+            azure = str(target.get("to", "")).startswith("az://")
+            if "web_identity_token_file" in target:
+                web_identity_token(tw, resolve(config_dir, target["web_identity_token_file"]),
+                                   "the IAM OIDC provider (sts.amazonaws.com)")
+            elif any(key in target for key in SECRET_FILE_KEYS):
+                for key in SECRET_FILE_KEYS:
+                    if key not in target:
+                        continue  # check-config names a missing half
+                    path = resolve(config_dir, target[key])
+                    m = secret_file(pod, c, path)
+                    if m is None:
+                        fail(tw, f"{key} {path} must come from a Secret volume")
+                    else:
+                        if not m.get("readOnly"):
+                            fail(tw, f"the Secret mount at {m['mountPath']} must be readOnly")
+                        pod_files.append(("secret", path))
+            # The environment, in the binary's order.
+            elif azure and {"AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_TOKEN"} & env.keys():
+                pass  # from a Secret (a literal secret fails above)
+            elif azure and "value" in env.get("AZURE_FEDERATED_TOKEN_FILE", {}):
+                web_identity_token(f"{tw} (env AZURE_FEDERATED_TOKEN_FILE)",
+                                   env["AZURE_FEDERATED_TOKEN_FILE"]["value"],
+                                   "the Entra ID federated credential (api://AzureADTokenExchange)")
+            elif azure and pod.labels.get("azure.workload.identity/use") == "true":
+                pass  # AKS's webhook adds the token and AZURE_* variables when the pod is created
+            elif not azure and "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env:
+                pass  # from a Secret (a literal secret fails above)
+            elif not azure and "value" in env.get("AWS_WEB_IDENTITY_TOKEN_FILE", {}) and "AWS_ROLE_ARN" in env:
+                web_identity_token(f"{tw} (env AWS_WEB_IDENTITY_TOKEN_FILE)",
+                                   env["AWS_WEB_IDENTITY_TOKEN_FILE"]["value"],
+                                   "the IAM OIDC provider (sts.amazonaws.com)")
+            elif not any("secretRef" in e for e in c.get("envFrom") or []):
+                fail(tw, "has no credentials: no key files, no web identity, and no credentials in "
+                         "the container's environment (the publisher refuses to start)")
+            if azure and "account" not in target and "AZURE_STORAGE_ACCOUNT_NAME" not in env \
+                    and not c.get("envFrom"):
+                fail(tw, "names no storage account: set account, or AZURE_STORAGE_ACCOUNT_NAME")
+
+
 def check_oidc_edge(pod, configmaps, out_dir, index):
     """Each oidc-edge container against its own config file. Returns the next index."""
     for c in pod.spec["containers"]:
@@ -201,6 +332,7 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
         with open(os.path.join(target, "config-file"), "w") as f:
             f.write(posixpath.basename(config_path) + "\n")
         pod_files = []
+        used_tokens = set()
 
         # Listeners against the container's ports and probes.
         http = config.get("http", {}).get("listen")
@@ -208,9 +340,12 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
             fail(cw, f"the container port named http must be {listen_port(http)[1]} ([http] listen = {http!r})")
         admin = config.get("admin", {})
         admin_host, admin_port = listen_port(admin.get("listen", DEFAULT_ADMIN_LISTEN))
-        if admin_host not in ("0.0.0.0", "[::]"):
+        # `serve` and `publish` run until stopped, with the admin listener; `publish --once`
+        # binds nothing and exits.
+        long_running = args[0] == "serve" or (args[0] == "publish" and "--once" not in args)
+        if long_running and admin_host not in ("0.0.0.0", "[::]"):
             fail(cw, "[admin] listen must be 0.0.0.0 or [::]: the kubelet probes the pod's IP")
-        if args[0] == "serve":
+        if long_running:
             for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
                 get = dig(c, probe, "httpGet") or {}
                 if get.get("path") != path or port_number(c, get.get("port")) != admin_port:
@@ -225,6 +360,8 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
             for m in c.get("volumeMounts") or []
         ):
             fail(cw, f"[state] dir {state} must be on a writable emptyDir or volume claim")
+        if args[0] == "publish":
+            check_publisher(pod, c, cw, args, config, admin_port, state)
 
         # The in-cluster source's token and CA, from a projected volume: a short-lived token for
         # the apiserver's own audience, and the cluster CA.
@@ -248,19 +385,21 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
                     fail(cw, "the in-cluster token must live at most an hour (expirationSeconds)")
                 if not m.get("readOnly"):
                     fail(cw, f"the token mount at {m['mountPath']} must be readOnly")
+                used_tokens.add(m["name"])
                 pod_files.append(("token", token_path))
             _, ca = mounted_file(pod, c, ca_path)
             if dig(ca, "configMap", "name") != "kube-root-ca.crt":
                 fail(cw, f"the in-cluster CA {ca_path} must come from the ConfigMap kube-root-ca.crt")
             else:
                 pod_files.append(("ca", ca_path))
+        check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens)
         with open(os.path.join(target, "pod-files"), "w") as f:
             f.writelines(f"{kind} {path}\n" for kind, path in pod_files)
 
-        # A token only where the in-cluster source needs one.
+        # A token only where the config reads it: the in-cluster source, a web identity.
         mounted_tokens = {m["name"] for m in c.get("volumeMounts") or []} & token_volumes(pod)
-        if mounted_tokens and not in_cluster:
-            fail(cw, "mounts a service-account token but its config has no in-cluster source")
+        for name in sorted(mounted_tokens - used_tokens):
+            fail(cw, f"mounts the service-account token volume {name}, which its config does not read")
     # Containers that are not oidc-edge never get the token.
     for c in (pod.spec.get("initContainers") or []) + pod.spec["containers"]:
         if not any(c is own for own, _ in pod.configs):
@@ -334,6 +473,10 @@ def check(rendered, out_dir):
         ]
         if not selected:
             fail(name_of(svc), "selects no pod of this kustomization")
+        for p in selected:
+            if p.publishes:
+                fail(name_of(svc), f"selects {p.where}, which runs publish: it has no public listener, the bucket serves")
+        selected = [p for p in selected if not p.publishes]
         for sp in svc["spec"]["ports"]:
             for p in selected:
                 for c, config in p.configs:
@@ -400,8 +543,26 @@ def check(rendered, out_dir):
 def break_copy(what, rendered, out):
     with open(rendered) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    # The first workload (serve's or publish's Deployment, publish's CronJob) and its pod.
+    workload = next(d for d in docs if d["kind"] in POD_TEMPLATES)
+    pod = dig(workload, *POD_TEMPLATES[workload["kind"]])
+    container = pod["spec"]["containers"][0]
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    namespace = workload["metadata"]["namespace"]
+
+    def config_edit(edit):
+        for cm in (d for d in docs if d["kind"] == "ConfigMap"):
+            if "config.toml" in (cm.get("data") or {}):
+                cm["data"]["config.toml"] = edit(cm["data"]["config.toml"])
+
+    def web_identity_token():
+        return next(
+            src["serviceAccountToken"]
+            for v in volumes.values()
+            for src in dig(v, "projected", "sources") or []
+            if "audience" in src.get("serviceAccountToken", {})
+        )
+
     if what == "unknown-field":
         container["imagePullPolicyy"] = "Always"
     elif what == "writable-root":
@@ -416,7 +577,7 @@ def break_copy(what, rendered, out):
         ingress["spec"]["rules"][0]["host"] = "other.example.com"
         ingress["spec"]["tls"][0]["hosts"] = ["other.example.com"]
     elif what == "automount":
-        deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+        pod["spec"]["automountServiceAccountToken"] = True
     elif what == "extra-role":
         binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
         binding["roleRef"]["name"] = "cluster-admin"
@@ -425,9 +586,79 @@ def break_copy(what, rendered, out):
         docs.append({
             "apiVersion": "traefik.io/v1alpha1",
             "kind": "Middleware",
-            "metadata": {"name": "headers", "namespace": deployment["metadata"]["namespace"]},
+            "metadata": {"name": "headers", "namespace": namespace},
             "spec": {"headers": {"customResponseHeaders": {"X-Test": "1"}}},
         })
+    # Publisher faults (from publish's Deployment, or its CronJob where named so).
+    elif what == "token-audience":
+        del web_identity_token()["audience"]
+    elif what == "unread-token":
+        config_edit(lambda t: "\n".join(
+            line for line in t.splitlines()
+            if not line.lstrip().startswith(("role_arn", "web_identity_token_file"))
+        ) + "\n")
+    elif what == "literal-secret":
+        container["env"] = [{"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"}]
+    elif what == "publisher-service":
+        docs.append({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "oidc-edge-publish", "namespace": namespace},
+            "spec": {"selector": dict(pod["metadata"]["labels"]),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        })
+    elif what == "publisher-replicas":
+        workload["spec"]["replicas"] = 2
+    elif what == "publisher-rolling":
+        workload["spec"]["strategy"] = {"type": "RollingUpdate"}
+    elif what == "once-in-deployment":
+        container["args"].insert(1, "--once")
+    elif what == "cronjob-emptydir":
+        volumes["state"].pop("persistentVolumeClaim")
+        volumes["state"]["emptyDir"] = {}
+    elif what == "cronjob-concurrency":
+        workload["spec"]["concurrencyPolicy"] = "Allow"
+    # Not faults: the edits the README gives for R2 (keys from a Secret in place of the web
+    # identity token) and for an Azure static website (a SAS from a Secret), which must pass
+    # every check.
+    elif what in ("r2-keys", "azure-sas"):
+        if what == "r2-keys":
+            name, mount = "r2-keys", "/var/run/secrets/oidc-edge/r2"
+            lines = {
+                "region": ['endpoint = "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com"',
+                           'region = "auto"'],
+                "role_arn": [f'access_key_id_file = "{mount}/access_key_id"'],
+                "web_identity_token_file": [f'secret_access_key_file = "{mount}/secret_access_key"'],
+            }
+        else:
+            name, mount = "azure-sas", "/var/run/secrets/oidc-edge/azure"
+            lines = {
+                "to": ['to = "az://$web"'],
+                "region": ['account = "oidcexample"'],
+                "role_arn": [f'sas_token_file = "{mount}/sas_token"'],
+                "web_identity_token_file": [],
+            }
+
+        def edit(text):
+            out = []
+            for line in text.splitlines():
+                indent = line[: len(line) - len(line.lstrip())]
+                key = line.lstrip().split(" ", 1)[0]
+                if key in lines:
+                    out.extend(indent + new for new in lines[key])
+                else:
+                    out.append(line)
+            return "\n".join(out) + "\n"
+
+        config_edit(edit)
+        aws = next(n for n, v in volumes.items() if any(
+            "audience" in src.get("serviceAccountToken", {}) for src in dig(v, "projected", "sources") or []))
+        pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != aws] + [
+            {"name": name, "secret": {"secretName": f"oidc-edge-{name}", "defaultMode": 0o440}}
+        ]
+        container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != aws] + [
+            {"name": name, "mountPath": mount, "readOnly": True}
+        ]
     else:
         sys.exit(f"unknown fault {what}")
     with open(out, "w") as f:

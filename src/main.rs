@@ -237,6 +237,10 @@ fn publish_once(config: &Config) -> ExitCode {
                 for url in &synced.unchanged {
                     print(&format!("{url}: unchanged\n"));
                 }
+                // The bucket is right; what is in front of it may catch up (a CDN's max-age).
+                for difference in &synced.public_differences {
+                    eprintln!("oidc-edge: warning: {difference}");
+                }
             }
             Err(e) => {
                 failed = true;

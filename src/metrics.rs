@@ -101,6 +101,7 @@ pub struct Metrics {
     publishes: Family<PublishResultLabels, Counter>,
     published_objects: Family<PublishLabels, Counter>,
     publish_last_success: Family<PublishLabels, Gauge>,
+    publish_public_mismatch: Family<PublishLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -200,6 +201,12 @@ impl Metrics {
             "Unix time of the last publish attempt that left the target holding the served documents",
             publish_last_success.clone(),
         );
+        let publish_public_mismatch = Family::<PublishLabels, Gauge>::default();
+        registry.register(
+            "publish_public_mismatch",
+            "1 when a target's public_url did not serve the bucket's bytes and content type at the last publish",
+            publish_public_mismatch.clone(),
+        );
         Self {
             registry,
             requests,
@@ -214,6 +221,7 @@ impl Metrics {
             publishes,
             published_objects,
             publish_last_success,
+            publish_public_mismatch,
         }
     }
 
@@ -328,6 +336,13 @@ impl Metrics {
                 .get_or_create(labels)
                 .set(i64::try_from(now).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Whether `target`'s public URL differed from the bucket at its last publish.
+    pub fn set_public_mismatch(&self, labels: &PublishLabels, mismatch: bool) {
+        self.publish_public_mismatch
+            .get_or_create(labels)
+            .set(i64::from(mismatch));
     }
 
     /// The text exposition (OpenMetrics 1.0, which Prometheus scrapes natively).

@@ -109,6 +109,11 @@ impl Validator<'_> {
                 credentials: self.s3_credentials(key, &raw)?,
             }
         };
+        let public_url = raw
+            .public_url
+            .as_deref()
+            .map(|text| self.store_url(&format!("{key}.public_url"), text, false))
+            .transpose()?;
         let timeout = self.bounded_duration(
             &format!("{key}.timeout"),
             raw.timeout,
@@ -122,6 +127,7 @@ impl Validator<'_> {
             endpoint,
             ca_file,
             store,
+            public_url,
             timeout,
         })
     }

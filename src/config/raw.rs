@@ -47,6 +47,7 @@ pub(super) struct RawPublish {
     pub(super) account: Option<String>,
     pub(super) account_key_file: Option<PathBuf>,
     pub(super) sas_token_file: Option<PathBuf>,
+    pub(super) public_url: Option<String>,
     pub(super) timeout: Option<String>,
 }
 

@@ -32,6 +32,9 @@ const MAX_RETRIES: usize = 2;
 pub struct Bucket {
     target: PublishTarget,
     store: Arc<dyn ObjectStore>,
+    /// Fetches `public_url` as a relying party would: no proxy, no redirects, Mozilla's
+    /// roots (and ca_file).
+    public: Option<(url::Url, reqwest::Client)>,
 }
 
 /// What one document needs in the bucket.
@@ -47,7 +50,13 @@ pub struct Wanted<'a> {
 pub struct Synced {
     pub written: Vec<String>,
     pub unchanged: Vec<String>,
+    /// How the target's `public_url` differs from what the bucket holds, one line per
+    /// document (empty: the same bytes and content type, or no `public_url`).
+    pub public_differences: Vec<String>,
 }
+
+/// What a relying party allows a fetch (AWS's budget, A-7 in relying-party-rules).
+const PUBLIC_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bucket {
     /// Opens the target's bucket with the credentials its settings or the environment give.
@@ -81,6 +90,15 @@ impl Bucket {
         if let Some(endpoint) = &target.endpoint {
             options = options.with_allow_http(endpoint.scheme() == "http");
         }
+        let public = match &target.public_url {
+            Some(url) => Some((
+                url.clone(),
+                connector
+                    .relying_party(PUBLIC_FETCH_TIMEOUT)
+                    .map_err(|e| anyhow!("{to}: {e}"))?,
+            )),
+            None => None,
+        };
         let store = match &target.store {
             Store::S3 {
                 region,
@@ -108,6 +126,7 @@ impl Bucket {
         Ok(Self {
             target: target.clone(),
             store,
+            public,
         })
     }
 
@@ -143,7 +162,58 @@ impl Bucket {
             self.read_back(&location, &url, doc, &attributes).await?;
             synced.written.push(url);
         }
+        if let Some((base, client)) = &self.public {
+            for wanted in documents {
+                if let Some(difference) = Self::public_difference(client, base, wanted).await {
+                    synced.public_differences.push(difference);
+                }
+            }
+        }
         Ok(synced)
+    }
+
+    /// How `base` + the document's path differs from the document, as a relying party fetches it:
+    /// status, content type, bytes. A CDN may serve the previous bytes for up to `max-age` after a
+    /// write, so a difference right after one is expected once, and reported for the operator to
+    /// judge.
+    async fn public_difference(
+        client: &reqwest::Client,
+        base: &url::Url,
+        wanted: &Wanted<'_>,
+    ) -> Option<String> {
+        let url = format!("{}{}", base.as_str().trim_end_matches('/'), wanted.path);
+        let response = match client.get(&url).send().await {
+            Ok(response) => response,
+            Err(e) => return Some(format!("{url}: {}", one_line(&error_chain(&e)))),
+        };
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            return Some(format!("{url}: answers {status}, not 200 OK"));
+        }
+        let served_type = response.headers().get(http::header::CONTENT_TYPE).cloned();
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) => return Some(format!("{url}: {}", one_line(&error_chain(&e)))),
+        };
+        let doc = wanted.document;
+        if served_type.as_ref() != Some(&doc.content_type) {
+            let shown = served_type.as_ref().map_or("(none)".into(), |v| {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            });
+            return Some(format!(
+                "{url}: content type {shown:?}, not the {:?} the bucket holds (a CDN or bucket rule rewrites it)",
+                doc.content_type.to_str().unwrap_or_default()
+            ));
+        }
+        if body != doc.body {
+            return Some(format!(
+                "{url}: serves {} bytes that differ from the bucket's {} (a cache not expired yet: {})",
+                body.len(),
+                doc.body.len(),
+                doc.cache_control.to_str().unwrap_or_default()
+            ));
+        }
+        None
     }
 
     /// The attributes of the object at `location`, or `None` when there is none.

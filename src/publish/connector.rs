@@ -51,6 +51,21 @@ impl PublicRoots {
     }
 }
 
+impl PublicRoots {
+    /// A client that fetches as a relying party does: the same roots, no proxy, no
+    /// redirects, no decompression, `timeout` for the whole fetch.
+    pub(super) fn relying_party(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+        reqwest::Client::builder()
+            .user_agent(concat!("oidc-edge/", env!("CARGO_PKG_VERSION")))
+            .tls_backend_preconfigured(tls_config(Arc::clone(&self.roots)))
+            .timeout(timeout)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl HttpConnector for PublicRoots {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
         // object_store turns plain HTTP off for token exchanges (STS) whatever the target says.

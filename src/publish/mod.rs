@@ -62,6 +62,8 @@ pub struct TargetStatus {
     pub last_error: Option<String>,
     /// The objects the last successful attempt wrote (empty: they were already right).
     pub last_written: Vec<String>,
+    /// How the target's `public_url` differed from the bucket at the last successful attempt.
+    pub public_differences: Vec<String>,
     pub consecutive_failures: u32,
 }
 
@@ -183,6 +185,14 @@ impl TargetPublisher {
                 status.last_success_at = Some(now);
                 status.last_error = None;
                 status.last_written.clone_from(&synced.written);
+                for difference in &synced.public_differences {
+                    warn!(issuer = %self.labels.issuer, target = %self.labels.target,
+                          %difference, "the public URL does not serve what the bucket holds");
+                }
+                status
+                    .public_differences
+                    .clone_from(&synced.public_differences);
+                metrics.set_public_mismatch(&self.labels, !synced.public_differences.is_empty());
                 status.consecutive_failures = 0;
                 let outcome = if synced.written.is_empty() {
                     PublishResult::unchanged

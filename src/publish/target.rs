@@ -21,6 +21,9 @@ pub struct PublishTarget {
     pub ca_file: Option<PathBuf>,
     /// One request to the store, the retries of a failed one included.
     pub timeout: Duration,
+    /// Where relying parties fetch the documents (a CDN, a custom domain): each is fetched
+    /// from there after publishing, and a difference is reported.
+    pub public_url: Option<url::Url>,
     pub store: Store,
 }
 

@@ -682,3 +682,71 @@ async fn publish_once_keeps_an_azure_static_website_container_in_step() {
     );
     assert!(!stderr.contains(&wrong), "no key in the log");
 }
+
+/// `public_url`: after publishing, each document is fetched where relying parties fetch it and
+/// compared with the bucket; a difference is a warning (the bucket is right, a CDN catches up
+/// within max-age), in the output, `/status` and metrics, never a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_url_is_compared_with_what_the_bucket_holds() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    // A site in front of the bucket: oidc-edge serving `jwks` with `content_type`.
+    let site = |jwks: &str, content_type: &str| {
+        let scratch = Scratch::new();
+        scratch.write("jwks.json", jwks);
+        let config = TestConfig::file_source("1s")
+            .set("issuers.0.jwks_content_type", content_type)
+            .write(&scratch);
+        (Binary::start(&config), scratch)
+    };
+    let with_public = |url: String| {
+        let mut target = store.target();
+        target.insert("public_url".to_owned(), url.into());
+        store.config(target)
+    };
+
+    let (same, _same_dir) = site(K3S, "application/json");
+    let out = store.publish_once(&with_public(same.url("")));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let (relabelled, _relabelled_dir) = site(K3S, "application/jwk-set+json");
+    let out = store.publish_once(&with_public(relabelled.url("")));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr).lines().last(),
+        Some(
+            format!(
+                "oidc-edge: warning: {}: content type \"application/jwk-set+json\", not the \"application/json\" the bucket holds (a CDN or bucket rule rewrites it)",
+                relabelled.url("/openid/v1/jwks")
+            )
+            .as_str()
+        )
+    );
+
+    let (stale, _stale_dir) = site(ROTATED, "application/json");
+    let out = store.publish_once(&with_public(stale.url("")));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (_, served) = crate::support::clients::get(&stale.url("/openid/v1/jwks")).await;
+    let want = format!(
+        "oidc-edge: warning: {}: serves {} bytes that differ from the bucket's",
+        stale.url("/openid/v1/jwks"),
+        served.len()
+    );
+    assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
+
+    let closed = crate::support::pebble::free_tcp_port();
+    let out = store.publish_once(&with_public(format!("http://127.0.0.1:{closed}")));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "oidc-edge: warning: http://127.0.0.1:{closed}/openid/v1/jwks: "
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -201,7 +201,11 @@ impl Validator<'_> {
             (_, (Some(role_arn), Some(token_file))) => {
                 let token_file: PathBuf = self.resolve(token_file);
                 // A projected token may not be written yet when the pod starts (L13).
-                self.file_to_come(&format!("{key}.web_identity_token_file"), &token_file)?;
+                self.file_to_come_for(
+                    &format!("{key}.web_identity_token_file"),
+                    &token_file,
+                    "publishing to this target fails",
+                )?;
                 let sts_endpoint = raw
                     .sts_endpoint
                     .as_deref()

@@ -34,6 +34,9 @@ impl fmt::Display for Config {
                     humantime::format_duration(s.refresh_interval)
                 )?;
             }
+            for (i, target) in cfg.publish.iter().enumerate() {
+                writeln!(f, "  publish[{i}] {} ({})", target.to, target.describe())?;
+            }
         }
         if let Some(http) = &self.http {
             let redirect = if http.redirect_to_https {

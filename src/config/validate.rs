@@ -440,6 +440,16 @@ impl Validator<'_> {
     /// not written yet), and refusing to start would also refuse to serve the persisted set
     /// through the outage (L13, DESIGN §4 "Persist"). What can never work is still an error.
     pub(super) fn file_to_come(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        self.file_to_come_for(key, path, "the source's fetches fail")
+    }
+
+    /// [`Validator::file_to_come`], saying what fails until the file appears.
+    pub(super) fn file_to_come_for(
+        &self,
+        key: &str,
+        path: &Path,
+        what_fails: &str,
+    ) -> Result<(), ConfigError> {
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => Err(self.err(
                 key,
@@ -450,7 +460,7 @@ impl Validator<'_> {
                 let warning = self.err(
                     key,
                     format!(
-                        "cannot read {}: {e}; the source's fetches fail until it appears",
+                        "cannot read {}: {e}; {what_fails} until it appears",
                         path.display()
                     ),
                 );

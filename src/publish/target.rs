@@ -98,6 +98,40 @@ impl PublishTarget {
         }
     }
 
+    /// Where the store is and how the publisher authenticates, for `check-config`; never a
+    /// secret (files are named, not read).
+    pub fn describe(&self) -> String {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .map_or_else(String::new, |e| format!("at {e}; "));
+        let credentials = match &self.store {
+            Store::S3 { credentials, .. } => match credentials {
+                S3Credentials::KeyFiles { access_key_id, .. } => {
+                    format!("keys from {} and its pair", access_key_id.display())
+                }
+                S3Credentials::WebIdentity {
+                    role_arn,
+                    token_file,
+                    ..
+                } => format!("web identity {role_arn} with {}", token_file.display()),
+                S3Credentials::Environment => "credentials from the environment".to_owned(),
+            },
+            Store::Azure { credentials, .. } => match credentials {
+                AzureCredentials::AccountKeyFile(path) => {
+                    format!("account key from {}", path.display())
+                }
+                AzureCredentials::SasTokenFile(path) => format!("SAS from {}", path.display()),
+                AzureCredentials::Environment => "credentials from the environment".to_owned(),
+            },
+        };
+        let public = self
+            .public_url
+            .as_ref()
+            .map_or_else(String::new, |u| format!("; checked at {u}"));
+        format!("{endpoint}{credentials}{public}")
+    }
+
     /// `s3://bucket/key` or `az://container/key`, for messages.
     pub fn object_url(&self, key: &str) -> String {
         let scheme = match self.store {

@@ -750,3 +750,44 @@ async fn the_public_url_is_compared_with_what_the_bucket_holds() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn check_config_lists_each_target_and_names_no_secret() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    scratch.write("key-id", "AKIDSECRETISH");
+    scratch.write("secret", "SUPER-SECRET");
+    let mut s3 = toml::Table::new();
+    for (k, v) in [
+        ("to", "s3://bucket/site"),
+        ("endpoint", "https://acct.r2.cloudflarestorage.com"),
+        ("region", "auto"),
+        ("access_key_id_file", "key-id"),
+        ("secret_access_key_file", "secret"),
+        ("public_url", "https://oidc.example.com"),
+    ] {
+        s3.insert(k.to_owned(), v.into());
+    }
+    let mut azure = toml::Table::new();
+    azure.insert("to".to_owned(), "az://$web".into());
+    azure.insert("account".to_owned(), "acct".into());
+    let config = TestConfig::file_source("1s")
+        .publish(s3)
+        .publish(azure)
+        .write(&scratch);
+    let out = crate::support::process::run(&[
+        "check-config",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "  publish[0] s3://bucket/site (at https://acct.r2.cloudflarestorage.com/; keys from {} and its pair; checked at https://oidc.example.com/)\n  publish[1] az://$web (credentials from the environment)\n",
+            scratch.path("key-id").display()
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("SECRET"), "{stdout}");
+}

@@ -366,6 +366,48 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     let objects =
         crate::support::metrics::metric(&scrape, "oidc_edge_published_objects_total", &labels);
     assert_eq!(objects, 3.0);
+
+    // A restart while the source is down loses nothing: the persisted set (with the retained
+    // key) is what the new process publishes, and the bucket is left as it is.
+    let mut publisher = publisher;
+    publisher.signal("TERM");
+    assert_eq!(
+        publisher.wait_exit(std::time::Duration::from_secs(15)),
+        Some(0)
+    );
+    std::fs::remove_file(store.scratch.path("jwks.json")).expect("the source goes away");
+    store.tap.take();
+    let restarted = Binary::start_publisher(&path);
+    let admin = restarted.admin_url("/status");
+    crate::support::eventually("the restarted publisher checks the bucket", || {
+        let admin = admin.clone();
+        async move {
+            let (_, body) = crate::support::clients::get(&admin).await;
+            body.contains("\"last_success_at\": 1")
+        }
+    })
+    .await;
+    assert!(holds(want.clone()).await);
+    assert_eq!(puts(&store.tap.take()), Vec::<String>::new());
+}
+
+/// `serve` with a target keeps the bucket as a warm standby beside its own listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_target_keeps_the_bucket_in_step_too() {
+    let Some(bins) = Bins::find() else { return };
+    let store = Store::start(&bins).await;
+    let config = store.config(store.target());
+    let server = Binary::start(&config);
+    let (status, body) = crate::support::clients::get(&server.url("/openid/v1/jwks")).await;
+    assert_eq!(status, 200);
+    crate::support::eventually("the bucket holds what serve answers", || {
+        let (store, body) = (&store, body.clone());
+        async move {
+            let (status, _, held) = store.object(JWKS_KEY).await;
+            status == 200 && held == body.as_bytes()
+        }
+    })
+    .await;
 }
 
 #[test]

@@ -271,7 +271,7 @@ pub async fn publish_once(
     for publisher in publishers {
         let index = publisher.index();
         let cfg = &config.issuers[index];
-        IssuerRuntime::restored(
+        let snapshot = IssuerRuntime::refreshed_snapshot(
             index,
             &cfg.endpoint,
             cfg.keys,
@@ -280,12 +280,7 @@ pub async fn publish_once(
             &store,
             &metrics,
         )
-        .await?
-        .refresh_once()
         .await?;
-        let snapshot = store
-            .get(index)
-            .ok_or_else(|| anyhow::anyhow!("{}: no key set to publish", publisher.issuer()))?;
         let tos = cfg.publish.iter().map(|t| t.to.clone());
         results.extend(tos.zip(publisher.publish(&snapshot).await));
     }

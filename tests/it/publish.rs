@@ -77,6 +77,15 @@ impl Store {
     }
 }
 
+/// Waits until the publisher's `/status` at `admin` contains `needle`.
+async fn status_shows(admin: &str, what: &str, needle: &str) {
+    crate::support::eventually(what, || async {
+        let (_, body) = crate::support::clients::get(admin).await;
+        body.contains(needle)
+    })
+    .await;
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -319,13 +328,11 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     store.tap.set_mode(Mode::Fail500);
     store.scratch.replace("jwks.json", ROTATED);
     let admin = publisher.admin_url("/status");
-    crate::support::eventually("the status reports the failing store", || {
-        let admin = admin.clone();
-        async move {
-            let (_, body) = crate::support::clients::get(&admin).await;
-            body.contains("500 Internal Server Error")
-        }
-    })
+    status_shows(
+        &admin,
+        "the status reports the failing store",
+        "500 Internal Server Error",
+    )
     .await;
     assert!(holds(want.clone()).await);
 
@@ -379,13 +386,11 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     store.tap.take();
     let restarted = Binary::start_publisher(&path);
     let admin = restarted.admin_url("/status");
-    crate::support::eventually("the restarted publisher checks the bucket", || {
-        let admin = admin.clone();
-        async move {
-            let (_, body) = crate::support::clients::get(&admin).await;
-            body.contains("\"last_success_at\": 1")
-        }
-    })
+    status_shows(
+        &admin,
+        "the restarted publisher checks the bucket",
+        "\"last_success_at\": 1",
+    )
     .await;
     assert!(holds(want.clone()).await);
     assert_eq!(puts(&store.tap.take()), Vec::<String>::new());

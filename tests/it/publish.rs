@@ -710,6 +710,24 @@ async fn publish_once_keeps_an_azure_static_website_container_in_step() {
         format!("az://$web/{JWKS_KEY}: unchanged\naz://$web/{DISCOVERY_KEY}: unchanged\n")
     );
 
+    // A SAS token in a file (a leading `?` as portals copy it, and a newline) works the same.
+    scratch.write(
+        "sas",
+        &format!("?{}\n", crate::support::azurite::account_sas()),
+    );
+    let mut sas_target = target.clone();
+    sas_target.remove("account_key_file");
+    sas_target.insert("sas_token_file".to_owned(), "sas".into());
+    sas_target.insert("to".to_owned(), "az://$web/sas".into());
+    let sas_config = TestConfig::file_source("1s")
+        .set("issuers.0.jwks_content_type", "application/jwk-set+json")
+        .publish(sas_target)
+        .write(&scratch);
+    let out = run(&sas_config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (status, _, body) = azurite.blob("$web", "sas/openid/v1/jwks").await;
+    assert_eq!(status, 200, "{}", text(&body));
+
     // A wrong key (the right length, another value) is refused, naming the object.
     let wrong = ACCOUNT_KEY.replace('E', "F");
     scratch.write("wrong-key", &wrong);

@@ -240,6 +240,7 @@ mod tests {
             kids: Vec::new(),
             confirmed_at,
             sources: Vec::new(),
+            keys: Vec::new(),
         }
     }
 

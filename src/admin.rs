@@ -237,6 +237,8 @@ mod tests {
             discovery_url: String::new(),
             jwks_uri: String::new(),
             published,
+            cache_max_age_seconds: 300,
+            key_retention_seconds: 86_400,
             kids: Vec::new(),
             confirmed_at,
             sources: Vec::new(),

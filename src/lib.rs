@@ -59,6 +59,7 @@ pub mod metrics;
 pub mod publish;
 pub mod relying_party;
 pub mod render;
+pub mod rotation;
 pub mod server;
 pub mod signals;
 pub mod state;

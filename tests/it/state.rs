@@ -259,4 +259,57 @@ async fn each_key_shows_its_lifecycle_and_a_restart_keeps_it() {
             assert_eq!(was[field], is[field], "{kid}: {field}");
         }
     }
+
+    // `rotation status` reads them and times the next step: the new key signs an hour
+    // after it was published (max-age is only 5 min); the old one's tokens may be in use for
+    // the token lifetime + max-age + 5 min after it left, inside key_retention here.
+    let time = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+            .to_string()
+    };
+    let out = crate::support::process::run(&[
+        "rotation",
+        "status",
+        "--admin",
+        &format!("http://{}", restarted.admin),
+        "--token-lifetime",
+        "1h",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("issuer {ISSUER} (max-age 300s, key_retention 2h, token lifetime 1h)")
+    );
+    assert!(
+        lines.contains(
+            &format!(
+                "  {}  publishing  published since {}; safe to sign with from {}",
+                new[0],
+                time(vanished),
+                time(vanished + 3600)
+            )
+            .as_str()
+        ),
+        "{report}"
+    );
+    assert!(
+        lines.contains(
+            &format!(
+                "  {}  retiring    no source lists it since {}; tokens it signed may be in use until {}; published until {}",
+                gone[0],
+                time(vanished),
+                time(vanished + 3600 + 300 + 300),
+                time(vanished + 7200)
+            )
+            .as_str()
+        ),
+        "{report}"
+    );
 }

@@ -458,6 +458,8 @@ impl IssuerPipeline {
             discovery_url: self.endpoint.discovery_url(),
             jwks_uri: self.endpoint.jwks_uri.clone(),
             published: snapshot.is_some(),
+            cache_max_age_seconds: self.endpoint.cache_max_age.as_secs(),
+            key_retention_seconds: retention,
             kids: snapshot.map(|s| s.kids.clone()).unwrap_or_default(),
             confirmed_at,
             sources: state.sources.clone(),

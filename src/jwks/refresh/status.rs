@@ -25,6 +25,10 @@ pub struct IssuerStatus {
     pub discovery_url: String,
     pub jwks_uri: String,
     pub published: bool,
+    /// The documents' `max-age`, and how long a key no source lists stays published: what
+    /// `rotation status` times the next step with.
+    pub cache_max_age_seconds: u64,
+    pub key_retention_seconds: u64,
     pub kids: Vec<String>,
     /// Unix seconds at which the served key set was last confirmed by a source.
     pub confirmed_at: Option<u64>,

@@ -60,6 +60,7 @@ pub mod publish;
 pub mod relying_party;
 pub mod render;
 pub mod rotation;
+pub mod selftest;
 pub mod server;
 pub mod signals;
 pub mod state;

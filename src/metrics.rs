@@ -103,6 +103,7 @@ pub struct Metrics {
     publish_last_success: Family<PublishLabels, Gauge>,
     publish_public_mismatch: Family<PublishLabels, Gauge>,
     key_first_seen: Family<KeyLabels, Gauge>,
+    selftest_passed: Family<IssuerLabels, Gauge>,
     key_retiring_until: Family<KeyLabels, Gauge>,
     /// The kids exported per issuer, so that a key's series go when the key does.
     exported_kids: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
@@ -239,6 +240,12 @@ impl Metrics {
             "Unix time until which a key no source lists any more stays published (key_retention)",
             key_retiring_until.clone(),
         );
+        let selftest_passed = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "selftest_passed",
+            "1 when the last self-test's token would be accepted by a relying party, 0 when not",
+            selftest_passed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -256,6 +263,7 @@ impl Metrics {
             publish_public_mismatch,
             key_first_seen,
             key_retiring_until,
+            selftest_passed,
             exported_kids: std::sync::Mutex::default(),
         }
     }
@@ -409,6 +417,15 @@ impl Metrics {
                     .set(seconds(until));
             }
         }
+    }
+
+    /// The outcome of `issuer`'s last self-test.
+    pub fn set_selftest_passed(&self, issuer: &str, passed: bool) {
+        self.selftest_passed
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .set(i64::from(passed));
     }
 
     /// The text exposition (OpenMetrics 1.0, which Prometheus scrapes natively).

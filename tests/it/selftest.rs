@@ -26,7 +26,8 @@ async fn self_testing(
                 .set("ca_file", "apiserver-ca.pem")
                 .set("token_file", token_file),
         )
-        .set("state.dir", format!("state-{token_file}"))
+        // Its own state and config file: several of these run beside each other.
+        .set("state.dir", format!("state-{token_file}-{}", public.port()))
         .set(
             "issuers.0.selftest.service_account",
             format!("{LISTER_NAMESPACE}/{LISTER}"),
@@ -35,7 +36,10 @@ async fn self_testing(
         .set("issuers.0.selftest.interval", "1s")
         .set("issuers.0.selftest.ca_file", "test-ca.pem")
         .set("issuers.0.selftest.connect_to", public.to_string());
-    let path = scratch.write(&format!("selftest-{token_file}.toml"), &config.text());
+    let path = scratch.write(
+        &format!("selftest-{token_file}-{}.toml", public.port()),
+        &config.text(),
+    );
     InProcess::start(&path).await
 }
 
@@ -100,6 +104,32 @@ async fn the_self_test_passes_and_names_the_step_that_fails() {
     assert_eq!(code, 200);
     drop(reader);
 
+    // The public name unreachable: the step that fails is the public fetch, and the server
+    // keeps serving and stays ready (the self-test never makes it less available).
+    let closed: std::net::SocketAddr =
+        format!("127.0.0.1:{}", crate::support::pebble::free_tcp_port())
+            .parse()
+            .expect("addr");
+    let cut_off = self_testing(&scratch, &cluster, "admin-token", closed).await;
+    eventually("the self-test fails at the public fetch", || async {
+        selftest_status(&cut_off).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&cut_off).await;
+    let failures = status["failures"].to_string();
+    assert!(
+        failures.contains("https://oidc.example.test/.well-known/openid-configuration")
+            && failures.contains("Connection refused"),
+        "{status:#}"
+    );
+    assert_eq!(
+        crate::support::clients::get(&cut_off.admin_url("/readyz")).await,
+        (200, "ready\n".to_owned())
+    );
+    let (code, _) = crate::support::clients::get(&cut_off.url("/openid/v1/jwks")).await;
+    assert_eq!(code, 200);
+    drop(cut_off);
+
     // The cluster signs with a key it does not publish (a rotation that signs before it
     // publishes, an external signer): said first, as the key that is not public yet.
     let unpublished = SaKey::generate();
@@ -127,5 +157,37 @@ async fn the_self_test_passes_and_names_the_step_that_fails() {
             &[("issuer", ISSUER)]
         ),
         0.0
+    );
+}
+
+/// k3s's default: the apiserver signs tokens for `https://kubernetes.default.svc.cluster.local`
+/// while oidc-edge publishes the keys for the public issuer. Every relying party refuses such
+/// tokens (F-1); the self-test names the `iss` it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_test_names_an_issuer_the_cluster_does_not_sign_for() {
+    let Some(bins) = Bins::find() else { return };
+    let key = SaKey::generate();
+    let cluster_issuer = "https://kubernetes.default.svc.cluster.local";
+    let cluster = Cluster::start(&bins, cluster_issuer, &[&key], &key).await;
+    let reader_token = cluster.bound_reader_token().await;
+    cluster
+        .create_service_account(LISTER_NAMESPACE, LISTER)
+        .await;
+    let scratch = Scratch::new();
+    let pki = Pki::new("oidc-edge self-test CA");
+    let public = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
+    scratch.write("test-ca.pem", &pki.ca_pem);
+    scratch.write("admin-token", &cluster.admin_token);
+    let tester = self_testing(&scratch, &cluster, "admin-token", public.https()).await;
+    eventually("the self-test fails", || async {
+        selftest_status(&tester).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&tester).await;
+    assert!(
+        status["failures"]
+            .to_string()
+            .contains(&format!("iss is \\\"{cluster_issuer}\\\"")),
+        "{status:#}"
     );
 }

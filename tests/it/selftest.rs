@@ -18,6 +18,17 @@ async fn self_testing(
     token_file: &str,
     public: std::net::SocketAddr,
 ) -> InProcess {
+    self_testing_as(scratch, cluster, token_file, public, LISTER).await
+}
+
+/// [`self_testing`] for the service account `default/sa`.
+async fn self_testing_as(
+    scratch: &Scratch,
+    cluster: &Cluster,
+    token_file: &str,
+    public: std::net::SocketAddr,
+    sa: &str,
+) -> InProcess {
     let config = TestConfig::new()
         .set("issuers.0.issuer", ISSUER)
         .source(
@@ -27,17 +38,20 @@ async fn self_testing(
                 .set("token_file", token_file),
         )
         // Its own state and config file: several of these run beside each other.
-        .set("state.dir", format!("state-{token_file}-{}", public.port()))
+        .set(
+            "state.dir",
+            format!("state-{token_file}-{sa}-{}", public.port()),
+        )
         .set(
             "issuers.0.selftest.service_account",
-            format!("{LISTER_NAMESPACE}/{LISTER}"),
+            format!("{LISTER_NAMESPACE}/{sa}"),
         )
         .set("issuers.0.selftest.audience", STS_AUDIENCE)
         .set("issuers.0.selftest.interval", "1s")
         .set("issuers.0.selftest.ca_file", "test-ca.pem")
         .set("issuers.0.selftest.connect_to", public.to_string());
     let path = scratch.write(
-        &format!("selftest-{token_file}-{}.toml", public.port()),
+        &format!("selftest-{token_file}-{sa}-{}.toml", public.port()),
         &config.text(),
     );
     InProcess::start(&path).await
@@ -103,6 +117,57 @@ async fn the_self_test_passes_and_names_the_step_that_fails() {
     let (code, _) = crate::support::clients::get(&reader.url("/openid/v1/jwks")).await;
     assert_eq!(code, 200);
     drop(reader);
+
+    // A service account that does not exist: TokenRequest's 404, in the apiserver's words.
+    let nobody = self_testing_as(&scratch, &cluster, "admin-token", public.https(), "nobody").await;
+    eventually(
+        "the self-test fails for an unknown service account",
+        || async { selftest_status(&nobody).await["passed"] == false },
+    )
+    .await;
+    let status = selftest_status(&nobody).await;
+    let failure = status["failures"][0].as_str().unwrap_or_default();
+    assert!(
+        failure.starts_with("TokenRequest: ")
+            && failure.contains("404 Not Found")
+            && failure.contains("serviceaccounts \"nobody\" not found"),
+        "{status:#}"
+    );
+    drop(nobody);
+
+    // An expired certificate on the public name: the TLS step says so.
+    let expired = pki.expired_server_for(&[crate::support::real::ISSUER_HOST]);
+    scratch.write("expired-cert.pem", &expired.cert_pem);
+    scratch.write("expired-key.pem", &expired.key_pem);
+    let stale_site = TestConfig::new()
+        .set("issuers.0.issuer", ISSUER)
+        .source(
+            Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "token"),
+        )
+        .set("state.dir", "state-expired-site")
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "expired-cert.pem")
+        .set("https.files.key_file", "expired-key.pem");
+    let stale_site =
+        InProcess::start(&scratch.write("expired-site.toml", &stale_site.text())).await;
+    let tls = self_testing(&scratch, &cluster, "admin-token", stale_site.https()).await;
+    eventually("the self-test fails on the expired certificate", || async {
+        selftest_status(&tls).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&tls).await;
+    assert!(
+        status["failures"]
+            .to_string()
+            .to_lowercase()
+            .contains("expired"),
+        "{status:#}"
+    );
+    drop(tls);
+    drop(stale_site);
 
     // The public name unreachable: the step that fails is the public fetch, and the server
     // keeps serving and stays ready (the self-test never makes it less available).

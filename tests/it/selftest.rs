@@ -54,6 +54,14 @@ async fn self_testing_as(
         &format!("selftest-{token_file}-{sa}-{}.toml", public.port()),
         &config.text(),
     );
+    let summary =
+        crate::support::process::run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert!(
+        String::from_utf8_lossy(&summary.stdout).contains(&format!(
+            "  selftest   {LISTER_NAMESPACE}/{sa} for {STS_AUDIENCE} every 1s (TokenRequest through source[0])\n"
+        )),
+        "{summary:?}"
+    );
     InProcess::start(&path).await
 }
 

@@ -397,9 +397,9 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         ),
         (
             "self-test service account without a namespace",
-            apiserver(&format!(
-                "  url = \"https://127.0.0.1:6443\"\n  ca_file = \"ca.pem\"\n  [issuers.selftest]\n  service_account = \"checker\""
-            )),
+            apiserver(
+                "  url = \"https://127.0.0.1:6443\"\n  ca_file = \"ca.pem\"\n  [issuers.selftest]\n  service_account = \"checker\"",
+            ),
             "issuers[0].selftest.service_account: \"checker\" is not NAMESPACE/NAME",
         ),
         (

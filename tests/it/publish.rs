@@ -320,8 +320,12 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     let mut want = kids(K3S);
     want.sort();
     crate::support::eventually("the bucket holds the first key set", || holds(want.clone())).await;
-    let (status, _, _) = store.object(DISCOVERY_KEY).await;
-    assert_eq!(status, 200);
+    // The JWKS is written before the discovery document, so the discovery document may
+    // still be on its way when the JWKS is seen.
+    crate::support::eventually("the bucket holds the discovery document", || async {
+        store.object(DISCOVERY_KEY).await.0 == 200
+    })
+    .await;
 
     // The store fails while a rotation comes in: the status says so, by target; the bucket
     // keeps the first set, whole.
@@ -343,6 +347,14 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     want.sort();
     want.dedup();
     crate::support::eventually("the bucket holds the rotated set", || holds(want.clone())).await;
+    // The run reports after it has looked at the discovery document too, a moment after the
+    // JWKS is visible in the bucket.
+    status_shows(
+        &admin,
+        "the status reports the recovered target",
+        "\"last_error\": null",
+    )
+    .await;
 
     let (_, status) = crate::support::clients::get(&admin).await;
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");

@@ -18,6 +18,7 @@ use crate::jwks::unix_now;
 use crate::listener::{Limits, PublicListener, Transport};
 use crate::metrics::Metrics;
 use crate::publish::{IssuerPublisher, TargetStatus};
+use crate::push::gate::{PushGate, PushStatus};
 use crate::selftest::{SelfTest, SelfTestStatus};
 use crate::tls::{CertState, HttpsStatus};
 
@@ -45,6 +46,8 @@ pub struct Admin {
     pub publishers: Vec<Arc<IssuerPublisher>>,
     /// `[issuers.selftest]`, per issuer that has one.
     pub selftests: Vec<Arc<SelfTest>>,
+    /// Push endpoints, per issuer with a push source.
+    pub pushes: Vec<Arc<PushGate>>,
 }
 
 /// Open connections the admin listener holds: probes and scrapes, a few at a time.
@@ -178,6 +181,8 @@ struct StatusDoc {
     publish: Vec<TargetStatus>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     selftest: Vec<SelfTestStatus>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    push: Vec<PushStatus>,
 }
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
@@ -190,6 +195,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         https: admin.https.as_deref().map(crate::tls::https_status),
         publish: admin.publishers.iter().flat_map(|p| p.statuses()).collect(),
         selftest: admin.selftests.iter().map(|t| t.status()).collect(),
+        push: admin.pushes.iter().map(|g| g.status()).collect(),
     };
     let mut body = serde_json::to_vec_pretty(&doc).expect("status serialises");
     body.push(b'\n');

@@ -37,6 +37,11 @@ pub enum Command {
     /// public listeners; each target is written after every change, JWKS first, only where it
     /// differs, and read back.
     Publish(PublishArgs),
+    /// Trust a cluster's key set for an issuer with a push source: the one-time bootstrap of
+    /// a push setup, and the recovery after an abrupt key change the edge refused. FILE is
+    /// the cluster's `kubectl get --raw /openid/v1/jwks`; a running server takes it at its
+    /// next refresh, at once on SIGHUP.
+    Trust(TrustArgs),
     /// Key rotation: where each published key is, and the earliest safe time for the next step.
     Rotation {
         #[command(subcommand)]
@@ -133,6 +138,19 @@ pub struct PublishArgs {
     /// (written or unchanged), 1 with one line per failure otherwise (CI, a CronJob).
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// Configuration file of the edge.
+    #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The issuer, exactly as configured.
+    #[arg(long, value_name = "URL")]
+    pub issuer: String,
+    /// The cluster's JWK set (`kubectl get --raw /openid/v1/jwks > FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub jwks: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

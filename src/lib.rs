@@ -57,6 +57,7 @@ pub mod jwks;
 pub mod listener;
 pub mod metrics;
 pub mod publish;
+pub mod push;
 pub mod relying_party;
 pub mod render;
 pub mod rotation;
@@ -70,3 +71,4 @@ pub mod telemetry;
 #[cfg(test)]
 mod tests;
 pub mod tls;
+pub mod trust;

@@ -117,6 +117,12 @@ fn main() -> ExitCode {
             }
             Err(e) => exit(Err(e)),
         },
+        Command::Trust(args) => {
+            let Some(config) = load(&args.config) else {
+                return ExitCode::from(EX_USAGE);
+            };
+            exit(oidc_edge::trust::run(&config, &args.issuer, &args.jwks).map(|s| print(&s)))
+        }
         Command::Rotation {
             command: RotationCommand::Status(args),
         } => {

@@ -71,6 +71,38 @@ pub struct PublishResultLabels {
     pub result: PublishResult,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    pub issuer: String,
+    pub result: PushResult,
+}
+
+/// Outcome of one push an agent sent to this edge (issue 18).
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue,
+)]
+#[allow(non_camel_case_types)]
+pub enum PushResult {
+    /// Authenticated, validated and merged (or already what is served).
+    accepted,
+    /// No bearer token, or one that is not a JWT with a kid.
+    no_token,
+    /// Signed by a key this edge does not publish: a forgery or an abrupt key change.
+    unknown_key,
+    /// Signed by a key kept only for rotation grace.
+    retired_key,
+    /// The signature does not verify with the published key.
+    bad_signature,
+    /// `iss`, `aud`, `sub`, times, lifetime or `jti` refused.
+    claims,
+    /// A `jti` already used for another body.
+    replay,
+    /// The body: too large, too slow, not a public JWK set, or not listing the signing key.
+    bad_body,
+    /// A valid set the merge refused (over max_keys, a kid with other material).
+    refused_set,
+}
+
 /// Outcome of one publish attempt to one target.
 #[derive(
     Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue,
@@ -105,6 +137,8 @@ pub struct Metrics {
     key_first_seen: Family<KeyLabels, Gauge>,
     selftest_passed: Family<IssuerLabels, Gauge>,
     key_retiring_until: Family<KeyLabels, Gauge>,
+    pushes: Family<PushLabels, Counter>,
+    push_last_accepted: Family<IssuerLabels, Gauge>,
     /// The kids exported per issuer, so that a key's series go when the key does.
     exported_kids: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
@@ -246,9 +280,23 @@ impl Metrics {
             "1 when the last self-test's token would be accepted by a relying party, 0 when not",
             selftest_passed.clone(),
         );
+        let pushes = Family::<PushLabels, Counter>::default();
+        registry.register(
+            "pushes_received",
+            "Key-set pushes received from an agent in the cluster, by issuer and result",
+            pushes.clone(),
+        );
+        let push_last_accepted = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "push_last_accepted_seconds",
+            "Unix time of the last push this edge accepted for an issuer",
+            push_last_accepted.clone(),
+        );
         Self {
             registry,
             requests,
+            pushes,
+            push_last_accepted,
             refreshes,
             keys,
             jwks_age,
@@ -377,6 +425,23 @@ impl Metrics {
         if result != PublishResult::error {
             self.publish_last_success
                 .get_or_create(labels)
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// One push received for `issuer`; an accepted one also sets its last-accepted time.
+    pub fn count_push(&self, issuer: &str, result: PushResult, now: u64) {
+        self.pushes
+            .get_or_create(&PushLabels {
+                issuer: issuer.to_owned(),
+                result,
+            })
+            .inc();
+        if result == PushResult::accepted {
+            self.push_last_accepted
+                .get_or_create(&IssuerLabels {
+                    issuer: issuer.to_owned(),
+                })
                 .set(i64::try_from(now).unwrap_or(i64::MAX));
         }
     }

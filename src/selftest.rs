@@ -130,7 +130,9 @@ impl SelfTest {
                     )
                     .await
             }
-            AnySource::File(_) => Err("TokenRequest needs an apiserver source".to_owned()),
+            AnySource::File(_) | AnySource::Push(_) => {
+                Err("TokenRequest needs an apiserver source".to_owned())
+            }
         };
         let mut outcome = SelfTestStatus {
             last_run_at: Some(unix_now()),

@@ -13,13 +13,16 @@ use tracing::{Instrument as _, info, info_span};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
-use crate::http::{self, Site, headers};
+use crate::config::IssuerConfig;
+use crate::http::{self, PushRoute, Site, headers};
 use crate::jwks::refresh::{IssuerRuntime, run_source};
+use crate::jwks::source::SourceKind;
 use crate::jwks::store::DocumentStore;
 use crate::listener::{self, PublicListener, TlsTransport, Transport};
 use crate::metrics::Metrics;
 use crate::publish::IssuerPublisher;
 use crate::publish::bucket::Synced;
+use crate::push::gate::{GateParts, PushGate};
 use crate::selftest::SelfTest;
 use crate::signals::{self, Hangup};
 use crate::state::create_state_dir;
@@ -85,6 +88,16 @@ impl Server {
                 Some(SelfTest::new(issuer, test, &cfg.sources, &metrics).map(Arc::new))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let pushes = push_gates(&config, &issuers, &store, &metrics);
+        let push_routes: Vec<PushRoute> = pushes
+            .iter()
+            .zip(config.issuers.iter().filter(|cfg| has_push_source(cfg)))
+            .map(|(gate, cfg)| PushRoute {
+                host: cfg.endpoint.issuer.host().into(),
+                path: cfg.endpoint.issuer.push_path().into(),
+                gate: Arc::clone(gate),
+            })
+            .collect();
         let endpoints = config.endpoints();
         let site = || Site::new(&endpoints, &metrics).with_access_log(config.log.access);
         let public = |name, listener, router, transport| PublicListener {
@@ -120,7 +133,8 @@ impl Server {
         let mut listeners = Vec::new();
         let (tls_upkeep, cert_state) = match https {
             Some((cfg, certs, listener)) => {
-                let mut router = http::router(site(), Arc::clone(&store));
+                let site = site().with_pushes(push_routes.clone());
+                let mut router = http::router(site, Arc::clone(&store));
                 if cfg.hsts {
                     router = headers::with_hsts(router);
                 }
@@ -136,8 +150,13 @@ impl Server {
         if let Some((cfg, listener)) = http {
             let mut router = if cfg.redirect_to_https {
                 http::redirect_router(&endpoints, https_port.map(|a| a.port()))
-            } else {
+            } else if https_port.is_some() {
+                // Issue 18: with HTTPS there, pushes are not offered in plain text, where a
+                // bearer token could be read and replayed on the way.
                 http::router(site(), Arc::clone(&store))
+            } else {
+                // Plain only: TLS ends at a reverse proxy in front.
+                http::router(site().with_pushes(push_routes), Arc::clone(&store))
             };
             if let Some(resolver) = http01 {
                 router = http::with_http01(router, resolver);
@@ -151,6 +170,7 @@ impl Server {
             https: cert_state,
             publishers: publishers.clone(),
             selftests: selftests.clone(),
+            pushes,
         };
         let admin_listener = listener::listen(config.admin.listen, "admin.listen")?;
         listeners.push(admin::listener(admin_listener, admin, config.limits));
@@ -303,4 +323,46 @@ pub async fn publish_once(
         results.extend(tos.zip(publisher.publish(&snapshot).await));
     }
     Ok(results)
+}
+
+fn has_push_source(cfg: &IssuerConfig) -> bool {
+    cfg.sources
+        .iter()
+        .any(|s| matches!(s.kind, SourceKind::Push(_)))
+}
+
+/// The push endpoint of every issuer with a push source, in issuer order.
+fn push_gates(
+    config: &Config,
+    issuers: &[IssuerRuntime],
+    store: &Arc<DocumentStore>,
+    metrics: &Arc<Metrics>,
+) -> Vec<Arc<PushGate>> {
+    config
+        .issuers
+        .iter()
+        .zip(issuers)
+        .enumerate()
+        .filter_map(|(index, (cfg, runtime))| {
+            let (source, policy) =
+                cfg.sources
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, s)| match &s.kind {
+                        SourceKind::Push(policy) => Some((i, policy.clone())),
+                        _ => None,
+                    })?;
+            let issuer = &cfg.endpoint.issuer;
+            Some(Arc::new(PushGate::new(GateParts {
+                index,
+                source,
+                url: issuer.url_for(&issuer.push_path()),
+                policy,
+                config_path: config.file.display().to_string(),
+                pipeline: Arc::clone(&runtime.pipeline),
+                store: Arc::clone(store),
+                metrics: Arc::clone(metrics),
+            })))
+        })
+        .collect()
 }

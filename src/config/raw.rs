@@ -102,6 +102,9 @@ pub(super) struct RawSource {
     pub(super) context: Option<String>,
     pub(super) refresh_interval: Option<String>,
     pub(super) timeout: Option<String>,
+    pub(super) audience: Option<String>,
+    pub(super) subject: Option<String>,
+    pub(super) allow_tokens_without_jti: Option<bool>,
 }
 
 impl RawSource {
@@ -116,6 +119,12 @@ impl RawSource {
             ("client_key_file", self.client_key_file.is_some()),
             ("kubeconfig", self.kubeconfig.is_some()),
             ("context", self.context.is_some()),
+            ("audience", self.audience.is_some()),
+            ("subject", self.subject.is_some()),
+            (
+                "allow_tokens_without_jti",
+                self.allow_tokens_without_jti.is_some(),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))

@@ -9,9 +9,21 @@ use crate::display::{redacted_text, redacted_url};
 use crate::jwks::source::apiserver::{
     ApiAuth, ApiserverSource, IN_CLUSTER_CA, IN_CLUSTER_TOKEN, Pem,
 };
+use crate::jwks::source::push::PushPolicy;
 use crate::jwks::source::{
     DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_INTERVAL, SourceConfig, SourceKind,
 };
+
+/// `system:serviceaccount:NAMESPACE:NAME`, the `sub` Kubernetes gives a service account's
+/// tokens; a push names the one account allowed to push.
+fn is_service_account(subject: &str) -> bool {
+    subject
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(namespace, name)| {
+            !namespace.is_empty() && !name.is_empty() && !name.contains(':')
+        })
+}
 
 impl Validator<'_> {
     pub(super) fn source(&self, key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
@@ -39,10 +51,11 @@ impl Validator<'_> {
             "kubeconfig" => &["kubeconfig", "context"],
             "in-cluster" => &["ca_file", "token_file"],
             "url" => &["url", "ca_file"],
+            "push" => &["audience", "subject", "allow_tokens_without_jti"],
             other => {
                 return Err(self.err(
                     format!("{key}.kind"),
-                    format!("{other:?} is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\""),
+                    format!("{other:?} is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\", \"push\""),
                 ));
             }
         };
@@ -164,6 +177,31 @@ impl Validator<'_> {
                     ca: Pem::File(ca),
                     auth: ApiAuth::TokenFile(token),
                     kubeconfig: None,
+                })
+            }
+            "push" => {
+                let text = |name: &str, value: Option<&String>| {
+                    value
+                        .filter(|v| !v.trim().is_empty())
+                        .cloned()
+                        .ok_or_else(|| {
+                            self.err(format!("{key}.{name}"), "is required for kind = \"push\"")
+                        })
+                };
+                let subject = text("subject", raw.subject.as_ref())?;
+                if !is_service_account(&subject) {
+                    return Err(self.err(
+                        format!("{key}.subject"),
+                        format!(
+                            "{subject:?} is not a service account's token subject \
+                             (system:serviceaccount:NAMESPACE:NAME)"
+                        ),
+                    ));
+                }
+                SourceKind::Push(PushPolicy {
+                    audience: text("audience", raw.audience.as_ref())?,
+                    subject,
+                    allow_tokens_without_jti: raw.allow_tokens_without_jti.unwrap_or(false),
                 })
             }
             _ => {

@@ -293,6 +293,19 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, s)| self.source(&format!("{key}.sources[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
+        // One push source per issuer: one push URL, one account allowed to push.
+        if let Some(second) = sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.kind, SourceKind::Push(_)))
+            .nth(1)
+            .map(|(i, _)| i)
+        {
+            return Err(self.err(
+                format!("{key}.sources[{second}].kind"),
+                "an issuer has at most one push source",
+            ));
+        }
         let publish = raw
             .publish
             .into_iter()

@@ -5,28 +5,33 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::Response;
 use http::header::{
-    ACCESS_CONTROL_ALLOW_ORIGIN, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST,
-    IF_NONE_MATCH, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
+    ETAG, HOST, IF_NONE_MATCH, RETRY_AFTER, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::headers::{self, none_match};
 use super::{App, Doc, Route};
+use crate::jwks::source::MAX_BODY_BYTES;
+use crate::metrics::PushResult;
+use crate::push::gate::{PUSH_BODY_TIMEOUT, Refusal};
 
 /// Sent with 503 before an issuer's first good key set: a short wait, then ask again.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("5");
 
-pub async fn serve_document(
-    State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    req_headers: HeaderMap,
-) -> Response {
-    let (route, response) = answer(&app, &method, &uri, &req_headers);
-    app.site.count(route, response.status());
+pub async fn serve_document(State(app): State<Arc<App>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let (method, uri, req_headers) = (&parts.method, &parts.uri, &parts.headers);
+    let response = if app.site.is_push_path(uri.path()) {
+        push(&app, method, uri, req_headers, body).await
+    } else {
+        let (route, response) = answer(&app, method, uri, req_headers);
+        app.site.count(route, response.status());
+        response
+    };
     if app.site.access_log() {
         let host = req_headers
             .get(HOST)
@@ -44,19 +49,99 @@ pub async fn serve_document(
     response
 }
 
+/// A push (issue 18): the token is checked before the body is read, so that a flood of bad
+/// pushes never makes the server read a megabyte each.
+async fn push(
+    app: &App,
+    method: &Method,
+    uri: &Uri,
+    req_headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(gate) = app.site.push_gate(host_of(uri, req_headers), uri.path()) else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "no push source is configured for this issuer on this listener\n",
+        );
+    };
+    if method != Method::PUT {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "a push is a PUT\n");
+        response.headers_mut().insert(ALLOW, headers::ALLOW_PUT);
+        return response;
+    }
+    let verified =
+        match gate.authenticate(req_headers.get(AUTHORIZATION).map(HeaderValue::as_bytes)) {
+            Ok(verified) => verified,
+            Err(refusal) => return refused(&refusal),
+        };
+    let too_large = || Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        result: PushResult::bad_body,
+        reason: format!("a pushed key set is at most {MAX_BODY_BYTES} bytes"),
+    };
+    let declared = req_headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+        let refusal = too_large();
+        gate.refused(&refusal);
+        return refused(&refusal);
+    }
+    let limit = usize::try_from(MAX_BODY_BYTES).unwrap_or(usize::MAX);
+    let bytes =
+        match tokio::time::timeout(PUSH_BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                let refusal = too_large();
+                gate.refused(&refusal);
+                return refused(&refusal);
+            }
+            Err(_) => {
+                let refusal = Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    result: PushResult::bad_body,
+                    reason: format!(
+                        "the body did not arrive within {} s",
+                        PUSH_BODY_TIMEOUT.as_secs()
+                    ),
+                };
+                gate.refused(&refusal);
+                return refused(&refusal);
+            }
+        };
+    match gate.accept(&verified, bytes).await {
+        Ok(text) => text_response(StatusCode::OK, text),
+        Err(refusal) => refused(&refusal),
+    }
+}
+
+fn refused(refusal: &Refusal) -> Response {
+    let mut response = text_response(refusal.status, format!("{}\n", refusal.reason));
+    if refusal.status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, headers::BEARER);
+    }
+    response
+}
+
+fn host_of<'a>(uri: &'a Uri, req_headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.host().or_else(|| {
+        req_headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+    })
+}
+
 fn answer(
     app: &App,
     method: &Method,
     uri: &Uri,
     req_headers: &HeaderMap,
 ) -> (Option<Route>, Response) {
-    let host = uri.host().or_else(|| {
-        req_headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(strip_port)
-    });
-    let Some(route) = app.site.route(host, uri.path()) else {
+    let Some(route) = app.site.route(host_of(uri, req_headers), uri.path()) else {
         return (None, plain(StatusCode::NOT_FOUND, "not found\n"));
     };
     if method != Method::GET && method != Method::HEAD {
@@ -103,7 +188,11 @@ fn answer(
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response {
-    let mut response = Response::new(Body::from(text));
+    text_response(status, text)
+}
+
+fn text_response(status: StatusCode, text: impl Into<Body>) -> Response {
+    let mut response = Response::new(text.into());
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, headers::TEXT_PLAIN);

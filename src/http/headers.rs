@@ -8,6 +8,10 @@ pub const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 pub const ANY_ORIGIN: HeaderValue = HeaderValue::from_static("*");
 pub const ALLOW: HeaderValue = HeaderValue::from_static("GET, HEAD");
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+/// A push endpoint takes only PUT.
+pub const ALLOW_PUT: HeaderValue = HeaderValue::from_static("PUT");
+/// RFC 6750 §3: a push without a usable token is told to bring one.
+pub const BEARER: HeaderValue = HeaderValue::from_static("Bearer");
 /// HSTS on every HTTPS answer: once a browser has used https, it never falls back.
 pub const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000");
 

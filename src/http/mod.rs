@@ -17,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::store::DocumentStore;
 use crate::metrics::Metrics;
+use crate::push::gate::PushGate;
 use crate::tls::TlsSource;
 
 /// `[http]`: the plain listener.
@@ -57,6 +58,19 @@ pub struct Site {
     counters: Vec<[[Counter; 4]; 2]>,
     not_found: Counter,
     access_log: bool,
+    /// The push endpoints this listener offers (issue 18); empty on most.
+    pushes: Vec<PushRoute>,
+    /// Every issuer's host, lowercase.
+    hosts: Vec<Box<str>>,
+}
+
+/// Where one issuer takes pushes.
+#[derive(Debug, Clone)]
+pub struct PushRoute {
+    /// Lowercase host, as documents are routed.
+    pub host: Box<str>,
+    pub path: Box<str>,
+    pub gate: Arc<PushGate>,
 }
 
 /// The status codes a document route answers, each with its counter.
@@ -122,6 +136,38 @@ impl Site {
             counters,
             not_found: metrics.request_counter("", "none", 404),
             access_log: false,
+            pushes: Vec::new(),
+            hosts: issuers.iter().map(|cfg| cfg.issuer.host().into()).collect(),
+        }
+    }
+
+    /// Offers these push endpoints on this listener.
+    pub fn with_pushes(mut self, pushes: Vec<PushRoute>) -> Self {
+        self.pushes = pushes;
+        self
+    }
+
+    /// Whether `path` is a push path this listener may answer: a suffix test only, so that
+    /// document requests pay nothing for pushes.
+    pub fn is_push_path(&self, path: &str) -> bool {
+        path.ends_with(crate::issuer::PUSH_SUFFIX)
+    }
+
+    /// The gate of the issuer that takes pushes at `host` and `path`, routed like documents.
+    pub fn push_gate(&self, host: Option<&str>, path: &str) -> Option<&Arc<PushGate>> {
+        let mut at_path = self.pushes.iter().filter(|p| &*p.path == path);
+        if let Some(host) = host {
+            if let Some(route) = at_path.clone().find(|p| p.host.eq_ignore_ascii_case(host)) {
+                return Some(&route.gate);
+            }
+            // Another issuer's own host: never someone else's push endpoint.
+            if self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+                return None;
+            }
+        }
+        match (at_path.next(), at_path.next()) {
+            (Some(only), None) => Some(&only.gate),
+            _ => None,
         }
     }
 

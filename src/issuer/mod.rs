@@ -15,6 +15,8 @@ use url::Url;
 pub const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 /// Default JWKS path below the issuer, where kube-apiserver serves it (K-1).
 pub const DEFAULT_JWKS_SUFFIX: &str = "/openid/v1/jwks";
+/// Where pushes go, below the issuer (issue 18).
+pub const PUSH_SUFFIX: &str = "/.oidc-edge/v1/jwks";
 /// IAM accepts provider URLs of at most 255 characters.
 const MAX_ISSUER_LEN: usize = 255;
 
@@ -128,6 +130,13 @@ impl Issuer {
     /// `<issuer path>/openid/v1/jwks`, where kube-apiserver serves its JWKS.
     pub fn default_jwks_path(&self) -> String {
         format!("{}{DEFAULT_JWKS_SUFFIX}", self.prefix)
+    }
+
+    /// `<issuer path>/.oidc-edge/v1/jwks`: where an issuer with a push source takes `PUT`s of
+    /// its key set (issue 18). Under the issuer's path, so that a proxy that forwards the
+    /// issuer forwards its pushes; under a dot-directory no cluster publishes anything in.
+    pub fn push_path(&self) -> String {
+        format!("{}{PUSH_SUFFIX}", self.prefix)
     }
 
     /// The public https URL of `path` on the issuer's host.

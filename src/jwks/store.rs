@@ -51,6 +51,10 @@ pub struct Snapshot {
     pub discovery: Document,
     pub jwks: Document,
     pub kids: Vec<String>,
+    /// The keys some source lists now: the published ones less those kept only for rotation
+    /// grace. What a push may be signed with (a retired key is served, never trusted), and
+    /// what a push agent sends.
+    pub listed: Vec<super::PublicJwk>,
 }
 
 impl Snapshot {
@@ -68,6 +72,12 @@ impl Snapshot {
                 &cache_control,
             ),
             kids: ledger.kids(),
+            listed: ledger
+                .keys
+                .values()
+                .filter(|entry| entry.vanished_at.is_none())
+                .map(|entry| entry.jwk.clone())
+                .collect(),
         }
     }
 }

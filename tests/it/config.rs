@@ -27,6 +27,12 @@ fn publish(keys: &str) -> String {
     )
 }
 
+/// A config whose one source is `kind = "push"` with `keys` (the last table: more sources
+/// may follow).
+fn push(keys: &str) -> String {
+    format!("{HTTP}{ISSUER}  [[issuers.sources]]\n  kind = \"push\"\n{keys}\n")
+}
+
 /// A config whose one source is `kind = "apiserver"` with `keys`.
 fn apiserver(keys: &str) -> String {
     format!("{ISSUER}  [[issuers.sources]]\n  kind = \"apiserver\"\n{keys}\n{HTTP}")
@@ -198,7 +204,36 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown source kind",
             valid_with("", "", "").replace("kind = \"file\"", "kind = \"s3\""),
-            "issuers[0].sources[0].kind: \"s3\" is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\"",
+            "issuers[0].sources[0].kind: \"s3\" is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\", \"push\"",
+        ),
+        (
+            "push source without subject",
+            push("  audience = \"https://oidc.example.com/.oidc-edge/v1/jwks\""),
+            "issuers[0].sources[0].subject: is required for kind = \"push\"",
+        ),
+        (
+            "push source without audience",
+            push("  subject = \"system:serviceaccount:oidc-edge:pusher\""),
+            "issuers[0].sources[0].audience: is required for kind = \"push\"",
+        ),
+        (
+            "push source with a subject that is no service account",
+            push("  audience = \"a\"\n  subject = \"admin\""),
+            "issuers[0].sources[0].subject: \"admin\" is not a service account's token subject (system:serviceaccount:NAMESPACE:NAME)",
+        ),
+        (
+            "two push sources",
+            format!(
+                "{}{}",
+                push("  audience = \"a\"\n  subject = \"system:serviceaccount:a:b\""),
+                "[[issuers.sources]]\nkind = \"push\"\naudience = \"a\"\nsubject = \"system:serviceaccount:a:c\"\n"
+            ),
+            "issuers[0].sources[1].kind: an issuer has at most one push source",
+        ),
+        (
+            "a push key on a file source",
+            valid_with("", "  subject = \"system:serviceaccount:a:b\"", ""),
+            "issuers[0].sources[0].subject: is not used by kind = \"file\"",
         ),
         (
             "file source without path",
@@ -208,7 +243,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown source key",
             valid_with("", "  intervall = \"5s\"", ""),
-            "issuers[0].sources[0].intervall: unknown field `intervall`, expected one of `kind`, `path`, `url`, `ca_file`, `token_file`, `client_cert_file`, `client_key_file`, `kubeconfig`, `context`, `refresh_interval`, `timeout` (line 7, column 3)",
+            "issuers[0].sources[0].intervall: unknown field `intervall`, expected one of `kind`, `path`, `url`, `ca_file`, `token_file`, `client_cert_file`, `client_key_file`, `kubeconfig`, `context`, `refresh_interval`, `timeout`, `audience`, `subject`, `allow_tokens_without_jti` (line 7, column 3)",
         ),
         (
             "a key of another kind",

@@ -18,6 +18,7 @@ mod http; // the public router without sockets: routing, headers, conditional re
 mod monitoring; // the alert rules and dashboard against a real Prometheus scraping oidc-edge
 mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod publish; // publish to a real S3 store (SeaweedFS): writes, order, failures, R2 headers
+mod push; // push from inside the cluster: key continuity, every refusal, trust, restarts
 mod real; // the k3s → oidc-edge → STS → S3 walkthrough with a real apiserver and SeaweedFS
 mod real_source; // the apiserver source against a real kube-apiserver: formats, Accept, RBAC, tokens
 mod selftest; // the self-test: TokenRequest on a real apiserver, checked as AWS would

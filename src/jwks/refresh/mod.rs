@@ -229,8 +229,18 @@ impl IssuerPipeline {
             .await
     }
 
-    /// Takes one fetch result of source `i` (called `name`) at `clock`: validate, merge,
-    /// publish, persist. Returns whether the source is healthy.
+    /// Takes a key set that source `i` (called `name`) was told rather than fetched (a push):
+    /// validated, merged, published and persisted like any fetch. `Err` says why it was
+    /// refused; what is served is then unchanged.
+    pub async fn accept(&self, i: usize, name: &str, body: bytes::Bytes) -> Result<(), String> {
+        let fetched = Ok(Fetched::Body {
+            body,
+            upstream_issuer: None,
+        });
+        self.take(i, name, fetched, Clock::now()).await
+    }
+
+    /// [`Self::take`], saying only whether the source is healthy.
     async fn apply(
         &self,
         i: usize,
@@ -238,6 +248,18 @@ impl IssuerPipeline {
         fetched: Result<Fetched, FetchError>,
         clock: Clock,
     ) -> bool {
+        self.take(i, name, fetched, clock).await.is_ok()
+    }
+
+    /// Takes one fetch result of source `i` (called `name`) at `clock`: validate, merge,
+    /// publish, persist. `Ok` when the source is healthy, else its last error.
+    async fn take(
+        &self,
+        i: usize,
+        name: &str,
+        fetched: Result<Fetched, FetchError>,
+        clock: Clock,
+    ) -> Result<(), String> {
         let mut state = self.state.lock().await;
         let issuer = self.endpoint.issuer.as_str();
         let now = clock.wall;
@@ -259,7 +281,9 @@ impl IssuerPipeline {
         let mut candidate = None;
         let mut failure = None;
         let mut result = RefreshResult::ok;
+        let idle = matches!(fetched, Ok(Fetched::Idle));
         match fetched {
+            Ok(Fetched::Idle) => result = RefreshResult::unchanged,
             Ok(Fetched::Unchanged) => {
                 debug!(issuer, source = %name, "key set unchanged");
                 result = RefreshResult::unchanged;
@@ -337,7 +361,18 @@ impl IssuerPipeline {
                 }
                 if next != state.ledger {
                     let keys_changed = !next.jwks().eq(state.ledger.jwks());
-                    if keys_changed || self.store.get(self.index).is_none() {
+                    // A key that vanished (or came back) changes no document, but it changes
+                    // which keys may sign a push (`Snapshot::listed`).
+                    let listed = |ledger: &Ledger| {
+                        ledger
+                            .keys
+                            .iter()
+                            .filter(|(_, e)| e.vanished_at.is_none())
+                            .map(|(kid, _)| kid.clone())
+                            .collect::<Vec<_>>()
+                    };
+                    let listing_changed = listed(&next) != listed(&state.ledger);
+                    if keys_changed || listing_changed || self.store.get(self.index).is_none() {
                         self.publish(&next);
                         info!(issuer, source = %name, kids = ?next.kids(), "published key set");
                     }
@@ -354,7 +389,9 @@ impl IssuerPipeline {
             }
         }
 
-        self.metrics.count_refresh(issuer, i, result);
+        if !idle {
+            self.metrics.count_refresh(issuer, i, result);
+        }
         let status = &mut state.sources[i];
         match (result, failure) {
             (RefreshResult::unchanged, _) => {}
@@ -368,10 +405,21 @@ impl IssuerPipeline {
                 status.last_success = Some(now);
             }
         }
-        let healthy = status.healthy;
+        // An idle source is not failing: a push source between pushes.
+        let healthy = status.healthy || idle;
+        let outcome = if healthy {
+            Ok(())
+        } else {
+            Err(status.last_error.clone().unwrap_or_default())
+        };
         // M3: an unchanged answer from a source whose last fetch was good confirms the set as
-        // much as a new body does (a healthy file source only ever answers "unchanged").
-        if healthy && merged && matches!(result, RefreshResult::ok | RefreshResult::unchanged) {
+        // much as a new body does (a healthy file source only ever answers "unchanged"). An
+        // idle source confirms nothing: only a push does.
+        if healthy
+            && !idle
+            && merged
+            && matches!(result, RefreshResult::ok | RefreshResult::unchanged)
+        {
             state.confirmed_at = Some(UNIX_EPOCH + Duration::from_secs(now));
             self.confirmed_secs.store(now, Ordering::Relaxed);
         }
@@ -391,7 +439,7 @@ impl IssuerPipeline {
                 state.persisted_confirmed_at = confirmed;
             }
         }
-        healthy
+        outcome
     }
 
     /// F-1, the most common misconfiguration: the cluster still signs tokens for its default

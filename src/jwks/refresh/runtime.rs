@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::IssuerPipeline;
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::merge::KeyPolicy;
+use crate::jwks::persist::StateFile;
 use crate::jwks::source::{AnySource, SourceConfig};
 use crate::jwks::store::{DocumentStore, Snapshot};
 use crate::metrics::Metrics;
@@ -85,9 +86,11 @@ impl IssuerRuntime {
         store: &Arc<DocumentStore>,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let state_file = StateFile::new(state_dir, endpoint.issuer.as_str());
+        let push_url = endpoint.issuer.url_for(&endpoint.issuer.push_path());
         let fetchers = sources
             .iter()
-            .map(|s| AnySource::from_config(&s.kind, s.timeout))
+            .map(|s| AnySource::for_issuer(&s.kind, s.timeout, &push_url, state_file.path()))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let pipeline =
             IssuerPipeline::restored(index, endpoint, keys, state_dir, store, metrics, &fetchers)

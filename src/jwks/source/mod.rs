@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod file;
 pub mod kubeconfig;
+pub mod push;
 pub mod remote;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 
 use self::apiserver::ApiserverSource;
 pub use self::file::FileSource;
+use self::push::{PushInbox, PushPolicy};
 use self::remote::RemoteSource;
 pub use crate::display::error_chain;
 use crate::display::redacted_url;
@@ -35,6 +37,9 @@ pub enum Fetched {
     },
     /// The source is unchanged since the last fetch: keep its last result.
     Unchanged,
+    /// Nothing to report: a source that is told rather than asked (a push source between
+    /// pushes). Neither a confirmation nor a failure; the source keeps what it listed.
+    Idle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +78,12 @@ pub enum AnySource {
     File(FileSource),
     /// Boxed: a remote source carries its client and what it was built from (L1).
     Remote(Box<RemoteSource>),
+    Push(PushInbox),
 }
 
 impl AnySource {
-    /// The fetcher of one configured source.
+    /// The fetcher of one configured source. A push source's fetcher is its issuer's trust
+    /// inbox, next to the issuer's state: [`AnySource::for_issuer`].
     pub fn from_config(kind: &SourceKind, timeout: Duration) -> anyhow::Result<Self> {
         Ok(match kind {
             SourceKind::File { path } => AnySource::File(FileSource::new(path.clone())),
@@ -86,7 +93,27 @@ impl AnySource {
             SourceKind::Url { url, ca_file } => {
                 AnySource::Remote(Box::new(RemoteSource::url(url, ca_file.as_ref(), timeout)?))
             }
+            SourceKind::Push(_) => {
+                anyhow::bail!("a push source has no fetcher of its own outside its issuer")
+            }
         })
+    }
+
+    /// The fetcher of one configured source of the issuer at `push_url` whose state file is
+    /// `state_file`.
+    pub fn for_issuer(
+        kind: &SourceKind,
+        timeout: Duration,
+        push_url: &str,
+        state_file: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        match kind {
+            SourceKind::Push(_) => Ok(AnySource::Push(PushInbox::new(
+                format!("push {push_url}"),
+                push::trust_inbox(state_file),
+            ))),
+            _ => Self::from_config(kind, timeout),
+        }
     }
 }
 
@@ -95,6 +122,7 @@ impl KeySource for AnySource {
         match self {
             AnySource::File(s) => s.describe(),
             AnySource::Remote(s) => s.describe(),
+            AnySource::Push(s) => s.describe(),
         }
     }
 
@@ -102,6 +130,7 @@ impl KeySource for AnySource {
         match self {
             AnySource::File(s) => s.fetch_key_set().await,
             AnySource::Remote(s) => s.fetch_key_set().await,
+            AnySource::Push(s) => s.fetch_key_set().await,
         }
     }
 }
@@ -132,6 +161,8 @@ pub enum SourceKind {
         url: url::Url,
         ca_file: Option<PathBuf>,
     },
+    /// Key sets the cluster pushes (issue 18), authenticated by the keys already published.
+    Push(PushPolicy),
 }
 
 impl fmt::Display for SourceKind {
@@ -146,6 +177,11 @@ impl fmt::Display for SourceKind {
                 api.auth.describe()
             ),
             SourceKind::Url { url, .. } => write!(f, "url {}", redacted_url(url)),
+            SourceKind::Push(policy) => write!(
+                f,
+                "push from {} (audience {})",
+                policy.subject, policy.audience
+            ),
         }
     }
 }

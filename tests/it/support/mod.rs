@@ -14,7 +14,8 @@ pub mod pebble; // Pebble and challtestsrv on loopback
 pub mod pki; // a test CA and the certificates it signs
 pub mod process; // the real binary: spawn, signals, stderr capture, kill by PID on drop
 pub mod real;
-pub mod s3tap; // records what a publisher sends to a real S3 store; a failing store on demand // kube-apiserver + etcd and SeaweedFS (STS, S3), built by tests/real/setup
+pub mod s3tap;
+pub mod signer; // P-256 cluster keys and service-account tokens signed with them // records what a publisher sends to a real S3 store; a failing store on demand // kube-apiserver + etcd and SeaweedFS (STS, S3), built by tests/real/setup
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,0 +1,533 @@
+//! Push (issue 18): a cluster no public host can reach pushes its key set to a public edge.
+//! The edge is the real binary over real TLS (a test CA); tokens are signed with P-256 keys
+//! made here, in Kubernetes' claim shape. Every refusal is asserted with its status and its
+//! exact reason, and the served JWKS with its bytes, before and after.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::clients;
+use crate::support::config::{ISSUER, Source, TestConfig};
+use crate::support::pki::Pki;
+use crate::support::process::{Binary, run};
+use crate::support::signer::{ClusterKey, jwks, token_claims};
+use crate::support::{Scratch, kids};
+
+const PUSH_PATH: &str = "/.oidc-edge/v1/jwks";
+const AUDIENCE: &str = "https://oidc.example.com/.oidc-edge/v1/jwks";
+const SUBJECT: &str = "system:serviceaccount:oidc-edge:pusher";
+
+/// A public edge with a push source for [`ISSUER`], HTTPS on a test CA beside the plain
+/// listener of the default shape.
+struct Edge {
+    scratch: Scratch,
+    pki: Pki,
+    config: PathBuf,
+    server: Binary,
+    https: SocketAddr,
+}
+
+fn push_source() -> Source {
+    Source::new("push")
+        .set("audience", AUDIENCE)
+        .set("subject", SUBJECT)
+        .set("refresh_interval", "1s")
+}
+
+impl Edge {
+    fn start() -> Self {
+        let scratch = Scratch::new();
+        let pki = Pki::new("push test CA");
+        let leaf = pki.server_for(&["oidc.example.com"]);
+        scratch.write("cert.pem", &leaf.cert_pem);
+        scratch.write("key.pem", &leaf.key_pem);
+        let config = TestConfig::new()
+            .source(push_source())
+            .set("https.listen", "127.0.0.1:0")
+            .set("https.files.cert_file", "cert.pem")
+            .set("https.files.key_file", "key.pem")
+            .write(&scratch);
+        let (server, https) = Self::serve(&config);
+        Self {
+            scratch,
+            pki,
+            config,
+            server,
+            https,
+        }
+    }
+
+    fn serve(config: &std::path::Path) -> (Binary, SocketAddr) {
+        let mut server = Binary::start(config);
+        let https = server.listening("https");
+        (server, https)
+    }
+
+    fn restart(&mut self) {
+        self.server.signal("TERM");
+        assert_eq!(self.server.wait_exit(Duration::from_secs(15)), Some(0));
+        (self.server, self.https) = Self::serve(&self.config);
+    }
+
+    fn client(&self) -> reqwest::Client {
+        clients::https_client(&self.pki.ca_pem, self.https)
+            .build()
+            .expect("client")
+    }
+
+    /// PUTs `body` with `token` (none: no Authorization) over HTTPS; status and text.
+    async fn push(&self, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut request = self
+            .client()
+            .put(clients::https_url(self.https, PUSH_PATH))
+            .body(body.to_owned());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("push");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("text"))
+    }
+
+    /// The served JWKS: status and body.
+    async fn jwks(&self) -> (u16, String) {
+        let response = self
+            .client()
+            .get(clients::https_url(self.https, "/openid/v1/jwks"))
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("text"))
+    }
+
+    /// `oidc-edge trust` with `keys`, then SIGHUP so that the server takes it at once.
+    async fn trust(&self, keys: &[&ClusterKey]) -> String {
+        let file = self.scratch.write("cluster-jwks.json", &jwks(keys));
+        let out = run(&[
+            "trust",
+            "--config",
+            self.config.to_str().expect("utf-8"),
+            "--issuer",
+            ISSUER,
+            "--jwks",
+            file.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.server.signal("HUP");
+        crate::support::eventually("the edge serves the trusted keys", || async {
+            let (status, body) = self.jwks().await;
+            let served = kids(&body);
+            status == 200 && keys.iter().all(|k| served.contains(&k.kid))
+        })
+        .await;
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Waits until the served JWKS holds exactly `kids` (sorted).
+    async fn serves(&self, want: &[String]) {
+        crate::support::eventually("the edge serves the expected kids", || async {
+            let (status, body) = self.jwks().await;
+            status == 200 && {
+                let mut got = kids(&body);
+                got.sort();
+                got == want
+            }
+        })
+        .await;
+    }
+
+    async fn status(&self) -> Value {
+        let (_, body) = clients::get(&self.server.admin_url("/status")).await;
+        serde_json::from_str(&body).expect("status JSON")
+    }
+}
+
+fn token(key: &ClusterKey) -> String {
+    key.sign(&token_claims(ISSUER, AUDIENCE, SUBJECT, 3600))
+}
+
+fn sorted(keys: &[&ClusterKey]) -> Vec<String> {
+    let mut kids: Vec<String> = keys.iter().map(|k| k.kid.clone()).collect();
+    kids.sort();
+    kids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_cluster_rotates_its_keys_through_pushes_alone() {
+    let edge = Edge::start();
+    let (old, new) = (ClusterKey::new("old"), ClusterKey::new("new"));
+
+    // Nothing is trusted yet: no push can be authenticated, and the refusal says how to start.
+    let (status, text) = edge.push(Some(&token(&old)), &jwks(&[&old])).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        text,
+        format!(
+            "this edge publishes no key for {ISSUER} yet, so no push can be authenticated; trust the \
+             cluster's keys once: oidc-edge trust --config {} --issuer {ISSUER} --jwks FILE, with FILE \
+             from `kubectl get --raw /openid/v1/jwks` on the cluster\n",
+            edge.config.display()
+        )
+    );
+    assert_eq!(edge.jwks().await.0, 503);
+
+    // The operator's one step.
+    let said = edge.trust(&[&old]).await;
+    assert!(
+        said.starts_with(&format!("trusted for {ISSUER}: kids old\n")),
+        "{said}"
+    );
+
+    // A staged rotation, as kube-apiserver does it with two --service-account-key-file: the new
+    // key is published first (signed by the old one), then signs, then the old one goes.
+    let (status, text) = edge.push(Some(&token(&old)), &jwks(&[&old, &new])).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "accepted; serving kids new, old\n")
+    );
+    edge.serves(&sorted(&[&old, &new])).await;
+    let (status, _) = edge.push(Some(&token(&new)), &jwks(&[&old, &new])).await;
+    assert_eq!(status, 200);
+    let (status, text) = edge.push(Some(&token(&new)), &jwks(&[&new])).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "accepted; serving kids new, old\n")
+    );
+    // The old key stays published for rotation grace: tokens it signed still verify...
+    edge.serves(&sorted(&[&old, &new])).await;
+    // ...but it may no longer change the set.
+    let (status, text) = edge.push(Some(&token(&old)), &jwks(&[&old])).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        text,
+        "the token is signed by kid \"old\", which this edge keeps only for rotation grace: a retired \
+         key is still served but may not change the key set\n"
+    );
+    edge.serves(&sorted(&[&old, &new])).await;
+
+    let status = edge.status().await;
+    let push = &status["push"][0];
+    assert_eq!(push["issuer"], ISSUER);
+    assert_eq!(push["url"], AUDIENCE);
+    assert_eq!(push["subject"], SUBJECT);
+    assert_eq!(push["last_accepted_kid"], "new");
+    assert!(push["last_accepted_at"].as_u64().is_some(), "{status:#}");
+    assert!(
+        push["last_refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("rotation grace")),
+        "{status:#}"
+    );
+    let scrape = crate::support::metrics::scrape(edge.server.admin).await;
+    let count = |result| {
+        crate::support::metrics::metric(
+            &scrape,
+            "oidc_edge_pushes_received_total",
+            &[("issuer", ISSUER), ("result", result)],
+        )
+    };
+    assert_eq!(count("accepted"), 3.0);
+    assert_eq!(count("retired_key"), 1.0);
+    assert_eq!(count("unknown_key"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_push_says_why_and_changes_nothing_served() {
+    let edge = Edge::start();
+    let (trusted, stranger) = (ClusterKey::new("trusted"), ClusterKey::new("stranger"));
+    edge.trust(&[&trusted]).await;
+    let (_, served) = edge.jwks().await;
+    let claims = |edit: &dyn Fn(&mut Value)| {
+        let mut claims = token_claims(ISSUER, AUDIENCE, SUBJECT, 3600);
+        edit(&mut claims);
+        trusted.sign(&claims)
+    };
+    let set = jwks(&[&trusted]);
+    let replayed = token(&trusted);
+    assert_eq!(edge.push(Some(&replayed), &set).await.0, 200);
+    let with_private = {
+        let mut jwk = trusted.jwk.clone();
+        jwk["d"] = "c2VjcmV0".into();
+        serde_json::json!({ "keys": [jwk] }).to_string()
+    };
+    let huge = format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(2 << 20));
+    let stranger_set = jwks(&[&trusted, &stranger]);
+    // (what, token, body, status, exact answer or its start)
+    let cases: Vec<(&str, Option<String>, String, u16, String)> = vec![
+        (
+            "no token",
+            None,
+            set.clone(),
+            401,
+            "a push needs Authorization: Bearer with a service-account token of the cluster\n".into(),
+        ),
+        (
+            "not a JWT",
+            Some("not-a-jwt".into()),
+            set.clone(),
+            401,
+            "the bearer token is not a JWT: InvalidToken\n".into(),
+        ),
+        (
+            "a key the edge does not publish, listed in the pushed set itself",
+            Some(token(&stranger)),
+            stranger_set.clone(),
+            403,
+            format!(
+                "the token is signed by kid \"stranger\", which this edge does not publish for {ISSUER}: \
+                 a push is authenticated only by keys already published (an abrupt key change, a rebuilt \
+                 cluster, or a forgery); if the cluster's keys were replaced on purpose, trust the new set \
+                 once: oidc-edge trust --config {} --issuer {ISSUER} --jwks FILE, with FILE from `kubectl \
+                 get --raw /openid/v1/jwks` on the cluster\n",
+                edge.config.display()
+            ),
+        ),
+        (
+            "a forged signature",
+            Some({
+                let good = token(&trusted);
+                let mut parts: Vec<&str> = good.split('.').collect();
+                let forged = stranger.sign(&token_claims(ISSUER, AUDIENCE, SUBJECT, 3600));
+                parts[2] = forged.rsplit('.').next().expect("signature");
+                parts.join(".")
+            }),
+            set.clone(),
+            401,
+            "the token's signature does not verify with published key \"trusted\": InvalidSignature\n"
+                .into(),
+        ),
+        (
+            "wrong iss",
+            Some(claims(&|c| c["iss"] = "https://oidc.example.com/other".into())),
+            set.clone(),
+            403,
+            format!(
+                "the token's iss is Some(\"https://oidc.example.com/other\"), not the issuer \"{ISSUER}\"\n"
+            ),
+        ),
+        (
+            "wrong aud",
+            Some(claims(&|c| c["aud"] = serde_json::json!(["sts.amazonaws.com"]))),
+            set.clone(),
+            403,
+            format!(
+                "the token's aud is [\"sts.amazonaws.com\"], which does not contain the push audience \"{AUDIENCE}\"\n"
+            ),
+        ),
+        (
+            "wrong sub",
+            Some(claims(&|c| c["sub"] = "system:serviceaccount:default:default".into())),
+            set.clone(),
+            403,
+            format!(
+                "the token's sub is Some(\"system:serviceaccount:default:default\"), not \"{SUBJECT}\", the only account allowed to push\n"
+            ),
+        ),
+        (
+            "expired",
+            Some(claims(&|c| {
+                let now = crate::support::signer::unix_now();
+                c["iat"] = (now - 3000).into();
+                c["nbf"] = (now - 3000).into();
+                c["exp"] = (now - 600).into();
+            })),
+            set.clone(),
+            403,
+            // 600 s, or 601 when a second turned between signing and checking.
+            "the token expired 60".into(),
+        ),
+        (
+            "too long-lived",
+            Some(claims(&|c| {
+                let now = crate::support::signer::unix_now();
+                c["exp"] = (now + 86_400).into();
+            })),
+            set.clone(),
+            403,
+            "the token lives 86400 s, more than the 3600 s a push accepts: use a projected token with \
+             expirationSeconds of at most 3600\n"
+                .into(),
+        ),
+        (
+            "no jti",
+            Some(claims(&|c| {
+                c.as_object_mut().expect("claims").remove("jti");
+            })),
+            set.clone(),
+            403,
+            "the token has no jti, so a replay could not be told; Kubernetes adds one since 1.30 \
+             (allow_tokens_without_jti = true accepts older clusters)\n"
+                .into(),
+        ),
+        (
+            "a replayed token with another body",
+            Some(replayed.clone()),
+            stranger_set.clone(),
+            409,
+            "the token with jti".into(),
+        ),
+        (
+            "a private member",
+            Some(token(&trusted)),
+            with_private,
+            422,
+            "the pushed key set is refused: ".into(),
+        ),
+        (
+            "a set without the signing key",
+            Some(token(&trusted)),
+            jwks(&[&stranger]),
+            422,
+            "the pushed key set does not list kid \"trusted\", which signed the push token; a cluster \
+             always publishes its signing key\n"
+                .into(),
+        ),
+        (
+            "2 MiB",
+            Some(token(&trusted)),
+            huge,
+            413,
+            "a pushed key set is at most 1048576 bytes\n".into(),
+        ),
+    ];
+    for (what, token, body, status, answer) in cases {
+        let (got, text) = edge.push(token.as_deref(), &body).await;
+        assert_eq!(got, status, "{what}: {text}");
+        if answer.ends_with('\n') {
+            assert_eq!(text, answer, "{what}");
+        } else {
+            assert!(text.starts_with(&answer), "{what}: {text}");
+        }
+        assert_eq!(edge.jwks().await, (200, served.clone()), "{what}");
+    }
+    // The same token and the same body again is a retry, not a replay.
+    assert_eq!(edge.push(Some(&replayed), &set).await.0, 200);
+
+    // Not offered in plain text when the edge has HTTPS: the token would cross the network
+    // readable, and could be replayed with another body before the edge ever saw it.
+    let plain = clients::plain_client(edge.server.addr)
+        .put(format!(
+            "http://oidc.example.com:{}{PUSH_PATH}",
+            edge.server.addr.port()
+        ))
+        .bearer_auth(token(&trusted))
+        .body(set.clone())
+        .send()
+        .await
+        .expect("plain push");
+    assert_eq!(plain.status().as_u16(), 404);
+    assert_eq!(
+        plain.text().await.expect("text"),
+        "no push source is configured for this issuer on this listener\n"
+    );
+    // A push path takes only PUT.
+    let get = edge
+        .client()
+        .get(clients::https_url(edge.https, PUSH_PATH))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(get.status().as_u16(), 405);
+    assert_eq!(get.headers()["allow"], "PUT");
+    let status = edge.status().await;
+    assert!(
+        status["push"][0]["last_refused"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("a pushed key set is at most")),
+        "{status:#}"
+    );
+}
+
+/// An issuer without a push source takes no push, even on an edge where another issuer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_without_a_push_source_takes_no_push() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", crate::support::K3S);
+    let config = TestConfig::file_source("1s")
+        .issuer("https://pushed.example.com")
+        .source(push_source())
+        .write(&scratch);
+    let server = Binary::start(&config);
+    let response = clients::plain_client(server.addr)
+        .put(format!(
+            "http://oidc.example.com:{}{PUSH_PATH}",
+            server.addr.port()
+        ))
+        .bearer_auth("x")
+        .body("{}")
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(response.status().as_u16(), 404);
+    assert_eq!(
+        response.text().await.expect("text"),
+        "no push source is configured for this issuer on this listener\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing() {
+    let mut edge = Edge::start();
+    let (first, second, rebuilt) = (
+        ClusterKey::new("first"),
+        ClusterKey::new("second"),
+        ClusterKey::new("rebuilt"),
+    );
+    edge.trust(&[&first]).await;
+    assert_eq!(
+        edge.push(Some(&token(&first)), &jwks(&[&first, &second]))
+            .await
+            .0,
+        200
+    );
+
+    // Edge restart: the pushed set is served at once, from state, and still trusted.
+    edge.restart();
+    let (status, body) = edge.jwks().await;
+    assert_eq!(status, 200);
+    let mut got = kids(&body);
+    got.sort();
+    assert_eq!(got, sorted(&[&first, &second]));
+    assert_eq!(
+        edge.push(Some(&token(&second)), &jwks(&[&second])).await.0,
+        200
+    );
+
+    // The cluster is rebuilt with a new key: refused, loudly, naming the command.
+    let (status, text) = edge.push(Some(&token(&rebuilt)), &jwks(&[&rebuilt])).await;
+    assert_eq!(status, 403);
+    assert!(text.contains("oidc-edge trust --config"), "{text}");
+    assert!(
+        edge.server
+            .log()
+            .iter()
+            .any(|l| l.contains("push refused; what is served is unchanged")
+                && l.contains("which this edge does not publish")),
+        "{:?}",
+        edge.server.log()
+    );
+    // The operator re-trusts: the new key signs pushes, the old ones stay for grace.
+    let said = edge.trust(&[&rebuilt]).await;
+    assert!(said.contains("kids rebuilt\n"), "{said}");
+    edge.serves(&sorted(&[&first, &second, &rebuilt])).await;
+    assert_eq!(
+        edge.push(Some(&token(&rebuilt)), &jwks(&[&rebuilt]))
+            .await
+            .0,
+        200
+    );
+    let (status, _) = edge.push(Some(&token(&second)), &jwks(&[&second])).await;
+    assert_eq!(
+        status, 403,
+        "a key the operator did not trust again is retired"
+    );
+}

@@ -18,6 +18,7 @@ use crate::jwks::unix_now;
 use crate::listener::{Limits, PublicListener, Transport};
 use crate::metrics::Metrics;
 use crate::publish::{IssuerPublisher, TargetStatus};
+use crate::selftest::{SelfTest, SelfTestStatus};
 use crate::tls::{CertState, HttpsStatus};
 
 /// The admin listener: `/livez`, `/readyz`, `/metrics`, `/status`.
@@ -42,6 +43,8 @@ pub struct Admin {
     pub https: Option<Arc<dyn CertState>>,
     /// Bucket targets, each issuer's publisher (`[[issuers.publish]]`).
     pub publishers: Vec<Arc<IssuerPublisher>>,
+    /// `[issuers.selftest]`, per issuer that has one.
+    pub selftests: Vec<Arc<SelfTest>>,
 }
 
 /// Open connections the admin listener holds: probes and scrapes, a few at a time.
@@ -173,6 +176,8 @@ struct StatusDoc {
     https: Option<HttpsStatus>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     publish: Vec<TargetStatus>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    selftest: Vec<SelfTestStatus>,
 }
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
@@ -184,6 +189,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         issuers,
         https: admin.https.as_deref().map(crate::tls::https_status),
         publish: admin.publishers.iter().flat_map(|p| p.statuses()).collect(),
+        selftest: admin.selftests.iter().map(|t| t.status()).collect(),
     };
     let mut body = serde_json::to_vec_pretty(&doc).expect("status serialises");
     body.push(b'\n');
@@ -237,9 +243,12 @@ mod tests {
             discovery_url: String::new(),
             jwks_uri: String::new(),
             published,
+            cache_max_age_seconds: 300,
+            key_retention_seconds: 86_400,
             kids: Vec::new(),
             confirmed_at,
             sources: Vec::new(),
+            keys: Vec::new(),
         }
     }
 

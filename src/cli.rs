@@ -37,6 +37,11 @@ pub enum Command {
     /// public listeners; each target is written after every change, JWKS first, only where it
     /// differs, and read back.
     Publish(PublishArgs),
+    /// Key rotation: where each published key is, and the earliest safe time for the next step.
+    Rotation {
+        #[command(subcommand)]
+        command: RotationCommand,
+    },
     /// Helpers for AWS IAM.
     Aws {
         #[command(subcommand)]
@@ -128,6 +133,30 @@ pub struct PublishArgs {
     /// (written or unchanged), 1 with one line per failure otherwise (CI, a CronJob).
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotationCommand {
+    /// Read a running server's `/status` and print, per key, its phase (publishing, ready,
+    /// retiring) and the earliest safe time for the next step (rule X-6).
+    Status(RotationStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotationStatusArgs {
+    /// Configuration file whose `admin.listen` is asked, without --admin.
+    #[arg(long, value_name = "PATH", env = "OIDC_EDGE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The admin listener to ask instead, e.g. http://127.0.0.1:9090.
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// Only this issuer.
+    #[arg(long, value_name = "URL")]
+    pub issuer: Option<String>,
+    /// The longest lifetime of the tokens the cluster issues (Kubernetes' projected tokens:
+    /// 1h by default; Azure Workload Identity assumes 24h).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub token_lifetime: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]

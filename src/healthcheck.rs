@@ -73,6 +73,26 @@ async fn get(target: &Target) -> anyhow::Result<String> {
     }
 }
 
+/// Where this host reaches the config's admin listener: `admin.listen`, a wildcard address
+/// replaced by the loopback address of its family. Port 0 is refused: only `serve`'s log
+/// names the port it became.
+pub(crate) fn admin_address(config: &Config) -> anyhow::Result<SocketAddr> {
+    let listen = config.admin.listen;
+    if listen.port() == 0 {
+        bail!(
+            "{}: admin.listen: {listen} has port 0, which serve replaces with a free port \
+             that only its log names; give the healthcheck that URL",
+            config.file.display()
+        );
+    }
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(SocketAddr::new(ip, listen.port()))
+}
+
 /// What to GET, and where it came from.
 #[derive(Debug, PartialEq)]
 struct Target {
@@ -89,24 +109,8 @@ impl Target {
     /// its family; any other is an address of this host, which `serve` binds, so it is asked
     /// as it is, `--allow-remote` or not.
     fn admin(config: &Config) -> anyhow::Result<Self> {
-        let listen = config.admin.listen;
-        if listen.port() == 0 {
-            bail!(
-                "{}: admin.listen: {listen} has port 0, which serve replaces with a free port \
-                 that only its log names; give the healthcheck that URL",
-                config.file.display()
-            );
-        }
-        let ip = match listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        let url = Url::parse(&format!(
-            "http://{}/readyz",
-            SocketAddr::new(ip, listen.port())
-        ))
-        .expect("a socket address makes a URL");
+        let url = Url::parse(&format!("http://{}/readyz", admin_address(config)?))
+            .expect("a socket address makes a URL");
         Ok(Self {
             url,
             pinned: None,

@@ -59,6 +59,8 @@ pub mod metrics;
 pub mod publish;
 pub mod relying_party;
 pub mod render;
+pub mod rotation;
+pub mod selftest;
 pub mod server;
 pub mod signals;
 pub mod state;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use oidc_edge::cli::{AwsCommand, CheckArgs, Cli, Command};
+use oidc_edge::cli::{AwsCommand, CheckArgs, Cli, Command, RotationCommand};
 use oidc_edge::config::Config;
 use oidc_edge::{aws, check, docs, render, server::Server, signals, telemetry};
 
@@ -117,6 +117,17 @@ fn main() -> ExitCode {
             }
             Err(e) => exit(Err(e)),
         },
+        Command::Rotation {
+            command: RotationCommand::Status(args),
+        } => {
+            let options = oidc_edge::rotation::Options {
+                admin: args.admin,
+                config: args.config,
+                issuer: args.issuer,
+                token_lifetime: args.token_lifetime,
+            };
+            exit(block_on(oidc_edge::rotation::run(&options)).map(|report| print(&report)))
+        }
         Command::Aws { command } => exit(match command {
             AwsCommand::Provider {
                 issuer,

@@ -102,6 +102,27 @@ pub struct Metrics {
     published_objects: Family<PublishLabels, Counter>,
     publish_last_success: Family<PublishLabels, Gauge>,
     publish_public_mismatch: Family<PublishLabels, Gauge>,
+    key_first_seen: Family<KeyLabels, Gauge>,
+    selftest_passed: Family<IssuerLabels, Gauge>,
+    key_retiring_until: Family<KeyLabels, Gauge>,
+    /// The kids exported per issuer, so that a key's series go when the key does.
+    exported_kids: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub issuer: String,
+    pub kid: String,
+}
+
+/// One published key's lifecycle, as [`Metrics::set_key_lifecycles`] exports it.
+#[derive(Debug, Clone)]
+pub struct KeyTimes {
+    pub kid: String,
+    /// Unix seconds; unknown for keys restored from an older state file.
+    pub first_seen_at: Option<u64>,
+    /// Unix seconds until which a vanished key stays published.
+    pub retiring_until: Option<u64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,6 +228,24 @@ impl Metrics {
             "1 when a target's public_url did not serve the bucket's bytes and content type at the last publish",
             publish_public_mismatch.clone(),
         );
+        let key_first_seen = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "key_first_seen_seconds",
+            "Unix time at which a source first listed a published key (it was served from then on)",
+            key_first_seen.clone(),
+        );
+        let key_retiring_until = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "key_retiring_until_seconds",
+            "Unix time until which a key no source lists any more stays published (key_retention)",
+            key_retiring_until.clone(),
+        );
+        let selftest_passed = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "selftest_passed",
+            "1 when the last self-test's token would be accepted by a relying party, 0 when not",
+            selftest_passed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -222,6 +261,10 @@ impl Metrics {
             published_objects,
             publish_last_success,
             publish_public_mismatch,
+            key_first_seen,
+            key_retiring_until,
+            selftest_passed,
+            exported_kids: std::sync::Mutex::default(),
         }
     }
 
@@ -343,6 +386,46 @@ impl Metrics {
         self.publish_public_mismatch
             .get_or_create(labels)
             .set(i64::from(mismatch));
+    }
+
+    /// The lifecycle of every key `issuer` publishes now; the series of keys it no longer
+    /// publishes are removed.
+    pub fn set_key_lifecycles(&self, issuer: &str, keys: &[KeyTimes]) {
+        let seconds = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        let labels = |kid: &str| KeyLabels {
+            issuer: issuer.to_owned(),
+            kid: kid.to_owned(),
+        };
+        let mut exported = self.exported_kids.lock().expect("metrics lock");
+        let previous = exported.insert(
+            issuer.to_owned(),
+            keys.iter().map(|k| k.kid.clone()).collect(),
+        );
+        for kid in previous.unwrap_or_default() {
+            self.key_first_seen.remove(&labels(&kid));
+            self.key_retiring_until.remove(&labels(&kid));
+        }
+        for key in keys {
+            if let Some(at) = key.first_seen_at {
+                self.key_first_seen
+                    .get_or_create(&labels(&key.kid))
+                    .set(seconds(at));
+            }
+            if let Some(until) = key.retiring_until {
+                self.key_retiring_until
+                    .get_or_create(&labels(&key.kid))
+                    .set(seconds(until));
+            }
+        }
+    }
+
+    /// The outcome of `issuer`'s last self-test.
+    pub fn set_selftest_passed(&self, issuer: &str, passed: bool) {
+        self.selftest_passed
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .set(i64::from(passed));
     }
 
     /// The text exposition (OpenMetrics 1.0, which Prometheus scrapes natively).

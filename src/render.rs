@@ -81,7 +81,7 @@ pub async fn render(config: &Config, options: &Options) -> anyhow::Result<Vec<Ob
     let mut written: Vec<(PathBuf, Object)> = Vec::new();
     for (index, cfg) in config.issuers.iter().enumerate() {
         let endpoint = &cfg.endpoint;
-        IssuerRuntime::restored(
+        let snapshot = IssuerRuntime::refreshed_snapshot(
             index,
             endpoint,
             cfg.keys,
@@ -90,12 +90,7 @@ pub async fn render(config: &Config, options: &Options) -> anyhow::Result<Vec<Ob
             &store,
             &metrics,
         )
-        .await?
-        .refresh_once()
         .await?;
-        let snapshot = store
-            .get(index)
-            .with_context(|| format!("{}: no key set to publish", endpoint.issuer))?;
         let base = if per_host {
             out.join(endpoint.issuer.host())
         } else {

@@ -20,6 +20,7 @@ use crate::listener::{self, PublicListener, TlsTransport, Transport};
 use crate::metrics::Metrics;
 use crate::publish::IssuerPublisher;
 use crate::publish::bucket::Synced;
+use crate::selftest::SelfTest;
 use crate::signals::{self, Hangup};
 use crate::state::create_state_dir;
 use crate::supervisor::{Heartbeats, Supervisor};
@@ -42,6 +43,8 @@ pub struct Server {
     tls_upkeep: Option<Upkeep>,
     /// Bucket targets, per issuer that has any.
     publishers: Vec<Arc<IssuerPublisher>>,
+    /// Self-tests, per issuer that has `[issuers.selftest]`.
+    selftests: Vec<Arc<SelfTest>>,
     store: Arc<DocumentStore>,
     metrics: Arc<Metrics>,
 }
@@ -73,6 +76,15 @@ impl Server {
             issuers.push(issuer.await?);
         }
         let publishers = publishers(&config, &metrics)?;
+        let selftests = config
+            .issuers
+            .iter()
+            .filter_map(|cfg| {
+                let test = cfg.selftest.as_ref()?;
+                let issuer = cfg.endpoint.issuer.as_str();
+                Some(SelfTest::new(issuer, test, &cfg.sources, &metrics).map(Arc::new))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let endpoints = config.endpoints();
         let site = || Site::new(&endpoints, &metrics).with_access_log(config.log.access);
         let public = |name, listener, router, transport| PublicListener {
@@ -138,6 +150,7 @@ impl Server {
             max_staleness: config.admin.max_staleness,
             https: cert_state,
             publishers: publishers.clone(),
+            selftests: selftests.clone(),
         };
         let admin_listener = listener::listen(config.admin.listen, "admin.listen")?;
         listeners.push(admin::listener(admin_listener, admin, config.limits));
@@ -146,6 +159,7 @@ impl Server {
             listeners,
             tls_upkeep,
             publishers,
+            selftests,
             store,
             metrics,
         })
@@ -210,6 +224,10 @@ impl Server {
             let name = format!("publisher of {}", publisher.issuer());
             supervisor.spawn(name, publisher.run(Arc::clone(&self.store), cancel.clone()));
         }
+        for selftest in self.selftests {
+            let name = format!("self-test of {}", selftest.issuer());
+            supervisor.spawn(name, selftest.run(cancel.clone()));
+        }
         if let Some(upkeep) = self.tls_upkeep {
             let name = upkeep.name();
             supervisor.spawn(name, upkeep.run(Arc::clone(&self.metrics), cancel.clone()));
@@ -271,7 +289,7 @@ pub async fn publish_once(
     for publisher in publishers {
         let index = publisher.index();
         let cfg = &config.issuers[index];
-        IssuerRuntime::restored(
+        let snapshot = IssuerRuntime::refreshed_snapshot(
             index,
             &cfg.endpoint,
             cfg.keys,
@@ -280,12 +298,7 @@ pub async fn publish_once(
             &store,
             &metrics,
         )
-        .await?
-        .refresh_once()
         .await?;
-        let snapshot = store
-            .get(index)
-            .ok_or_else(|| anyhow::anyhow!("{}: no key set to publish", publisher.issuer()))?;
         let tos = cfg.publish.iter().map(|t| t.to.clone());
         results.extend(tos.zip(publisher.publish(&snapshot).await));
     }

@@ -42,6 +42,8 @@ pub struct Options {
 pub enum TokenSource {
     Stdin,
     File(PathBuf),
+    /// A token in hand (the self-test's, minted by TokenRequest).
+    Inline(String),
 }
 
 /// Runs every check that what came before allows. `Err` is for the doctor itself failing (a
@@ -114,6 +116,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         let text = match source {
             TokenSource::Stdin => std::io::read_to_string(std::io::stdin())?,
             TokenSource::File(path) => std::fs::read_to_string(path)?,
+            TokenSource::Inline(token) => token.clone(),
         };
         let audience = options.audience.as_deref();
         token::check(

@@ -31,6 +31,10 @@ pub struct Finding {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub issuer: String,
+    /// What must be said before anything else: the one failure that explains every refused
+    /// token (a signing key that is not public yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headline: Option<String>,
     pub findings: Vec<Finding>,
     /// The AWS thumbprint of the JWKS host (A-8b).
     pub thumbprint: Option<String>,
@@ -42,6 +46,7 @@ impl Report {
     pub(crate) fn new(issuer: &str) -> Self {
         Self {
             issuer: issuer.to_owned(),
+            headline: None,
             findings: Vec::new(),
             thumbprint: None,
             subject: None,
@@ -93,6 +98,9 @@ impl Report {
     /// The table for people.
     pub fn table(&self) -> String {
         let mut out = format!("oidc-edge check {}\n", self.issuer);
+        if let Some(headline) = &self.headline {
+            let _ = writeln!(out, "{headline}");
+        }
         for f in &self.findings {
             let status = match f.status {
                 Status::Pass => "pass",

@@ -52,6 +52,14 @@ pub fn check(
             Status::Fail,
             format!("unknown kid {kid:?}: the key is not published (stale JWKS, F-3)"),
         );
+        // First and loudly: this one failure refuses every token the key signs, and it is
+        // what a rotation that signs before it publishes, an external signer or a rebuilt
+        // control plane looks like from outside (X-6).
+        report.headline = Some(format!(
+            "THE TOKEN'S SIGNING KEY IS NOT PUBLIC: kid {kid:?} is not in the published JWKS, so \
+             every relying party refuses the tokens it signs until it is published (a rotation \
+             that signs before it publishes, an external signer, a rebuilt control plane)"
+        ));
         return;
     };
     report.add("Z-7", "token kid is in the JWKS", Status::Pass, kid.clone());

@@ -27,6 +27,7 @@ use crate::jwks::merge::KeyPolicy;
 use crate::jwks::source::SourceConfig;
 use crate::listener::Limits;
 use crate::publish::target::PublishTarget;
+use crate::selftest::SelfTestConfig;
 use crate::telemetry::LogConfig;
 
 /// Where `serve` and `check-config` look when neither `--config` nor `$OIDC_EDGE_CONFIG` is set.
@@ -57,6 +58,8 @@ pub struct IssuerConfig {
     pub sources: Vec<SourceConfig>,
     /// Buckets kept in step with what is served (`oidc-edge publish`).
     pub publish: Vec<PublishTarget>,
+    /// `[issuers.selftest]`: a token minted and checked as a relying party would.
+    pub selftest: Option<SelfTestConfig>,
 }
 
 /// A configuration error: `<file>: <key>: <what is wrong>`, on one line.

@@ -30,6 +30,17 @@ pub(super) struct RawIssuer {
     pub(super) sources: Vec<RawSource>,
     #[serde(default)]
     pub(super) publish: Vec<RawPublish>,
+    pub(super) selftest: Option<RawSelfTest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSelfTest {
+    pub(super) service_account: String,
+    pub(super) audience: Option<String>,
+    pub(super) interval: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) connect_to: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,6 +37,17 @@ impl fmt::Display for Config {
             for (i, target) in cfg.publish.iter().enumerate() {
                 writeln!(f, "  publish[{i}] {} ({})", target.to, target.describe())?;
             }
+            if let Some(test) = &cfg.selftest {
+                writeln!(
+                    f,
+                    "  selftest   {}/{} for {} every {} (TokenRequest through source[{}])",
+                    test.namespace,
+                    test.service_account,
+                    test.audience,
+                    humantime::format_duration(test.interval),
+                    test.source
+                )?;
+            }
         }
         if let Some(http) = &self.http {
             let redirect = if http.redirect_to_https {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawIssuer, RawLimits, RawLog};
+use super::raw::{RawConfig, RawIssuer, RawLimits, RawLog, RawSelfTest};
 use super::{Config, ConfigError, DEFAULT_STATE_DIR, IssuerConfig};
 use crate::admin::{AdminConfig, DEFAULT_ADMIN_LISTEN};
 use crate::http::{HttpConfig, HttpsConfig};
@@ -15,8 +15,10 @@ use crate::issuer::endpoint::{
 };
 use crate::issuer::{self, Issuer};
 use crate::jwks::merge::{DEFAULT_KEY_RETENTION, KeyPolicy};
+use crate::jwks::source::{SourceConfig, SourceKind};
 use crate::listener::Limits;
 use crate::relying_party::MAX_KEYS_LIMIT;
+use crate::selftest::SelfTestConfig;
 use crate::telemetry::{LogConfig, LogFormat};
 use crate::tls::{Challenge, TlsSource};
 
@@ -69,6 +71,12 @@ const KEY_RETENTION_BOUNDS: Bounds = Bounds {
 pub(super) const PUBLISH_TIMEOUT_BOUNDS: Bounds = Bounds {
     min: (Duration::from_millis(100), "100ms"),
     max: MINUTES_5,
+};
+/// A self-test mints a token and makes two fetches: not more than once a second, and at
+/// least daily.
+const SELFTEST_INTERVAL_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: (Duration::from_secs(86_400), "24h"),
 };
 /// Readiness is judged in whole seconds (`/readyz`), so less than one second means nothing.
 const MAX_STALENESS_BOUNDS: Bounds = Bounds {
@@ -291,6 +299,10 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, p)| self.publish_target(&format!("{key}.publish[{i}]"), p))
             .collect::<Result<Vec<_>, _>>()?;
+        let selftest = raw
+            .selftest
+            .map(|t| self.selftest(&format!("{key}.selftest"), t, &sources))
+            .transpose()?;
         Ok(IssuerConfig {
             endpoint: IssuerEndpoint {
                 jwks_content_type,
@@ -303,6 +315,66 @@ impl Validator<'_> {
             },
             sources,
             publish,
+            selftest,
+        })
+    }
+
+    fn selftest(
+        &self,
+        key: &str,
+        raw: RawSelfTest,
+        sources: &[SourceConfig],
+    ) -> Result<SelfTestConfig, ConfigError> {
+        let source = sources
+            .iter()
+            .position(|s| matches!(s.kind, SourceKind::Apiserver(_)))
+            .ok_or_else(|| {
+                self.err(
+                    key,
+                    "needs an apiserver, kubeconfig or in-cluster source: its credentials mint the tokens (TokenRequest)",
+                )
+            })?;
+        let (namespace, service_account) = raw
+            .service_account
+            .split_once('/')
+            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+            .ok_or_else(|| {
+                self.err(
+                    format!("{key}.service_account"),
+                    format!("{:?} is not NAMESPACE/NAME", raw.service_account),
+                )
+            })?;
+        let interval = self.bounded_duration(
+            &format!("{key}.interval"),
+            raw.interval,
+            Duration::from_secs(300),
+            SELFTEST_INTERVAL_BOUNDS,
+        )?;
+        let ca_file = raw.ca_file.map(|p| self.resolve(&p));
+        if let Some(path) = &ca_file {
+            self.readable(&format!("{key}.ca_file"), path)?;
+        }
+        let connect_to = raw
+            .connect_to
+            .map(|text| {
+                text.parse::<SocketAddr>().map_err(|e| {
+                    self.err(
+                        format!("{key}.connect_to"),
+                        format!("{text:?} is not an address like 203.0.113.7:443: {e}"),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(SelfTestConfig {
+            source,
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            audience: raw
+                .audience
+                .unwrap_or_else(|| "sts.amazonaws.com".to_owned()),
+            interval,
+            ca_file,
+            connect_to,
         })
     }
 

@@ -49,6 +49,11 @@ pub struct LedgerEntry {
     /// sources' keys nor loses its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sources: Option<Vec<usize>>,
+    /// Unix seconds at which a source first listed the key (it was published at the same
+    /// merge); `None` for keys of a state file written before this was recorded. Kept while
+    /// the key is published, across restarts: the start of its lifecycle (issue 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,6 +178,7 @@ pub fn merge(
                         jwk: jwk.clone(),
                         vanished_at: None,
                         sources: Some(vec![i]),
+                        first_seen_at: Some(now),
                     };
                     keys.insert(jwk.kid.clone(), entry);
                 }
@@ -188,12 +194,14 @@ pub fn merge(
             (None, None) => None,
         };
         if let Some(entry) = keys.get_mut(kid) {
-            if entry.jwk == old.jwk
-                && let (Some(listed), Some(claims)) = (&mut entry.sources, &silent_claims)
-            {
-                listed.extend(claims);
-                listed.sort_unstable();
-                listed.dedup();
+            if entry.jwk == old.jwk {
+                // The same key as before: its lifecycle started then, not now.
+                entry.first_seen_at = old.first_seen_at;
+                if let (Some(listed), Some(claims)) = (&mut entry.sources, &silent_claims) {
+                    listed.extend(claims);
+                    listed.sort_unstable();
+                    listed.dedup();
+                }
             }
             continue;
         }
@@ -209,6 +217,7 @@ pub fn merge(
             jwk: old.jwk.clone(),
             vanished_at,
             sources,
+            first_seen_at: old.first_seen_at,
         };
         if !expired(&entry, now, retention) {
             keys.insert(kid.clone(), entry);
@@ -266,6 +275,33 @@ mod tests {
         let merged = merge(&[Some(&a), Some(&b)], &Ledger::default(), 0, HOUR, 100).expect("ok");
         assert_eq!(kids(&merged), ["a", "b", "c"]);
         assert!(merged.keys.values().all(|e| e.vanished_at.is_none()));
+    }
+
+    #[test]
+    fn a_key_keeps_the_time_it_was_first_seen_until_it_is_dropped() {
+        let before = [key("old", "1")];
+        let both = [key("old", "1"), key("new", "2")];
+        let after = [key("new", "2")];
+        let l0 = merge(&[Some(&before)], &Ledger::default(), 1000, HOUR, 100).expect("ok");
+        assert_eq!(l0.keys["old"].first_seen_at, Some(1000));
+        let l1 = merge(&[Some(&both)], &l0, 1100, HOUR, 100).expect("ok");
+        assert_eq!(
+            l1.keys["old"].first_seen_at,
+            Some(1000),
+            "not reset by a refresh"
+        );
+        assert_eq!(l1.keys["new"].first_seen_at, Some(1100));
+        let l2 = merge(&[Some(&after)], &l1, 1200, HOUR, 100).expect("ok");
+        assert_eq!(
+            l2.keys["old"].first_seen_at,
+            Some(1000),
+            "kept while retained"
+        );
+        assert_eq!(l2.keys["new"].first_seen_at, Some(1100));
+        // A kid that comes back with other material is another key: it starts again.
+        let replaced = [key("new", "3")];
+        let l3 = merge(&[Some(&replaced)], &l2, 1300, HOUR, 100).expect("ok");
+        assert_eq!(l3.keys["new"].first_seen_at, Some(1300));
     }
 
     #[test]

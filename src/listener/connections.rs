@@ -83,12 +83,12 @@ pub(super) async fn make_room(
 }
 
 /// Every open connection of one listener, so that a full listener can make room. Closed
-/// first: the oldest of those that have sent nothing; then the oldest of those still in the
-/// TLS handshake or their first headers; then the proven one whose last activity is oldest:
-/// gracefully when it is idle, at once when its response has stalled or it is already
-/// closing. A real client sends its first bytes at once and a request within a round trip or
-/// two, so a flood of silent or stalled connections never pushes it out, and idle keep-alive
-/// connections give way to new clients.
+/// first: the oldest of those that have sent nothing; then the proven one whose response
+/// stalled the longest, at once; then the oldest of those still in the TLS handshake or
+/// their first headers; then the proven one whose last activity is oldest: gracefully when
+/// it is idle, at once when it is already closing. A real client sends its first bytes at
+/// once and a request within a round trip or two, so a flood of silent or stalled
+/// connections never pushes it out, and idle keep-alive connections give way to new clients.
 #[derive(Debug, Default)]
 pub(super) struct Connections {
     pub(super) next: AtomicU64,
@@ -329,9 +329,10 @@ impl Connections {
     }
 
     /// Signals the connection that should make room in `round`, and says which kind it was;
-    /// `None` when none should. In order: the oldest that has sent nothing; the oldest still
-    /// in its handshake or first request; then the proven one stalled, idle or closing the
-    /// longest (see [`Rank`]). In the first round each only when it has been so for long.
+    /// `None` when none should. In order: the oldest that has sent nothing; the proven one
+    /// whose response stalled the longest; the oldest still in its handshake or first
+    /// request; then the proven one idle or closing the longest (see [`Rank`]). In the first
+    /// round each only when it has been so for long.
     pub(super) fn make_room(&self, round: Round) -> Option<&'static str> {
         let now = now_ms();
         let mut queues = self.lock();
@@ -365,19 +366,25 @@ impl Connections {
             state.kill.cancel();
             return Some("silent");
         }
+        // A scan, but only at the cap: requests never pay for keeping an order. A connection
+        // stays here until it is gone, so one that was asked to close and has not is met
+        // again, and then dropped (H1); one already dropped whose task has not yet ended is
+        // not asked again.
+        let victim = proven
+            .values()
+            .filter(|s| !s.kill.is_cancelled())
+            .filter_map(|s| s.at_cap(now, round).map(|(rank, age)| (rank, age, s)))
+            .min_by_key(|&(rank, age, _)| (rank, std::cmp::Reverse(age)));
+        // A response stalled for long goes before a handshake or first request unfinished for
+        // as long: ours fit in one window, while a real client a round trip of 250 ms away (or
+        // on a loaded host) is still in its handshake then.
         if round == Round::Old
+            && !matches!(victim, Some((Rank::Drop, ..)))
             && let Some(state) = oldest(speaking, LONG_AT_CAP)
         {
             state.kill.cancel();
             return Some("without a request");
         }
-        // A scan, but only at the cap: requests never pay for keeping an order. A connection
-        // stays here until it is gone, so one that was asked to close and has not is met
-        // again, and then dropped (H1).
-        let victim = proven
-            .values()
-            .filter_map(|s| s.at_cap(now, round).map(|(rank, age)| (rank, age, s)))
-            .min_by_key(|&(rank, age, _)| (rank, std::cmp::Reverse(age)));
         match victim {
             Some((Rank::Close | Rank::LastClose, _, state)) => {
                 state.start_closing();

@@ -122,6 +122,61 @@ fn at_the_cap_a_stalled_response_goes_first_and_at_once() {
     assert_eq!(connections.make_room(Round::Old), Some("idle the longest"));
 }
 
+/// A response stalled for long is the surest sign of a client that stopped reading (our
+/// documents fit in one window); a handshake or first request unfinished for as long may be
+/// a real client a round trip of 250 ms away, or one on a loaded host. The stalled one goes
+/// first.
+#[test]
+fn at_the_cap_a_stalled_response_goes_before_a_slow_handshake() {
+    let connections = Arc::new(Connections::default());
+    let [stalled, handshaking] = std::array::from_fn(|_| connections.admit());
+    for entry in [&stalled, &handshaking] {
+        entry.heard();
+    }
+    stalled.state.request_started();
+    let _response = InFlight::new(Arc::clone(&stalled.state));
+    age(&stalled, 3000);
+    age(&handshaking, LONG_AT_CAP.as_millis() as u64 + 50);
+    assert_eq!(
+        connections.make_room(Round::Old),
+        Some("stalled or closing")
+    );
+    assert_eq!(killed(&[&stalled, &handshaking]), [stalled.state.id]);
+    drop(stalled);
+    // With no stalled response left, the slow handshake goes before an idle connection.
+    assert_eq!(connections.make_room(Round::Old), Some("without a request"));
+    assert!(handshaking.state.kill.is_cancelled());
+}
+
+/// A connection told to go stays in the queues until its task ends, which on a loaded host
+/// can take longer than a round: the next round drops the next stalled one instead of asking
+/// the same one again and going on to the young.
+#[test]
+fn at_the_cap_a_connection_already_dropped_is_not_chosen_again() {
+    let connections = Arc::new(Connections::default());
+    let [first, second, fresh] = std::array::from_fn(|_| connections.admit());
+    let responses = [&first, &second].map(|entry| {
+        entry.heard();
+        entry.state.request_started();
+        InFlight::new(Arc::clone(&entry.state))
+    });
+    age(&first, 3000);
+    age(&second, 2000);
+    assert_eq!(
+        connections.make_room(Round::Old),
+        Some("stalled or closing")
+    );
+    assert_eq!(
+        connections.make_room(Round::Proven),
+        Some("stalled or closing")
+    );
+    assert_eq!(
+        killed(&[&first, &second, &fresh]),
+        [first.state.id, second.state.id]
+    );
+    drop(responses);
+}
+
 #[test]
 fn young_busy_then_idle_connections_give_way_only_after_the_first_round() {
     let connections = Arc::new(Connections::default());

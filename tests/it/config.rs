@@ -49,7 +49,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown issuer key",
             valid_with("jwks_pth = \"/keys\"", "", ""),
-            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources`, `publish` (line 3, column 1)",
+            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources`, `publish`, `selftest` (line 3, column 1)",
         ),
         (
             "wrong type",
@@ -386,6 +386,21 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
                 publish("to = \"s3://bucket/site/\"")
             ),
             "issuers[0].publish[1].to: s3://bucket/site/.well-known/openid-configuration is also written by issuers[0].publish[0]",
+        ),
+        (
+            "self-test without an apiserver source",
+            valid_with("", "", "").replace(
+                "  [[issuers.sources]]",
+                "  [issuers.selftest]\n  service_account = \"default/checker\"\n  [[issuers.sources]]",
+            ),
+            "issuers[0].selftest: needs an apiserver, kubeconfig or in-cluster source: its credentials mint the tokens (TokenRequest)",
+        ),
+        (
+            "self-test service account without a namespace",
+            apiserver(
+                "  url = \"https://127.0.0.1:6443\"\n  ca_file = \"ca.pem\"\n  [issuers.selftest]\n  service_account = \"checker\"",
+            ),
+            "issuers[0].selftest.service_account: \"checker\" is not NAMESPACE/NAME",
         ),
         (
             "bad log format",

@@ -465,6 +465,35 @@ async fn tokens_are_verified_like_sts_does() {
             }
             Some((rule, observed)) => assert_fails(&out, &report, rule, observed),
         }
+        // A signing key that is not public is said first, above every rule.
+        let headline = report["headline"].as_str();
+        if what == "unknown kid" {
+            assert_eq!(
+                headline,
+                Some(
+                    "THE TOKEN'S SIGNING KEY IS NOT PUBLIC: kid \"rotated-away\" is not in the published JWKS, so every relying party refuses the tokens it signs until it is published (a rotation that signs before it publishes, an external signer, a rebuilt control plane)"
+                ),
+                "{report:#}"
+            );
+            let table = run(&[
+                "check",
+                ISSUER,
+                "--ca-file",
+                scratch.path("ca.pem").to_str().expect("utf-8"),
+                "--connect-to",
+                &https.to_string(),
+                "--token",
+                file.to_str().expect("utf-8"),
+                "--audience",
+                aud,
+                "--target",
+                "aws",
+            ]);
+            let table = String::from_utf8_lossy(&table.stdout).into_owned();
+            assert_eq!(table.lines().nth(1), headline, "{table}");
+        } else {
+            assert_eq!(headline, None, "{what}: {report:#}");
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod proxy; // behind nginx terminating TLS: byte-identical documents
 mod publish; // publish to a real S3 store (SeaweedFS): writes, order, failures, R2 headers
 mod real; // the k3s → oidc-edge → STS → S3 walkthrough with a real apiserver and SeaweedFS
 mod real_source; // the apiserver source against a real kube-apiserver: formats, Accept, RBAC, tokens
+mod selftest; // the self-test: TokenRequest on a real apiserver, checked as AWS would
 mod serve; // serving: the demo, file refresh, refused sets, persistence across SIGKILL
 mod state; // the state file across restarts: confirmations, reused kids
 mod systemd; // unit files under systemd-analyze, sd_notify, socket activation

@@ -349,11 +349,25 @@ async fn a_real_prometheus_finds_every_metric_the_rules_and_the_dashboard_use() 
         .write(&a);
     let server_a = Binary::start(&config);
 
-    // B: ACME against a port nobody listens on.
+    // B: ACME against a port nobody listens on, and a bucket target on a port nobody listens
+    // on either.
     let b = Scratch::new();
     b.write("jwks.json", K3S);
+    b.write("key-id", "AKIDMONITORING");
+    b.write("secret", "not-a-secret");
+    let mut target = toml::Table::new();
+    for (key, value) in [
+        ("to", "s3://bucket/site".to_owned()),
+        ("endpoint", format!("http://127.0.0.1:{}", free_tcp_port())),
+        ("access_key_id_file", "key-id".to_owned()),
+        ("secret_access_key_file", "secret".to_owned()),
+        ("timeout", "1s".to_owned()),
+    ] {
+        target.insert(key.to_owned(), value.into());
+    }
     let config = TestConfig::new()
         .source(Source::file("jwks.json"))
+        .publish(target)
         .set("https.listen", "127.0.0.1:0")
         .set(
             "https.acme.directory",
@@ -460,6 +474,7 @@ async fn a_real_prometheus_finds_every_metric_the_rules_and_the_dashboard_use() 
         format!("OidcEdgeRefreshFailing firing {instance_a} source=1"),
         format!("OidcEdgeStateWriteFailing firing {instance_a}"),
         format!("OidcEdgeCertificateMissing pending {instance_b}"),
+        format!("OidcEdgePublishFailing firing {instance_b}"),
     ]
     .into();
     within_30s("the alerts of A and B", || async {

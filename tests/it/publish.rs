@@ -77,6 +77,15 @@ impl Store {
     }
 }
 
+/// Waits until the publisher's `/status` at `admin` contains `needle`.
+async fn status_shows(admin: &str, what: &str, needle: &str) {
+    crate::support::eventually(what, || async {
+        let (_, body) = crate::support::clients::get(admin).await;
+        body.contains(needle)
+    })
+    .await;
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -311,21 +320,23 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     let mut want = kids(K3S);
     want.sort();
     crate::support::eventually("the bucket holds the first key set", || holds(want.clone())).await;
-    let (status, _, _) = store.object(DISCOVERY_KEY).await;
-    assert_eq!(status, 200);
+    // The JWKS is written before the discovery document, so the discovery document may
+    // still be on its way when the JWKS is seen.
+    crate::support::eventually("the bucket holds the discovery document", || async {
+        store.object(DISCOVERY_KEY).await.0 == 200
+    })
+    .await;
 
     // The store fails while a rotation comes in: the status says so, by target; the bucket
     // keeps the first set, whole.
     store.tap.set_mode(Mode::Fail500);
     store.scratch.replace("jwks.json", ROTATED);
     let admin = publisher.admin_url("/status");
-    crate::support::eventually("the status reports the failing store", || {
-        let admin = admin.clone();
-        async move {
-            let (_, body) = crate::support::clients::get(&admin).await;
-            body.contains("500 Internal Server Error")
-        }
-    })
+    status_shows(
+        &admin,
+        "the status reports the failing store",
+        "500 Internal Server Error",
+    )
     .await;
     assert!(holds(want.clone()).await);
 
@@ -336,6 +347,14 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     want.sort();
     want.dedup();
     crate::support::eventually("the bucket holds the rotated set", || holds(want.clone())).await;
+    // The run reports after it has looked at the discovery document too, a moment after the
+    // JWKS is visible in the bucket.
+    status_shows(
+        &admin,
+        "the status reports the recovered target",
+        "\"last_error\": null",
+    )
+    .await;
 
     let (_, status) = crate::support::clients::get(&admin).await;
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
@@ -379,13 +398,11 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
     store.tap.take();
     let restarted = Binary::start_publisher(&path);
     let admin = restarted.admin_url("/status");
-    crate::support::eventually("the restarted publisher checks the bucket", || {
-        let admin = admin.clone();
-        async move {
-            let (_, body) = crate::support::clients::get(&admin).await;
-            body.contains("\"last_success_at\": 1")
-        }
-    })
+    status_shows(
+        &admin,
+        "the restarted publisher checks the bucket",
+        "\"last_success_at\": 1",
+    )
     .await;
     assert!(holds(want.clone()).await);
     assert_eq!(puts(&store.tap.take()), Vec::<String>::new());
@@ -704,6 +721,24 @@ async fn publish_once_keeps_an_azure_static_website_container_in_step() {
         text(&out.stdout),
         format!("az://$web/{JWKS_KEY}: unchanged\naz://$web/{DISCOVERY_KEY}: unchanged\n")
     );
+
+    // A SAS token in a file (a leading `?` as portals copy it, and a newline) works the same.
+    scratch.write(
+        "sas",
+        &format!("?{}\n", crate::support::azurite::account_sas()),
+    );
+    let mut sas_target = target.clone();
+    sas_target.remove("account_key_file");
+    sas_target.insert("sas_token_file".to_owned(), "sas".into());
+    sas_target.insert("to".to_owned(), "az://$web/sas".into());
+    let sas_config = TestConfig::file_source("1s")
+        .set("issuers.0.jwks_content_type", "application/jwk-set+json")
+        .publish(sas_target)
+        .write(&scratch);
+    let out = run(&sas_config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (status, _, body) = azurite.blob("$web", "sas/openid/v1/jwks").await;
+    assert_eq!(status, 200, "{}", text(&body));
 
     // A wrong key (the right length, another value) is refused, naming the object.
     let wrong = ACCOUNT_KEY.replace('E', "F");

@@ -172,3 +172,144 @@ async fn a_kid_that_comes_back_with_other_key_material_is_a_loud_error() {
         "logged once"
     );
 }
+
+/// Issue 20's per-key lifecycle in `/status`: after an upstream rotation, the key that left
+/// shows when it vanished and until when it stays published (`key_retention` later), the new
+/// one when it was first seen; a restart keeps every time (they are in the state file).
+#[tokio::test]
+async fn each_key_shows_its_lifecycle_and_a_restart_keeps_it() {
+    let scratch = Scratch::new();
+    scratch.write("jwks.json", K3S);
+    let config = TestConfig::file_source("50ms")
+        .set("issuers.0.key_retention", "2h")
+        .write(&scratch);
+    let server = InProcess::start(&config).await;
+    let started = oidc_edge::jwks::unix_now();
+    eventually("the first set", || async {
+        status(server.admin).await["issuers"][0]["keys"]
+            .as_array()
+            .is_some_and(|k| !k.is_empty())
+    })
+    .await;
+    scratch.replace("jwks.json", ROTATED);
+    let gone: Vec<String> = kids(K3S)
+        .into_iter()
+        .filter(|k| !kids(ROTATED).contains(k))
+        .collect();
+    let new: Vec<String> = kids(ROTATED)
+        .into_iter()
+        .filter(|k| !kids(K3S).contains(k))
+        .collect();
+    assert!(!gone.is_empty() && !new.is_empty(), "the fixtures rotate");
+    let lifecycle = |doc: &serde_json::Value, kid: &str| {
+        doc["issuers"][0]["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .find(|k| k["kid"] == kid)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kid} in {doc:#}"))
+    };
+    let admin = server.admin;
+    let gone_kid = gone[0].clone();
+    eventually("the old key vanished", || {
+        let gone_kid = gone_kid.clone();
+        async move { lifecycle(&status(admin).await, &gone_kid)["vanished_at"].is_u64() }
+    })
+    .await;
+    let before = status(server.admin).await;
+    let old = lifecycle(&before, &gone[0]);
+    let vanished = old["vanished_at"].as_u64().expect("vanished_at");
+    assert_eq!(old["retiring_until"].as_u64(), Some(vanished + 7200));
+    assert_eq!(old["last_seen_at"], serde_json::Value::Null);
+    let first_old = old["first_seen_at"].as_u64().expect("first_seen_at");
+    assert!(first_old >= started - 1 && first_old <= vanished);
+    let fresh = lifecycle(&before, &new[0]);
+    assert_eq!(fresh["first_seen_at"].as_u64(), Some(vanished));
+    assert_eq!(fresh["vanished_at"], serde_json::Value::Null);
+    assert!(
+        fresh["last_seen_at"]
+            .as_u64()
+            .is_some_and(|t| t >= vanished)
+    );
+    // The same times as metrics, one series per published kid.
+    let scrape = crate::support::metrics::scrape(server.admin).await;
+    let metric = |name: &str, kid: &str| {
+        crate::support::metrics::metric(&scrape, name, &[("issuer", ISSUER), ("kid", kid)])
+    };
+    assert_eq!(
+        metric("oidc_edge_key_retiring_until_seconds", &gone[0]),
+        (vanished + 7200) as f64
+    );
+    assert_eq!(
+        metric("oidc_edge_key_first_seen_seconds", &new[0]),
+        vanished as f64
+    );
+    assert_eq!(
+        metric("oidc_edge_key_first_seen_seconds", &gone[0]),
+        first_old as f64
+    );
+    drop(server);
+
+    let restarted = InProcess::start(&config).await;
+    let after = status(restarted.admin).await;
+    for kid in [&gone[0], &new[0]] {
+        let (was, is) = (lifecycle(&before, kid), lifecycle(&after, kid));
+        for field in ["first_seen_at", "vanished_at", "retiring_until"] {
+            assert_eq!(was[field], is[field], "{kid}: {field}");
+        }
+    }
+
+    // `rotation status` reads them and times the next step: the new key signs an hour
+    // after it was published (max-age is only 5 min); the old one's tokens may be in use for
+    // the token lifetime + max-age + 5 min after it left, inside key_retention here.
+    let time = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+            .to_string()
+    };
+    let out = crate::support::process::run(&[
+        "rotation",
+        "status",
+        "--admin",
+        &format!("http://{}", restarted.admin),
+        "--token-lifetime",
+        "1h",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("issuer {ISSUER} (max-age 300s, key_retention 2h, token lifetime 1h)")
+    );
+    assert!(
+        lines.contains(
+            &format!(
+                "  {}  publishing  published since {}; safe to sign with from {}",
+                new[0],
+                time(vanished),
+                time(vanished + 3600)
+            )
+            .as_str()
+        ),
+        "{report}"
+    );
+    assert!(
+        lines.contains(
+            &format!(
+                "  {}  retiring    no source lists it since {}; tokens it signed may be in use until {}; published until {}",
+                gone[0],
+                time(vanished),
+                time(vanished + 3600 + 300 + 300),
+                time(vanished + 7200)
+            )
+            .as_str()
+        ),
+        "{report}"
+    );
+}

@@ -23,11 +23,11 @@ use super::store::{DocumentStore, Snapshot};
 use super::validate::validate;
 use super::{PublicJwk, unix_now};
 use crate::issuer::endpoint::IssuerEndpoint;
-use crate::metrics::{Metrics, RefreshResult};
+use crate::metrics::{KeyTimes, Metrics, RefreshResult};
 
 pub use self::runtime::{IssuerRuntime, Source};
 pub use self::schedule::{FIRST_RETRY, MAX_BACKOFF, jitter_sample, next_refresh_in, run_source};
-pub use self::status::{IssuerStatus, SourceStatus};
+pub use self::status::{IssuerStatus, KeyLifecycle, SourceStatus};
 
 /// M3: a confirmation alone (no change to the keys) is written to the state file at most this
 /// often, so a restart reports it at most this much too old without a write per refresh.
@@ -209,6 +209,17 @@ impl IssuerPipeline {
         let snapshot = Snapshot::build(&self.endpoint, ledger);
         self.store.publish(self.index, snapshot);
         self.metrics.set_keys(self.issuer(), ledger.keys.len());
+        let retention = self.keys.retention.as_secs();
+        let lifecycles: Vec<KeyTimes> = ledger
+            .keys
+            .iter()
+            .map(|(kid, entry)| KeyTimes {
+                kid: kid.clone(),
+                first_seen_at: entry.first_seen_at,
+                retiring_until: entry.vanished_at.map(|at| at.saturating_add(retention)),
+            })
+            .collect();
+        self.metrics.set_key_lifecycles(self.issuer(), &lifecycles);
     }
 
     /// One fetch of source `i`; returns whether the source is healthy.
@@ -428,14 +439,31 @@ impl IssuerPipeline {
             .confirmed_at
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
         let snapshot = self.store.get(self.index);
+        let confirmed_at = confirmed_at.map(|d| d.as_secs());
+        let retention = self.keys.retention.as_secs();
+        let keys = state
+            .ledger
+            .keys
+            .iter()
+            .map(|(kid, entry)| KeyLifecycle {
+                kid: kid.clone(),
+                first_seen_at: entry.first_seen_at,
+                last_seen_at: entry.vanished_at.map_or(confirmed_at, |_| None),
+                vanished_at: entry.vanished_at,
+                retiring_until: entry.vanished_at.map(|at| at.saturating_add(retention)),
+            })
+            .collect();
         IssuerStatus {
             issuer: self.issuer().to_owned(),
             discovery_url: self.endpoint.discovery_url(),
             jwks_uri: self.endpoint.jwks_uri.clone(),
             published: snapshot.is_some(),
+            cache_max_age_seconds: self.endpoint.cache_max_age.as_secs(),
+            key_retention_seconds: retention,
             kids: snapshot.map(|s| s.kids.clone()).unwrap_or_default(),
-            confirmed_at: confirmed_at.map(|d| d.as_secs()),
+            confirmed_at,
             sources: state.sources.clone(),
+            keys,
         }
     }
 

@@ -10,7 +10,7 @@ use super::IssuerPipeline;
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::merge::KeyPolicy;
 use crate::jwks::source::{AnySource, SourceConfig};
-use crate::jwks::store::DocumentStore;
+use crate::jwks::store::{DocumentStore, Snapshot};
 use crate::metrics::Metrics;
 
 /// One issuer: its pipeline, and the sources that feed it.
@@ -29,6 +29,27 @@ pub struct Source {
 }
 
 impl IssuerRuntime {
+    /// Issuer `index` restored from `state_dir`, every source fetched once and the ledger
+    /// saved ([`IssuerRuntime::refresh_once`]): the snapshot it now publishes. How `render` and
+    /// `publish --once` get what they write.
+    pub async fn refreshed_snapshot(
+        index: usize,
+        endpoint: &IssuerEndpoint,
+        keys: KeyPolicy,
+        sources: &[SourceConfig],
+        state_dir: &Path,
+        store: &Arc<DocumentStore>,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Snapshot>> {
+        Self::restored(index, endpoint, keys, sources, state_dir, store, metrics)
+            .await?
+            .refresh_once()
+            .await?;
+        store
+            .get(index)
+            .ok_or_else(|| anyhow::anyhow!("{}: no key set to publish", endpoint.issuer))
+    }
+
     /// Fetches every source once and saves the ledger: `serve`'s pipeline driven once, as
     /// `render` and `publish --once` do. A failing source, a refused set or merge, or a state
     /// file that cannot be written fails it (without the file, the next run would lose

@@ -291,6 +291,59 @@ impl RemoteSource {
         Ok(body.freeze())
     }
 
+    /// `TokenRequest` for `namespace/service_account` with `audience`, valid for
+    /// `expiration_seconds`, with this source's credentials (the self-test, issue 20). `Err`
+    /// is one line: the status and the apiserver's own message (403: the credentials may not
+    /// create tokens for that service account; 404: no such service account).
+    pub async fn token_request(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        expiration_seconds: u64,
+    ) -> Result<String, String> {
+        self.reload_if_changed().map_err(|e| e.to_string())?;
+        let Spec::Apiserver(api) = self.spec.as_ref() else {
+            return Err("TokenRequest needs an apiserver source".to_owned());
+        };
+        let url = join(
+            &api.server,
+            &format!("api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"),
+        );
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": expiration_seconds},
+        });
+        let mut request = self
+            .client
+            .post(url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(token) = self.token().map_err(|e| e.to_string())? {
+            request = request.bearer_auth(token);
+        }
+        let shown = redacted(&url);
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{shown}: {}", crate::display::error_chain(&e.without_url())))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| format!("{shown}: {}", crate::display::error_chain(&e.without_url())))?;
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if status != StatusCode::CREATED && status != StatusCode::OK {
+            let message = answer["message"].as_str().unwrap_or("");
+            return Err(format!("{shown}: {status}: {message}"));
+        }
+        answer["status"]["token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{shown}: {status} without status.token"))
+    }
+
     /// The `issuer` of the apiserver's discovery document, when it can be read.
     async fn upstream_issuer(&self) -> Option<Result<String, String>> {
         let url = self.discovery_url.as_ref()?;

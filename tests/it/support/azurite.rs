@@ -127,6 +127,37 @@ impl Drop for Azurite {
     }
 }
 
+/// An account SAS for the blob service (read, write, list, create on services, containers and
+/// objects), valid until 2099, over http: the token a `sas_token_file` holds.
+pub fn account_sas() -> String {
+    let (permissions, services, types, expiry, protocol) =
+        ("rwlac", "b", "sco", "2099-01-01T00:00:00Z", "https,http");
+    // Version 2020-12-06 and later: account, permissions, services, resource types, start,
+    // expiry, IP, protocol, version, encryption scope, each followed by a newline.
+    let text = format!(
+        "{ACCOUNT}\n{permissions}\n{services}\n{types}\n\n{expiry}\n\n{protocol}\n{VERSION}\n\n"
+    );
+    let signature = hmac(text.as_bytes());
+    let pairs = [
+        ("sv", VERSION),
+        ("ss", services),
+        ("srt", types),
+        ("sp", permissions),
+        ("se", expiry),
+        ("spr", protocol),
+        ("sig", &signature),
+    ];
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+fn hmac(text: &[u8]) -> String {
+    let key = STANDARD.decode(ACCOUNT_KEY).expect("base64 key");
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key);
+    STANDARD.encode(aws_lc_rs::hmac::sign(&key, text).as_ref())
+}
+
 /// `SharedKey ACCOUNT:signature` for a request with no body and only `x-ms-date` and
 /// `x-ms-version` headers.
 fn shared_key(method: &str, path: &str, query: &[(&str, &str)], date: &str) -> String {

@@ -1,0 +1,266 @@
+//! The self-test against real parts (issue 20): oidc-edge mints a token through a real
+//! kube-apiserver's TokenRequest and checks it as AWS would against the issuer's public
+//! documents, served over TLS by another oidc-edge with a test CA.
+
+use crate::support::config::{Source, TestConfig};
+use crate::support::inprocess::InProcess;
+use crate::support::pki::Pki;
+use crate::support::real::{
+    Bins, Cluster, ISSUER, LISTER, LISTER_NAMESPACE, STS_AUDIENCE, SaKey, serve_https,
+};
+use crate::support::{Scratch, eventually};
+
+/// oidc-edge reading `cluster` with the token in `token_file`, self-testing `default/s3-lister`
+/// against the public site at `public`.
+async fn self_testing(
+    scratch: &Scratch,
+    cluster: &Cluster,
+    token_file: &str,
+    public: std::net::SocketAddr,
+) -> InProcess {
+    self_testing_as(scratch, cluster, token_file, public, LISTER).await
+}
+
+/// [`self_testing`] for the service account `default/sa`.
+async fn self_testing_as(
+    scratch: &Scratch,
+    cluster: &Cluster,
+    token_file: &str,
+    public: std::net::SocketAddr,
+    sa: &str,
+) -> InProcess {
+    let config = TestConfig::new()
+        .set("issuers.0.issuer", ISSUER)
+        .source(
+            Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", token_file),
+        )
+        // Its own state and config file: several of these run beside each other.
+        .set(
+            "state.dir",
+            format!("state-{token_file}-{sa}-{}", public.port()),
+        )
+        .set(
+            "issuers.0.selftest.service_account",
+            format!("{LISTER_NAMESPACE}/{sa}"),
+        )
+        .set("issuers.0.selftest.audience", STS_AUDIENCE)
+        .set("issuers.0.selftest.interval", "1s")
+        .set("issuers.0.selftest.ca_file", "test-ca.pem")
+        .set("issuers.0.selftest.connect_to", public.to_string());
+    let path = scratch.write(
+        &format!("selftest-{token_file}-{sa}-{}.toml", public.port()),
+        &config.text(),
+    );
+    let summary =
+        crate::support::process::run(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert!(
+        String::from_utf8_lossy(&summary.stdout).contains(&format!(
+            "  selftest   {LISTER_NAMESPACE}/{sa} for {STS_AUDIENCE} every 1s (TokenRequest through source[0])\n"
+        )),
+        "{summary:?}"
+    );
+    InProcess::start(&path).await
+}
+
+async fn selftest_status(server: &InProcess) -> serde_json::Value {
+    let (_, body) = crate::support::clients::get(&server.admin_url("/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    status["selftest"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_test_passes_and_names_the_step_that_fails() {
+    let Some(bins) = Bins::find() else { return };
+    let key = SaKey::generate();
+    let cluster = Cluster::start(&bins, ISSUER, &[&key], &key).await;
+    let reader_token = cluster.bound_reader_token().await;
+    cluster
+        .create_service_account(LISTER_NAMESPACE, LISTER)
+        .await;
+    let scratch = Scratch::new();
+    let pki = Pki::new("oidc-edge self-test CA");
+    let public = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
+    scratch.write("test-ca.pem", &pki.ca_pem);
+    scratch.write("admin-token", &cluster.admin_token);
+
+    // Credentials that may create tokens (here the cluster's admin): the whole chain passes,
+    // and the token's kid is the apiserver's signing key.
+    let allowed = self_testing(&scratch, &cluster, "admin-token", public.https()).await;
+    eventually("the self-test passes", || async {
+        selftest_status(&allowed).await["passed"] == true
+    })
+    .await;
+    let status = selftest_status(&allowed).await;
+    assert_eq!(status["kid"], key.kid.as_str(), "{status:#}");
+    assert_eq!(status["failures"], serde_json::json!([]), "{status:#}");
+    assert_eq!(status["service_account"], "default/s3-lister");
+    let scrape = crate::support::metrics::scrape(allowed.admin).await;
+    assert_eq!(
+        crate::support::metrics::metric(
+            &scrape,
+            "oidc_edge_selftest_passed",
+            &[("issuer", ISSUER)]
+        ),
+        1.0
+    );
+
+    // The reader may only read the issuer's documents: TokenRequest answers 403, and the
+    // self-test says that step failed, with the apiserver's words. Serving is unaffected.
+    let reader = self_testing(&scratch, &cluster, "token", public.https()).await;
+    eventually("the self-test fails at TokenRequest", || async {
+        selftest_status(&reader).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&reader).await;
+    let failure = status["failures"][0].as_str().unwrap_or_default();
+    assert!(
+        failure.starts_with("TokenRequest: ")
+            && failure.contains("403 Forbidden")
+            && failure.contains("cannot create resource \"serviceaccounts/token\""),
+        "{status:#}"
+    );
+    let (code, _) = crate::support::clients::get(&reader.url("/openid/v1/jwks")).await;
+    assert_eq!(code, 200);
+    drop(reader);
+
+    // A service account that does not exist: TokenRequest's 404, in the apiserver's words.
+    let nobody = self_testing_as(&scratch, &cluster, "admin-token", public.https(), "nobody").await;
+    eventually(
+        "the self-test fails for an unknown service account",
+        || async { selftest_status(&nobody).await["passed"] == false },
+    )
+    .await;
+    let status = selftest_status(&nobody).await;
+    let failure = status["failures"][0].as_str().unwrap_or_default();
+    assert!(
+        failure.starts_with("TokenRequest: ")
+            && failure.contains("404 Not Found")
+            && failure.contains("serviceaccounts \"nobody\" not found"),
+        "{status:#}"
+    );
+    drop(nobody);
+
+    // An expired certificate on the public name: the TLS step says so.
+    let expired = pki.expired_server_for(&[crate::support::real::ISSUER_HOST]);
+    scratch.write("expired-cert.pem", &expired.cert_pem);
+    scratch.write("expired-key.pem", &expired.key_pem);
+    let stale_site = TestConfig::new()
+        .set("issuers.0.issuer", ISSUER)
+        .source(
+            Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "token"),
+        )
+        .set("state.dir", "state-expired-site")
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "expired-cert.pem")
+        .set("https.files.key_file", "expired-key.pem");
+    let stale_site =
+        InProcess::start(&scratch.write("expired-site.toml", &stale_site.text())).await;
+    let tls = self_testing(&scratch, &cluster, "admin-token", stale_site.https()).await;
+    eventually("the self-test fails on the expired certificate", || async {
+        selftest_status(&tls).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&tls).await;
+    assert!(
+        status["failures"]
+            .to_string()
+            .to_lowercase()
+            .contains("expired"),
+        "{status:#}"
+    );
+    drop(tls);
+    drop(stale_site);
+
+    // The public name unreachable: the step that fails is the public fetch, and the server
+    // keeps serving and stays ready (the self-test never makes it less available).
+    let closed: std::net::SocketAddr =
+        format!("127.0.0.1:{}", crate::support::pebble::free_tcp_port())
+            .parse()
+            .expect("addr");
+    let cut_off = self_testing(&scratch, &cluster, "admin-token", closed).await;
+    eventually("the self-test fails at the public fetch", || async {
+        selftest_status(&cut_off).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&cut_off).await;
+    let failures = status["failures"].to_string();
+    assert!(
+        failures.contains("https://oidc.example.test/.well-known/openid-configuration")
+            && failures.contains("Connection refused"),
+        "{status:#}"
+    );
+    assert_eq!(
+        crate::support::clients::get(&cut_off.admin_url("/readyz")).await,
+        (200, "ready\n".to_owned())
+    );
+    let (code, _) = crate::support::clients::get(&cut_off.url("/openid/v1/jwks")).await;
+    assert_eq!(code, 200);
+    drop(cut_off);
+
+    // The cluster signs with a key it does not publish (a rotation that signs before it
+    // publishes, an external signer): said first, as the key that is not public yet.
+    let unpublished = SaKey::generate();
+    let mut cluster = cluster;
+    cluster.restart(&[&key], &unpublished).await;
+    eventually("the self-test sees the unpublished key", || async {
+        selftest_status(&allowed).await["kid"] == unpublished.kid.as_str()
+    })
+    .await;
+    let status = selftest_status(&allowed).await;
+    assert_eq!(status["passed"], false, "{status:#}");
+    assert_eq!(
+        status["headline"].as_str(),
+        Some(format!(
+            "THE TOKEN'S SIGNING KEY IS NOT PUBLIC: kid {:?} is not in the published JWKS, so every relying party refuses the tokens it signs until it is published (a rotation that signs before it publishes, an external signer, a rebuilt control plane)",
+            unpublished.kid
+        ).as_str()),
+        "{status:#}"
+    );
+    let scrape = crate::support::metrics::scrape(allowed.admin).await;
+    assert_eq!(
+        crate::support::metrics::metric(
+            &scrape,
+            "oidc_edge_selftest_passed",
+            &[("issuer", ISSUER)]
+        ),
+        0.0
+    );
+}
+
+/// k3s's default: the apiserver signs tokens for `https://kubernetes.default.svc.cluster.local`
+/// while oidc-edge publishes the keys for the public issuer. Every relying party refuses such
+/// tokens (F-1); the self-test names the `iss` it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_test_names_an_issuer_the_cluster_does_not_sign_for() {
+    let Some(bins) = Bins::find() else { return };
+    let key = SaKey::generate();
+    let cluster_issuer = "https://kubernetes.default.svc.cluster.local";
+    let cluster = Cluster::start(&bins, cluster_issuer, &[&key], &key).await;
+    let reader_token = cluster.bound_reader_token().await;
+    cluster
+        .create_service_account(LISTER_NAMESPACE, LISTER)
+        .await;
+    let scratch = Scratch::new();
+    let pki = Pki::new("oidc-edge self-test CA");
+    let public = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
+    scratch.write("test-ca.pem", &pki.ca_pem);
+    scratch.write("admin-token", &cluster.admin_token);
+    let tester = self_testing(&scratch, &cluster, "admin-token", public.https()).await;
+    eventually("the self-test fails", || async {
+        selftest_status(&tester).await["passed"] == false
+    })
+    .await;
+    let status = selftest_status(&tester).await;
+    assert!(
+        status["failures"]
+            .to_string()
+            .contains(&format!("iss is \\\"{cluster_issuer}\\\"")),
+        "{status:#}"
+    );
+}

@@ -37,6 +37,11 @@ pub enum Command {
     /// public listeners; each target is written after every change, JWKS first, only where it
     /// differs, and read back.
     Publish(PublishArgs),
+    /// Push the keys the cluster lists to a public oidc-edge (`[[issuers.push]]`), from
+    /// inside a cluster no public host can reach: the same pipeline as `publish`, after every
+    /// change and every `interval`, authenticated by a service-account token of the cluster
+    /// that the edge checks against the keys it already publishes.
+    Push(PublishArgs),
     /// Trust a cluster's key set for an issuer with a push source: the one-time bootstrap of
     /// a push setup, and the recovery after an abrupt key change the edge refused. FILE is
     /// the cluster's `kubectl get --raw /openid/v1/jwks`; a running server takes it at its

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             if config.http.is_none() && config.https.is_none() {
                 eprintln!(
                     "oidc-edge: {}: http: no listener is configured; this configuration only \
-                     publishes to buckets: run `oidc-edge publish`",
+                     publishes to buckets or pushes to an edge: run `oidc-edge publish` or `oidc-edge push`",
                     config.file.display()
                 );
                 return ExitCode::from(EX_USAGE);
@@ -43,27 +43,8 @@ fn main() -> ExitCode {
             log_warnings(&config);
             exit(serve(config))
         }
-        Command::Publish(args) => {
-            let Some(mut config) = load(&args.config) else {
-                return ExitCode::from(EX_USAGE);
-            };
-            if config.issuers.iter().all(|i| i.publish.is_empty()) {
-                eprintln!(
-                    "oidc-edge: {}: issuers: no issuer has an [[issuers.publish]] target",
-                    config.file.display()
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            telemetry::init(&config.log);
-            log_warnings(&config);
-            if args.once {
-                return publish_once(&config);
-            }
-            // The buckets serve; this process binds only its admin listener.
-            config.http = None;
-            config.https = None;
-            exit(serve(config))
-        }
+        Command::Publish(args) => outbound(&args, "publish", |i| i.publish.is_empty()),
+        Command::Push(args) => outbound(&args, "push", |i| i.push.is_empty()),
         Command::CheckConfig(args) => match load(&args.config) {
             Some(config) => {
                 for warning in &config.warnings {
@@ -239,6 +220,34 @@ fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Resul
 }
 
 /// `publish --once`: a line per target on stdout, a line per failure on stderr.
+/// `publish` and `push`: `serve`'s pipeline without public listeners, for a config where
+/// some issuer has a `[[issuers.TABLE]]` target (`lacks` says which do not).
+fn outbound(
+    args: &oidc_edge::cli::PublishArgs,
+    table: &str,
+    lacks: impl Fn(&oidc_edge::config::IssuerConfig) -> bool,
+) -> ExitCode {
+    let Some(mut config) = load(&args.config) else {
+        return ExitCode::from(EX_USAGE);
+    };
+    if config.issuers.iter().all(lacks) {
+        eprintln!(
+            "oidc-edge: {}: issuers: no issuer has an [[issuers.{table}]] target",
+            config.file.display()
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    telemetry::init(&config.log);
+    log_warnings(&config);
+    if args.once {
+        return publish_once(&config);
+    }
+    // The buckets or the edge serve; this process binds only its admin listener.
+    config.http = None;
+    config.https = None;
+    exit(serve(config))
+}
+
 fn publish_once(config: &Config) -> ExitCode {
     let results = match block_on(oidc_edge::server::publish_once(config)) {
         Ok(results) => results,

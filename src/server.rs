@@ -17,7 +17,7 @@ use crate::config::IssuerConfig;
 use crate::http::{self, PushRoute, Site, headers};
 use crate::jwks::refresh::{IssuerRuntime, run_source};
 use crate::jwks::source::SourceKind;
-use crate::jwks::store::DocumentStore;
+use crate::jwks::store::{DocumentStore, Snapshot};
 use crate::listener::{self, PublicListener, TlsTransport, Transport};
 use crate::metrics::Metrics;
 use crate::publish::IssuerPublisher;
@@ -279,25 +279,30 @@ impl Server {
     }
 }
 
-/// Every issuer's bucket targets, opened (credentials resolved), for the issuers that have any.
+/// Every issuer's bucket targets, opened (credentials resolved), and the edges it pushes to,
+/// for the issuers that have any: one publisher per issuer and kind, each with its heartbeat.
 fn publishers(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Vec<Arc<IssuerPublisher>>> {
-    config
-        .issuers
-        .iter()
-        .enumerate()
-        .filter(|(_, cfg)| !cfg.publish.is_empty())
-        .map(|(index, cfg)| {
-            IssuerPublisher::open(index, &cfg.endpoint, &cfg.publish, metrics).map(Arc::new)
-        })
-        .collect()
+    let mut publishers = Vec::new();
+    for (index, cfg) in config.issuers.iter().enumerate() {
+        if !cfg.publish.is_empty() {
+            let publisher = IssuerPublisher::open(index, &cfg.endpoint, &cfg.publish, metrics)?;
+            publishers.push(Arc::new(publisher));
+        }
+        if !cfg.push.is_empty() {
+            let pusher = IssuerPublisher::open_edges(index, &cfg.endpoint, &cfg.push, metrics)?;
+            publishers.push(Arc::new(pusher));
+        }
+    }
+    Ok(publishers)
 }
 
-/// `publish --once`: every issuer's sources fetched once through `serve`'s pipeline (restored
-/// from and saved to `[state] dir`, as `render` does), then every target brought in step.
-/// Returns each target's result; an issuer whose refresh fails writes nothing anywhere.
+/// `publish --once` and `push --once`: every issuer's sources fetched once through `serve`'s
+/// pipeline (restored from and saved to `[state] dir`, as `render` does), then every target
+/// (bucket or edge) brought in step. Returns each target's result; an issuer whose refresh
+/// fails writes nothing anywhere.
 pub async fn publish_once(
     config: &Config,
 ) -> anyhow::Result<Vec<(String, anyhow::Result<Synced>)>> {
@@ -306,20 +311,29 @@ pub async fn publish_once(
     let metrics = Arc::new(Metrics::new());
     let publishers = publishers(config, &metrics)?;
     let mut results = Vec::new();
+    let mut refreshed: Vec<Option<Arc<Snapshot>>> = vec![None; config.issuers.len()];
     for publisher in publishers {
         let index = publisher.index();
         let cfg = &config.issuers[index];
-        let snapshot = IssuerRuntime::refreshed_snapshot(
-            index,
-            &cfg.endpoint,
-            cfg.keys,
-            &cfg.sources,
-            &config.state_dir,
-            &store,
-            &metrics,
-        )
-        .await?;
-        let tos = cfg.publish.iter().map(|t| t.to.clone());
+        // An issuer with buckets and edges is refreshed once, for both.
+        let snapshot = match &refreshed[index] {
+            Some(snapshot) => Arc::clone(snapshot),
+            None => {
+                let snapshot = IssuerRuntime::refreshed_snapshot(
+                    index,
+                    &cfg.endpoint,
+                    cfg.keys,
+                    &cfg.sources,
+                    &config.state_dir,
+                    &store,
+                    &metrics,
+                )
+                .await?;
+                refreshed[index] = Some(Arc::clone(&snapshot));
+                snapshot
+            }
+        };
+        let tos = publisher.statuses().into_iter().map(|t| t.to);
         results.extend(tos.zip(publisher.publish(&snapshot).await));
     }
     Ok(results)

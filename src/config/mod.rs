@@ -26,6 +26,7 @@ use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::merge::KeyPolicy;
 use crate::jwks::source::SourceConfig;
 use crate::listener::Limits;
+use crate::publish::edge::EdgeTarget;
 use crate::publish::target::PublishTarget;
 use crate::selftest::SelfTestConfig;
 use crate::telemetry::LogConfig;
@@ -58,6 +59,8 @@ pub struct IssuerConfig {
     pub sources: Vec<SourceConfig>,
     /// Buckets kept in step with what is served (`oidc-edge publish`).
     pub publish: Vec<PublishTarget>,
+    /// Public oidc-edges this issuer's keys are pushed to (`oidc-edge push`).
+    pub push: Vec<EdgeTarget>,
     /// `[issuers.selftest]`: a token minted and checked as a relying party would.
     pub selftest: Option<SelfTestConfig>,
 }

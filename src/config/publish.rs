@@ -1,13 +1,16 @@
 //! Validation of `[[issuers.publish]]`: the bucket URL, the store's endpoint, and credentials
-//! that are complete before anything runs.
+//! that are complete before anything runs; and of `[[issuers.push]]`, the edges a cluster
+//! pushes to.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::raw::RawPublish;
+use super::raw::{RawPublish, RawPush};
 use super::validate::{PUBLISH_TIMEOUT_BOUNDS, Validator};
 use super::{ConfigError, IssuerConfig};
 use crate::display::redacted_text;
+use crate::issuer::Issuer;
+use crate::publish::edge::{DEFAULT_PUSH_INTERVAL, EdgeTarget};
 use crate::publish::target::{
     AzureCredentials, DEFAULT_TIMEOUT, PublishTarget, S3Credentials, Store,
 };
@@ -275,5 +278,68 @@ impl Validator<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Validator<'_> {
+    /// `[[issuers.push]]` of `issuer`: where its keys are pushed, with which token.
+    pub(super) fn push_target(
+        &self,
+        key: &str,
+        raw: RawPush,
+        issuer: &Issuer,
+    ) -> Result<EdgeTarget, ConfigError> {
+        let url_key = format!("{key}.url");
+        let url = match raw.url.as_deref() {
+            // Issue 18: over TLS only; a bearer token in plain text could be replayed.
+            Some(text) => self.https_url(&url_key, text)?,
+            None => url::Url::parse(&issuer.url_for(&issuer.push_path()))
+                .map_err(|e| self.err(&url_key, format!("the issuer's push URL: {e}")))?,
+        };
+        let token_file = self.resolve(&raw.token_file);
+        self.file_to_come_for(
+            &format!("{key}.token_file"),
+            &token_file,
+            "pushes fail until it does",
+        )?;
+        let ca_file = raw.ca_file.as_deref().map(|path| self.resolve(path));
+        if let Some(path) = &ca_file {
+            self.pem(
+                &format!("{key}.ca_file"),
+                &crate::jwks::source::apiserver::Pem::File(path.clone()),
+                super::sources::PemKind::Certificates,
+            )?;
+        }
+        let connect_to = raw
+            .connect_to
+            .map(|text| {
+                text.parse::<std::net::SocketAddr>().map_err(|e| {
+                    self.err(
+                        format!("{key}.connect_to"),
+                        format!("{text:?} is not an address like 203.0.113.7:443: {e}"),
+                    )
+                })
+            })
+            .transpose()?;
+        let interval = self.bounded_duration(
+            &format!("{key}.interval"),
+            raw.interval,
+            DEFAULT_PUSH_INTERVAL,
+            super::validate::PUSH_INTERVAL_BOUNDS,
+        )?;
+        let timeout = self.bounded_duration(
+            &format!("{key}.timeout"),
+            raw.timeout,
+            DEFAULT_TIMEOUT,
+            PUBLISH_TIMEOUT_BOUNDS,
+        )?;
+        Ok(EdgeTarget {
+            url,
+            token_file,
+            ca_file,
+            connect_to,
+            interval,
+            timeout,
+        })
     }
 }

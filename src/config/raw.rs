@@ -30,7 +30,20 @@ pub(super) struct RawIssuer {
     pub(super) sources: Vec<RawSource>,
     #[serde(default)]
     pub(super) publish: Vec<RawPublish>,
+    #[serde(default)]
+    pub(super) push: Vec<RawPush>,
     pub(super) selftest: Option<RawSelfTest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPush {
+    pub(super) url: Option<String>,
+    pub(super) token_file: PathBuf,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) connect_to: Option<String>,
+    pub(super) interval: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

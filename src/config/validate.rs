@@ -78,6 +78,12 @@ const SELFTEST_INTERVAL_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
     max: (Duration::from_secs(86_400), "24h"),
 };
+/// A push at least hourly, so that the edge's `max_staleness` can say when the cluster last
+/// spoke; not more than once a second.
+pub(super) const PUSH_INTERVAL_BOUNDS: Bounds = Bounds {
+    min: (SECOND, "1s"),
+    max: HOUR,
+};
 /// Readiness is judged in whole seconds (`/readyz`), so less than one second means nothing.
 const MAX_STALENESS_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
@@ -138,12 +144,15 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
-        // A publisher inside the cluster serves nothing itself: its buckets do.
-        let publishes = issuers.iter().any(|i| !i.publish.is_empty());
-        if http.is_none() && https.is_none() && !publishes {
+        // A publisher or a push agent inside the cluster serves nothing itself: its buckets
+        // or its edge do.
+        let outbound = issuers
+            .iter()
+            .any(|i| !i.publish.is_empty() || !i.push.is_empty());
+        if http.is_none() && https.is_none() && !outbound {
             return Err(self.err(
                 "http",
-                "no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] target",
+                "no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] or [[issuers.push]] target",
             ));
         }
         if let Some(HttpsConfig {
@@ -312,6 +321,12 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, p)| self.publish_target(&format!("{key}.publish[{i}]"), p))
             .collect::<Result<Vec<_>, _>>()?;
+        let push = raw
+            .push
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.push_target(&format!("{key}.push[{i}]"), p, &issuer))
+            .collect::<Result<Vec<_>, _>>()?;
         let selftest = raw
             .selftest
             .map(|t| self.selftest(&format!("{key}.selftest"), t, &sources))
@@ -328,6 +343,7 @@ impl Validator<'_> {
             },
             sources,
             publish,
+            push,
             selftest,
         })
     }

@@ -52,6 +52,11 @@ impl PublicRoots {
 }
 
 impl PublicRoots {
+    /// Mozilla's roots and the extra CA.
+    pub(super) fn roots(&self) -> &Arc<RootCertStore> {
+        &self.roots
+    }
+
     /// A client that fetches as a relying party does: the same roots, no proxy, no
     /// redirects, no decompression, `timeout` for the whole fetch.
     pub(super) fn relying_party(&self, timeout: Duration) -> Result<reqwest::Client, String> {

@@ -11,6 +11,7 @@
 mod azure;
 pub mod bucket;
 mod connector;
+pub mod edge;
 mod s3;
 pub mod target;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::bucket::{Bucket, Synced, Wanted};
+use self::edge::{DEFAULT_PUSH_INTERVAL, Edge, EdgeTarget};
 use self::target::PublishTarget;
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::refresh::{jitter_sample, next_refresh_in};
@@ -40,13 +42,25 @@ pub struct IssuerPublisher {
     endpoint: IssuerEndpoint,
     targets: Vec<TargetPublisher>,
     metrics: Arc<Metrics>,
+    /// How often an unchanged snapshot is written again.
+    heartbeat: Duration,
 }
 
 #[derive(Debug)]
 struct TargetPublisher {
-    bucket: Bucket,
+    sink: Sink,
     labels: PublishLabels,
     status: Mutex<TargetStatus>,
+}
+
+/// Where one target writes.
+#[derive(Debug)]
+enum Sink {
+    /// A bucket: both documents, as `serve` sends them. Boxed: it carries its store client
+    /// and settings.
+    Bucket(Box<Bucket>),
+    /// A public oidc-edge: the keys the cluster lists, pushed (`[[issuers.push]]`).
+    Edge(Box<Edge>),
 }
 
 /// One target in `/status`.
@@ -79,18 +93,11 @@ impl IssuerPublisher {
         let targets = targets
             .iter()
             .map(|target| {
-                Ok(TargetPublisher {
-                    bucket: Bucket::open(target)?,
-                    labels: PublishLabels {
-                        issuer: endpoint.issuer.to_string(),
-                        target: target.to.clone(),
-                    },
-                    status: Mutex::new(TargetStatus {
-                        issuer: endpoint.issuer.to_string(),
-                        to: target.to.clone(),
-                        ..TargetStatus::default()
-                    }),
-                })
+                Ok(TargetPublisher::new(
+                    endpoint,
+                    &target.to,
+                    Sink::Bucket(Box::new(Bucket::open(target)?)),
+                ))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
@@ -98,6 +105,38 @@ impl IssuerPublisher {
             endpoint: endpoint.clone(),
             targets,
             metrics: Arc::clone(metrics),
+            heartbeat: HEARTBEAT,
+        })
+    }
+
+    /// The edges issuer `index` pushes to (`[[issuers.push]]`), pushed to at least every
+    /// `interval` of the most frequent one.
+    pub fn open_edges(
+        index: usize,
+        endpoint: &IssuerEndpoint,
+        edges: &[EdgeTarget],
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let targets = edges
+            .iter()
+            .map(|edge| {
+                Ok(TargetPublisher::new(
+                    endpoint,
+                    edge.url.as_str(),
+                    Sink::Edge(Box::new(Edge::open(edge)?)),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            index,
+            endpoint: endpoint.clone(),
+            targets,
+            metrics: Arc::clone(metrics),
+            heartbeat: edges
+                .iter()
+                .map(|e| e.interval)
+                .min()
+                .unwrap_or(DEFAULT_PUSH_INTERVAL),
         })
     }
 
@@ -127,7 +166,10 @@ impl IssuerPublisher {
         ];
         let mut results = Vec::with_capacity(self.targets.len());
         for target in &self.targets {
-            let result = target.bucket.sync(&documents).await;
+            let result = match &target.sink {
+                Sink::Bucket(bucket) => bucket.sync(&documents).await,
+                Sink::Edge(edge) => edge.push(snapshot).await,
+            };
             target.record(&result, &self.metrics);
             results.push(result);
         }
@@ -157,7 +199,7 @@ impl IssuerPublisher {
                     0
                 };
             }
-            let delay = next_refresh_in(HEARTBEAT, failures, jitter_sample());
+            let delay = next_refresh_in(self.heartbeat, failures, jitter_sample());
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
@@ -168,6 +210,21 @@ impl IssuerPublisher {
 }
 
 impl TargetPublisher {
+    fn new(endpoint: &IssuerEndpoint, to: &str, sink: Sink) -> Self {
+        Self {
+            sink,
+            labels: PublishLabels {
+                issuer: endpoint.issuer.to_string(),
+                target: to.to_owned(),
+            },
+            status: Mutex::new(TargetStatus {
+                issuer: endpoint.issuer.to_string(),
+                to: to.to_owned(),
+                ..TargetStatus::default()
+            }),
+        }
+    }
+
     fn record(&self, result: &anyhow::Result<Synced>, metrics: &Metrics) {
         let now = unix_now();
         let mut status = self.status.lock().expect("status lock");
@@ -204,7 +261,7 @@ impl TargetPublisher {
             Err(e) => {
                 let reason = format!("{e:#}");
                 warn!(issuer = %self.labels.issuer, target = %self.labels.target,
-                      error = %reason, "publishing failed; the bucket keeps what it had");
+                      error = %reason, "publishing failed; the target keeps what it had");
                 status.last_error = Some(reason);
                 status.consecutive_failures = status.consecutive_failures.saturating_add(1);
                 (PublishResult::error, 0)

@@ -55,7 +55,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown issuer key",
             valid_with("jwks_pth = \"/keys\"", "", ""),
-            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources`, `publish`, `selftest` (line 3, column 1)",
+            "issuers[0].jwks_pth: unknown field `jwks_pth`, expected one of `issuer`, `jwks_path`, `jwks_content_type`, `cache_max_age`, `key_retention`, `max_keys`, `sources`, `publish`, `push`, `selftest` (line 3, column 1)",
         ),
         (
             "wrong type",
@@ -288,7 +288,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "no listener",
             format!("{ISSUER}{SOURCE}"),
-            "http: no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] target",
+            "http: no listener is configured: add [http] with listen = \"…\", or [https], or an [[issuers.publish]] or [[issuers.push]] target",
         ),
         (
             "https without certificates",

@@ -446,7 +446,7 @@ fn serve_refuses_a_config_that_only_publishes_and_publish_one_without_targets() 
     assert_eq!(
         text(&out.stderr),
         format!(
-            "oidc-edge: {}: http: no listener is configured; this configuration only publishes to buckets: run `oidc-edge publish`\n",
+            "oidc-edge: {}: http: no listener is configured; this configuration only publishes to buckets or pushes to an edge: run `oidc-edge publish` or `oidc-edge push`\n",
             only_publishes.display()
         )
     );

@@ -125,8 +125,10 @@ impl Edge {
         self.server.signal("HUP");
         crate::support::eventually("the edge serves the trusted keys", || async {
             let (status, body) = self.jwks().await;
-            let served = kids(&body);
-            status == 200 && keys.iter().all(|k| served.contains(&k.kid))
+            status == 200 && {
+                let served = kids(&body);
+                keys.iter().all(|k| served.contains(&k.kid))
+            }
         })
         .await;
         String::from_utf8(out.stdout).expect("utf-8")
@@ -506,14 +508,12 @@ async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing
     let (status, text) = edge.push(Some(&token(&rebuilt)), &jwks(&[&rebuilt])).await;
     assert_eq!(status, 403);
     assert!(text.contains("oidc-edge trust --config"), "{text}");
+    let logged = edge
+        .server
+        .wait_for_log("push refused; what is served is unchanged");
     assert!(
-        edge.server
-            .log()
-            .iter()
-            .any(|l| l.contains("push refused; what is served is unchanged")
-                && l.contains("which this edge does not publish")),
-        "{:?}",
-        edge.server.log()
+        logged.contains("which this edge does not publish"),
+        "{logged}"
     );
     // The operator re-trusts: the new key signs pushes, the old ones stay for grace.
     let said = edge.trust(&[&rebuilt]).await;
@@ -529,5 +529,165 @@ async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing
     assert_eq!(
         status, 403,
         "a key the operator did not trust again is retired"
+    );
+}
+
+/// The agent in the cluster: `oidc-edge push` reading the cluster's keys (a file standing in
+/// for the apiserver source) and a projected token the test replaces as the kubelet would.
+struct Agent {
+    scratch: Scratch,
+    config: PathBuf,
+    process: Binary,
+}
+
+impl Agent {
+    fn start(edge: &Edge, keys: &[&ClusterKey], signer: &ClusterKey) -> Self {
+        let scratch = Scratch::new();
+        scratch.write("jwks.json", &jwks(keys));
+        scratch.write("token", &token(signer));
+        scratch.write("ca.pem", &edge.pki.ca_pem);
+        let mut push = toml::Table::new();
+        push.insert("token_file".into(), "token".into());
+        push.insert("ca_file".into(), "ca.pem".into());
+        push.insert("connect_to".into(), edge.https.to_string().into());
+        push.insert("interval".into(), "1s".into());
+        let config = TestConfig::file_source("100ms")
+            .remove("http")
+            .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+            .write(&scratch);
+        let process = Binary::start_outbound("push", &config);
+        Self {
+            scratch,
+            config,
+            process,
+        }
+    }
+
+    /// The cluster now lists `keys`.
+    fn lists(&self, keys: &[&ClusterKey]) {
+        self.scratch.replace("jwks.json", &jwks(keys));
+    }
+
+    /// The kubelet replaces the projected token with a fresh one signed by `signer`.
+    fn new_token(&self, signer: &ClusterKey) {
+        self.scratch.replace("token", &token(signer));
+    }
+
+    async fn status_shows(&self, what: &str, needle: &str) {
+        let url = self.process.admin_url("/status");
+        crate::support::eventually(what, || async {
+            clients::get(&url).await.1.contains(needle)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_in_the_cluster_carries_a_staged_rotation_to_the_edge() {
+    let edge = Edge::start();
+    let (old, new) = (ClusterKey::new("old"), ClusterKey::new("new"));
+    edge.trust(&[&old]).await;
+    let mut agent = Agent::start(&edge, &[&old], &old);
+    agent
+        .status_shows(
+            "the agent's first push is accepted",
+            "\"last_success_at\": 1",
+        )
+        .await;
+    assert_eq!(edge.status().await["push"][0]["last_accepted_kid"], "old");
+
+    // The cluster publishes a new key; the token the agent holds was already used for the
+    // old set, so the edge refuses it as a replay until the kubelet brings a fresh one.
+    agent.lists(&[&old, &new]);
+    agent
+        .status_shows(
+            "the agent reports the refused replay",
+            "the edge answered 409 Conflict: the token with jti",
+        )
+        .await;
+    edge.serves(&sorted(&[&old])).await;
+    agent.new_token(&old);
+    edge.serves(&sorted(&[&old, &new])).await;
+
+    // The cluster signs with the new key, then drops the old one: the edge keeps it for
+    // grace, and at no step did it serve a set without the key that signs.
+    agent.new_token(&new);
+    agent.lists(&[&new]);
+    crate::support::eventually("the edge takes the push signed by the new key", || async {
+        edge.status().await["push"][0]["last_accepted_kid"] == "new"
+    })
+    .await;
+    edge.serves(&sorted(&[&old, &new])).await;
+
+    // The agent restarts: nothing lost, the same set pushed again and accepted.
+    agent.process.signal("TERM");
+    assert_eq!(agent.process.wait_exit(Duration::from_secs(15)), Some(0));
+    let accepted_before = edge.status().await["push"][0]["last_accepted_at"].clone();
+    agent.process = Binary::start_outbound("push", &agent.config);
+    crate::support::eventually("the restarted agent pushes again", || async {
+        edge.status().await["push"][0]["last_accepted_at"] != accepted_before
+    })
+    .await;
+    edge.serves(&sorted(&[&old, &new])).await;
+
+    let scrape = crate::support::metrics::scrape(agent.process.admin).await;
+    let written = crate::support::metrics::metric(
+        &scrape,
+        "oidc_edge_publishes_total",
+        &[
+            ("issuer", ISSUER),
+            ("target", AUDIENCE),
+            ("result", "written"),
+        ],
+    );
+    assert_eq!(written, 1.0, "the restarted agent's first accepted push");
+}
+
+#[test]
+fn push_once_exits_with_the_edges_reason() {
+    let scratch = Scratch::new();
+    let stray = ClusterKey::new("stray");
+    scratch.write("jwks.json", &jwks(&[&stray]));
+    scratch.write("token", "");
+    let mut push = toml::Table::new();
+    push.insert("token_file".into(), "token".into());
+    let config = TestConfig::file_source("1s")
+        .remove("http")
+        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+        .write(&scratch);
+    let out = run(&[
+        "push",
+        "--once",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            format!(
+                "oidc-edge: PUT {AUDIENCE}: the token file {} is empty",
+                scratch.path("token").display()
+            )
+            .as_str()
+        ),
+        "{stderr}"
+    );
+    // `push` needs a target; `serve` without a listener names both commands.
+    let serves = scratch.write("serve.toml", &TestConfig::file_source("1s").text());
+    let out = run(&[
+        "push",
+        "--once",
+        "--config",
+        serves.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "oidc-edge: {}: issuers: no issuer has an [[issuers.push]] target\n",
+            serves.display()
+        )
     );
 }

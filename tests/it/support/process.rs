@@ -46,8 +46,14 @@ impl Binary {
     /// Starts `oidc-edge publish --config CONFIG`, which binds only its admin listener (`addr`
     /// is left unbound).
     pub fn start_publisher(config: &Path) -> Self {
+        Self::start_outbound("publish", config)
+    }
+
+    /// Starts `oidc-edge SUBCOMMAND --config CONFIG` for a command that binds only its admin
+    /// listener (`publish`, `push`).
+    pub fn start_outbound(subcommand: &str, config: &Path) -> Self {
         let mut command = Command::new(bin());
-        command.args(["publish", "--config"]).arg(config);
+        command.args([subcommand, "--config"]).arg(config);
         Self::spawn_listening(command, config, &[], false)
     }
 

@@ -1,7 +1,8 @@
 //! Hostile clients, all at once against one server with its default limits (issue 9):
 //! thousands of connections that stall before or inside the TLS handshake or drip their
 //! headers, oversized headers, HTTP/2 stream floods and rapid resets, pipelined floods (read
-//! and unread) and requests with endless bodies. Meanwhile an ordinary client fetches both
+//! and unread), requests with endless bodies, and floods of refused pushes and pushes whose
+//! bodies drip in (issue 18). Meanwhile an ordinary client fetches both
 //! documents over HTTPS (kept-alive and fresh connections) and plain HTTP: every answer must
 //! be a 200 with the right bytes, and the server's memory must stay bounded.
 //!
@@ -23,11 +24,12 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::support::clients::{builder, https_client, https_url, plain_client, tls_config};
-use crate::support::config::TestConfig;
+use crate::support::config::{ISSUER, Source, TestConfig};
 use crate::support::metrics::{metric, proc_status_kib, scrape};
 use crate::support::pki::Pki;
 use crate::support::process::Binary;
-use crate::support::{HTTPS_DOMAIN, Scratch, install_crypto_provider};
+use crate::support::signer::{ClusterKey, token_claims};
+use crate::support::{HTTPS_DOMAIN, K3S, Scratch, install_crypto_provider};
 
 /// Peak RSS the server may reach under the whole attack. Measured: see the session note; a
 /// stalled connection costs a few KiB, so thousands fit well inside this.
@@ -56,6 +58,10 @@ struct Tally {
     h2_streams_200: AtomicU64,
     h2_resets_sent: AtomicU64,
     h2_goaways: AtomicU64,
+    /// Pushes answered 401 or 403 (no usable token, a key the edge does not trust).
+    pushes_refused: AtomicU64,
+    /// Pushes with a trusted token whose bodies drip in, answered or cut off.
+    slow_pushes: AtomicU64,
 }
 
 impl Tally {
@@ -229,6 +235,70 @@ async fn endless_bodies(addr: SocketAddr, tally: Arc<Tally>, until: Instant) {
         }
         if drain_until_closed(&mut stream, until).await {
             tally.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+const PUSH_PATH: &str = "/.oidc-edge/v1/jwks";
+
+/// Invalid pushes as fast as the server answers them, on one kept-alive HTTPS client: no
+/// token, a token that is no JWT, a token of a key the edge does not publish. Each must be
+/// refused before its body is read.
+async fn push_flood(
+    ca_pem: String,
+    https: SocketAddr,
+    stranger: String,
+    tally: Arc<Tally>,
+    until: Instant,
+) {
+    let client = https_client(&ca_pem, https).build().expect("client");
+    let url = https_url(https, PUSH_PATH);
+    let body = Bytes::from(vec![b'{'; 512 * 1024]);
+    for round in 0u64.. {
+        if Instant::now() >= until {
+            return;
+        }
+        let mut request = client.put(&url).body(body.clone());
+        match round % 3 {
+            0 => {}
+            1 => request = request.bearer_auth("not-a-jwt"),
+            _ => request = request.bearer_auth(&stranger),
+        }
+        if let Ok(response) = request.send().await
+            && matches!(response.status().as_u16(), 401 | 403)
+        {
+            tally.pushes_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A push with a token the edge trusts whose 100 kB body comes in a byte a second: it holds
+/// a connection and a handler until the body deadline, never a document request.
+async fn slow_push(
+    connector: TlsConnector,
+    https: SocketAddr,
+    token: String,
+    tally: Arc<Tally>,
+    until: Instant,
+) {
+    while Instant::now() < until {
+        let Some(tcp) = connect(https, until).await else {
+            return;
+        };
+        let _held = tally.opened();
+        let name = ServerName::try_from(HTTPS_DOMAIN).expect("name");
+        let Ok(mut stream) = connector.connect(name, tcp).await else {
+            continue;
+        };
+        let head = format!(
+            "PUT {PUSH_PATH} HTTP/1.1\r\nHost: {HTTPS_DOMAIN}\r\nAuthorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n"
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            continue;
+        }
+        tally.slow_pushes.fetch_add(1, Ordering::Relaxed);
+        while Instant::now() < until && stream.write_all(b"{").await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
@@ -600,14 +670,31 @@ async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
     let pki = Pki::new("test public CA");
     let leaf = pki.server_for(&[HTTPS_DOMAIN]);
     let scratch = Scratch::new();
+    // The issuer also takes pushes, signed by a key its file source lists (issue 18).
+    let (trusted, stranger) = (ClusterKey::new("trusted"), ClusterKey::new("stranger"));
+    let audience = format!("https://{HTTPS_DOMAIN}{PUSH_PATH}");
+    let subject = "system:serviceaccount:oidc-edge:pusher";
+    let claims = |key: &ClusterKey| key.sign(&token_claims(ISSUER, &audience, subject, 3600));
+    let (trusted_token, stranger_token) = (claims(&trusted), claims(&stranger));
+    let mut with_trusted: serde_json::Value = serde_json::from_str(K3S).expect("K3S");
+    with_trusted["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .push(trusted.jwk.clone());
     let config = limits
         .iter()
         .fold(
             TestConfig::https_files(&scratch, &leaf),
             |config, (key, value)| config.set(&format!("limits.{key}"), *value),
         )
+        .source(
+            Source::new("push")
+                .set("audience", audience.as_str())
+                .set("subject", subject),
+        )
         .set("log.access", false)
         .write(&scratch);
+    scratch.write("jwks.json", &with_trusted.to_string());
     let mut server = Binary::start(&config);
     let (https, http) = (server.listening("https"), server.addr);
     let pid = server.pid();
@@ -650,6 +737,22 @@ async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
             Arc::clone(&tally),
             until,
         )));
+        spawn(Box::pin(push_flood(
+            pki.ca_pem.clone(),
+            https,
+            stranger_token.clone(),
+            Arc::clone(&tally),
+            until,
+        )));
+        for _ in 0..8 {
+            spawn(Box::pin(slow_push(
+                tls_connector(&pki.ca_pem, b"http/1.1"),
+                https,
+                trusted_token.clone(),
+                Arc::clone(&tally),
+                until,
+            )));
+        }
     }
     let sampler = tokio::spawn(async move {
         let mut peak = 0;
@@ -672,7 +775,7 @@ async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
     println!(
         "abuse ({what}) for {secs} s: {} attacker connections opened, {} held at peak, {} dropped by the server; \
          431s {}, body requests answered {}, pipelined 200s {}, h2 stream 200s {}, h2 resets {} \
-         and GOAWAYs {}; ordinary client {} requests ok, {} failed, p50 {:?} p99 {:?} max {:?} \
+         and GOAWAYs {}, pushes refused {}, slow pushes {}; ordinary client {} requests ok, {} failed, p50 {:?} p99 {:?} max {:?} \
          (slowest fresh HTTPS {:?}, kept-alive HTTPS {:?}, plain {:?}); server RSS peak {} KiB sampled, VmHWM {} KiB",
         t(&tally.opened),
         t(&tally.held.peak),
@@ -683,6 +786,8 @@ async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
         t(&tally.h2_streams_200),
         t(&tally.h2_resets_sent),
         t(&tally.h2_goaways),
+        t(&tally.pushes_refused),
+        t(&tally.slow_pushes),
         latencies.len(),
         ordinary.failures.len(),
         percentile(&latencies, 0.5),
@@ -719,6 +824,8 @@ async fn abuse(what: &str, limits: &[(&str, i64)], attack: Attack) {
         ("pipelined 200s", &tally.pipelined_200),
         ("h2 stream 200s", &tally.h2_streams_200),
         ("rapid-reset GOAWAYs", &tally.h2_goaways),
+        ("refused pushes", &tally.pushes_refused),
+        ("slow pushes", &tally.slow_pushes),
     ] {
         assert!(!attack.floods || t(counter) > 0, "no {what}");
     }

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::Config;
+use crate::jwks::source::SourceKind;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsSource;
 
@@ -27,6 +28,19 @@ impl fmt::Display for Config {
                 cfg.keys.max_keys
             )?;
             for (i, s) in cfg.sources.iter().enumerate() {
+                if let SourceKind::Push(_) = s.kind {
+                    // Pushes arrive when they arrive; the interval is how often the trust
+                    // inbox is looked at.
+                    let issuer = &endpoint.issuer;
+                    writeln!(
+                        f,
+                        "  source[{i}]  {} at PUT {}; trust inbox checked every {}",
+                        s.kind,
+                        issuer.url_for(&issuer.push_path()),
+                        humantime::format_duration(s.refresh_interval)
+                    )?;
+                    continue;
+                }
                 writeln!(
                     f,
                     "  source[{i}]  {} every {}",
@@ -36,6 +50,15 @@ impl fmt::Display for Config {
             }
             for (i, target) in cfg.publish.iter().enumerate() {
                 writeln!(f, "  publish[{i}] {} ({})", target.to, target.describe())?;
+            }
+            for (i, edge) in cfg.push.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  push[{i}]    {} with the token in {}, every {}",
+                    edge.url,
+                    edge.token_file.display(),
+                    humantime::format_duration(edge.interval)
+                )?;
             }
             if let Some(test) = &cfg.selftest {
                 writeln!(

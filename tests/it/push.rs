@@ -691,3 +691,40 @@ fn push_once_exits_with_the_edges_reason() {
         )
     );
 }
+
+#[test]
+fn check_config_shows_where_pushes_go_and_with_which_token() {
+    let scratch = Scratch::new();
+    let edge = TestConfig::new().source(push_source()).write(&scratch);
+    let out = run(&["check-config", "--config", edge.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "  source[0]  push from {SUBJECT} (audience {AUDIENCE}) at PUT {AUDIENCE}; trust inbox checked every 1s\n"
+        )),
+        "{text}"
+    );
+
+    scratch.write("jwks.json", crate::support::K3S);
+    scratch.write("token", "a token");
+    let mut push = toml::Table::new();
+    push.insert("token_file".into(), "token".into());
+    push.insert("interval".into(), "30s".into());
+    let agent = TestConfig::file_source("1s")
+        .remove("http")
+        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+        .write(&scratch);
+    let out = run(&["check-config", "--config", agent.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "  push[0]    {AUDIENCE} with the token in {}, every 30s\n",
+            scratch.path("token").display()
+        )),
+        "{text}"
+    );
+    // The token is a secret: its path is shown, never its contents.
+    assert!(!text.contains("a token"), "{text}");
+}

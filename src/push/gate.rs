@@ -58,6 +58,8 @@ pub struct Verified {
     pub kid: String,
     pub subject: String,
     pub jti: Option<String>,
+    /// Unix seconds.
+    pub issued_at: u64,
 }
 
 /// One push source in `/status`.
@@ -95,6 +97,8 @@ pub struct PushGate {
     /// Every `jti` that authenticated a push, with the SHA-256 of its body, until the token
     /// has expired for certain (its lifetime is at most an hour, plus the skew).
     used: moka::sync::Cache<String, [u8; 32]>,
+    /// Unix seconds at which `used` started: it knows nothing of tokens used before.
+    started_at: u64,
     status: Mutex<PushStatus>,
 }
 
@@ -140,6 +144,7 @@ impl PushGate {
             pipeline: parts.pipeline,
             store: parts.store,
             metrics: parts.metrics,
+            started_at: unix_now(),
             used: moka::sync::Cache::builder()
                 .max_capacity(USED_TOKENS_CAPACITY)
                 .time_to_live(MAX_PUSH_TOKEN_LIFETIME + Duration::from_secs(PUSH_CLOCK_SKEW_SECS))
@@ -215,6 +220,17 @@ impl PushGate {
         }
         let valid =
             validate(&body).map_err(|e| bad_body(format!("the pushed key set is refused: {e}")))?;
+        // The replay record starts with this process: a token issued before may have carried
+        // another set before a restart. It may confirm what is listed, never change it.
+        if verified.issued_at < self.started_at && !self.lists_exactly(&valid.keys) {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                PushResult::replay,
+                "the token was issued before this edge started, so its earlier uses are unknown: \
+                 a change needs a token issued since (the kubelet renews projected tokens at 80 % \
+                 of their lifetime)",
+            ));
+        }
         // A cluster always publishes the key it signs with: a set without it would refuse
         // every token the cluster issues (and this edge would trust no key of the pusher).
         if !valid.keys.iter().any(|k| k.kid == verified.kid) {
@@ -240,6 +256,14 @@ impl PushGate {
             .unwrap_or_default();
         info!(issuer = %self.issuer, kid = %verified.kid, subject = %verified.subject, "push accepted");
         Ok(format!("accepted; serving kids {kids}\n"))
+    }
+
+    /// Whether `keys` are exactly the keys listed now (a push that changes nothing).
+    fn lists_exactly(&self, keys: &[crate::jwks::PublicJwk]) -> bool {
+        let Some(snapshot) = self.store.get(self.index) else {
+            return false;
+        };
+        keys.len() == snapshot.listed.len() && keys.iter().all(|k| snapshot.listed.contains(k))
     }
 
     fn check_token(&self, authorization: Option<&[u8]>, now: u64) -> Result<Verified, Refusal> {
@@ -301,6 +325,7 @@ impl PushGate {
             kid,
             subject: self.policy.subject.clone(),
             jti: claims.get("jti").and_then(Value::as_str).map(str::to_owned),
+            issued_at: claims.get("iat").and_then(Value::as_u64).unwrap_or(0),
         })
     }
 

@@ -492,6 +492,17 @@ async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing
         200
     );
 
+    // A token issued before the restart: the new process has no record of its uses.
+    let earlier = || {
+        let mut claims = token_claims(ISSUER, AUDIENCE, SUBJECT, 3600);
+        let iat = crate::support::signer::unix_now() - 10;
+        claims["iat"] = iat.into();
+        claims["nbf"] = iat.into();
+        claims["exp"] = (iat + 3600).into();
+        first.sign(&claims)
+    };
+    let (confirming, changing) = (earlier(), earlier());
+
     // Edge restart: the pushed set is served at once, from state, and still trusted.
     edge.restart();
     let (status, body) = edge.jwks().await;
@@ -499,6 +510,17 @@ async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing
     let mut got = kids(&body);
     got.sort();
     assert_eq!(got, sorted(&[&first, &second]));
+    // It may confirm what is listed, never change it.
+    let listed = jwks(&[&first, &second]);
+    let (status, text) = edge.push(Some(&confirming), &listed).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = edge.push(Some(&changing), &jwks(&[&first])).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        text,
+        "the token was issued before this edge started, so its earlier uses are unknown: a change \
+         needs a token issued since (the kubelet renews projected tokens at 80 % of their lifetime)\n"
+    );
     assert_eq!(
         edge.push(Some(&token(&second)), &jwks(&[&second])).await.0,
         200
@@ -508,11 +530,9 @@ async fn an_abrupt_key_change_is_refused_until_trusted_and_restarts_lose_nothing
     let (status, text) = edge.push(Some(&token(&rebuilt)), &jwks(&[&rebuilt])).await;
     assert_eq!(status, 403);
     assert!(text.contains("oidc-edge trust --config"), "{text}");
-    let logged = edge
-        .server
-        .wait_for_log("push refused; what is served is unchanged");
+    let logged = edge.server.wait_for_log("which this edge does not publish");
     assert!(
-        logged.contains("which this edge does not publish"),
+        logged.contains("push refused; what is served is unchanged"),
         "{logged}"
     );
     // The operator re-trusts: the new key signs pushes, the old ones stay for grace.

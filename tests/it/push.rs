@@ -748,3 +748,116 @@ fn check_config_shows_where_pushes_go_and_with_which_token() {
     // The token is a secret: its path is shown, never its contents.
     assert!(!text.contains("a token"), "{text}");
 }
+
+/// The whole path with a real kube-apiserver: the operator trusts what the cluster serves at
+/// `/openid/v1/jwks`, the agent reads the keys from the apiserver and pushes with a token
+/// minted by TokenRequest (as the kubelet mints projected tokens), and a staged rotation of
+/// the apiserver's signing key (three restarts, real-parts §1) reaches the edge by itself.
+/// Debian's kube-apiserver predates `jti` (Kubernetes 1.30), so the edge allows tokens
+/// without one, as it must for such a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_apiservers_staged_rotation_reaches_the_edge_through_the_agent() {
+    use crate::support::real::{Bins, Cluster, SaKey};
+    let Some(bins) = Bins::find() else { return };
+    let (old, new) = (SaKey::generate(), SaKey::generate());
+    let mut cluster = Cluster::start(&bins, ISSUER, &[&old], &old).await;
+    cluster.create_namespace("oidc-edge").await;
+    cluster.create_service_account("oidc-edge", "pusher").await;
+
+    let scratch = Scratch::new();
+    let pki = Pki::new("push test CA");
+    let leaf = pki.server_for(&["oidc.example.com"]);
+    scratch.write("cert.pem", &leaf.cert_pem);
+    scratch.write("key.pem", &leaf.key_pem);
+    let edge_config = TestConfig::new()
+        .source(push_source().set("allow_tokens_without_jti", true))
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "cert.pem")
+        .set("https.files.key_file", "key.pem")
+        .write(&scratch);
+    let (server, https) = Edge::serve(&edge_config);
+    let edge = Edge {
+        scratch,
+        pki,
+        config: edge_config,
+        server,
+        https,
+    };
+    // The seeds' one manual step, done once.
+    let (status, cluster_jwks) = cluster.get("/openid/v1/jwks").await;
+    assert_eq!(status, 200);
+    let file = edge.scratch.write("cluster-jwks.json", &cluster_jwks);
+    let out = run(&[
+        "trust",
+        "--config",
+        edge.config.to_str().expect("utf-8"),
+        "--issuer",
+        ISSUER,
+        "--jwks",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    edge.server.signal("HUP");
+    edge.serves(&[old.kid.clone()]).await;
+
+    // The agent: the apiserver as its source (the admin's static token, which no key
+    // rotation invalidates), and the pusher's token from TokenRequest.
+    let agent_dir = Scratch::new();
+    agent_dir.write("apiserver-ca.pem", &cluster.ca_pem);
+    agent_dir.write("admin-token", &cluster.admin_token);
+    agent_dir.write("ca.pem", &edge.pki.ca_pem);
+    let mint = |cluster: &Cluster| {
+        let cluster = cluster.api();
+        async move { cluster.try_token("oidc-edge", "pusher", &[AUDIENCE]).await }
+    };
+    agent_dir.replace("push-token", &mint(&cluster).await.expect("token"));
+    let mut push = toml::Table::new();
+    push.insert("token_file".into(), "push-token".into());
+    push.insert("ca_file".into(), "ca.pem".into());
+    push.insert("connect_to".into(), edge.https.to_string().into());
+    push.insert("interval".into(), "1s".into());
+    let agent_config = TestConfig::new()
+        .remove("http")
+        .source(
+            Source::new("apiserver")
+                .set("url", cluster.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "admin-token")
+                .set("refresh_interval", "1s"),
+        )
+        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+        .write(&agent_dir);
+    let _agent = Binary::start_outbound("push", &agent_config);
+    crate::support::eventually("the agent's push is accepted", || async {
+        edge.status().await["push"][0]["last_accepted_kid"] == old.kid.as_str()
+    })
+    .await;
+
+    let both = {
+        let mut kids = vec![old.kid.clone(), new.kid.clone()];
+        kids.sort();
+        kids
+    };
+    // 1. The new key is published beside the old one, which still signs.
+    cluster.restart(&[&old, &new], &old).await;
+    edge.serves(&both).await;
+    // 2. The new key signs; the kubelet's next token is signed by it.
+    cluster.restart(&[&old, &new], &new).await;
+    agent_dir.replace("push-token", &mint(&cluster).await.expect("token"));
+    crate::support::eventually("a push signed by the new key is accepted", || async {
+        edge.status().await["push"][0]["last_accepted_kid"] == new.kid.as_str()
+    })
+    .await;
+    // 3. The old key goes; the edge keeps it for rotation grace, and it never served a set
+    // without the key that signs.
+    cluster.restart(&[&new], &new).await;
+    let listed_new_only = || async {
+        let status = edge.status().await;
+        status["issuers"][0]["keys"].as_array().is_some_and(|keys| {
+            keys.iter()
+                .any(|k| k["kid"] == old.kid.as_str() && k["vanished_at"].as_u64().is_some())
+        })
+    };
+    crate::support::eventually("the old key is retired on the edge", listed_new_only).await;
+    edge.serves(&both).await;
+}

@@ -20,8 +20,7 @@ for line in sys.stdin:
         print(m["executable"])')
 [ -x "$bin" ] || { echo "no bench binary" >&2; exit 1; }
 if [ "$#" -eq 0 ]; then
-  set -- "discovery 200" "jwks 200" "jwks 304" "jwks 200 browser"
-  grep -q '"jwks 200 aws"' benches/documents.rs && set -- "$@" "jwks 200 aws"
+  set -- "discovery 200" "jwks 200" "jwks 304" "jwks 200 browser" "jwks 200 aws"
 fi
 total() { # $1 requests, $2 case: the instructions callgrind collected
   OIDC_EDGE_CALLGRIND=$1 valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$2" 2>&1 \

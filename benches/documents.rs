@@ -9,6 +9,7 @@ use axum::body::Body;
 use criterion::{Criterion, criterion_group};
 use http::Request;
 use oidc_edge::config::Config;
+use oidc_edge::http::fetched_by::FetchTracker;
 use oidc_edge::http::{Site, router};
 use oidc_edge::issuer::Issuer;
 use oidc_edge::issuer::endpoint::IssuerEndpoint;
@@ -74,8 +75,10 @@ fn app() -> (axum::Router, String) {
     let cfg = &config.issuers[0];
     let snapshot = Snapshot::first(&cfg.endpoint, cfg.keys, &[K3S.as_bytes()]).expect("valid");
     store.publish(0, snapshot);
+    // Relying-party fetch tracking as `serve` has it: the built-in families.
+    let fetches = Arc::new(FetchTracker::new(&config.relying_parties, 1));
     let app = router(
-        Site::new(&config.endpoints(), &Metrics::new()),
+        Site::new(&config.endpoints(), &Metrics::new()).with_fetch_tracker(fetches),
         Arc::clone(&store),
     );
     let etag = store
@@ -112,6 +115,13 @@ fn cases(
         ("jwks 200", jwks, None, None),
         ("jwks 304", jwks, Some(etag.to_owned()), None),
         ("jwks 200 browser", jwks, None, Some(BROWSER)),
+        // A relying party's fetch: recorded (a cache insert) as well as answered.
+        (
+            "jwks 200 aws",
+            jwks,
+            None,
+            Some("AWS Security Token Service"),
+        ),
     ]
 }
 

@@ -69,6 +69,20 @@ impl fmt::Display for Config {
             };
             writeln!(f, "https  listen {} {tls}", https.listen)?;
         }
+        let families: Vec<&str> = (self.relying_parties.families.iter())
+            .filter(|family| !family.patterns.is_empty())
+            .map(|family| family.name.as_str())
+            .collect();
+        if families.is_empty() {
+            writeln!(f, "fetched_by  off (no relying-party family has a pattern)")?;
+        } else {
+            writeln!(
+                f,
+                "fetched_by  {} by User-Agent, each record kept {} after its last fetch",
+                families.join(", "),
+                humantime::format_duration(self.relying_parties.forget_after)
+            )?;
+        }
         writeln!(f, "admin  listen {}", self.admin.listen)?;
         writeln!(f, "state  {}", self.state_dir.display())?;
         let format = match self.log.format {

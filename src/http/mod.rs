@@ -3,6 +3,7 @@
 //!
 //! [`router`] is the test seam: it needs no socket.
 
+pub mod fetched_by;
 pub mod handlers;
 pub mod headers;
 
@@ -18,6 +19,7 @@ use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::store::DocumentStore;
 use crate::metrics::Metrics;
 use crate::tls::TlsSource;
+use fetched_by::FetchTracker;
 
 /// `[http]`: the plain listener.
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct Site {
     counters: Vec<[[Counter; 4]; 2]>,
     not_found: Counter,
     access_log: bool,
+    /// Relying-party fetch records (`[relying_parties]`); `None` in tests that need none.
+    fetches: Option<Arc<FetchTracker>>,
 }
 
 /// The status codes a document route answers, each with its counter.
@@ -122,6 +126,31 @@ impl Site {
             counters,
             not_found: metrics.request_counter("", "none", 404),
             access_log: false,
+            fetches: None,
+        }
+    }
+
+    /// Records the fetches of relying parties recognised by their `User-Agent` in `fetches`.
+    pub fn with_fetch_tracker(mut self, fetches: Arc<FetchTracker>) -> Self {
+        self.fetches = Some(fetches);
+        self
+    }
+
+    /// A GET of `route` answered `status` (200 or 304) with `etag`, from a client whose
+    /// `User-Agent` is `user_agent`: recorded when it names a relying party. For any other
+    /// client this is one substring search per pattern, with no allocation and no lock.
+    pub fn observe_fetch(
+        &self,
+        route: Route,
+        user_agent: &[u8],
+        status: StatusCode,
+        etag: &http::HeaderValue,
+        kids: &Arc<[String]>,
+    ) {
+        if let Some(fetches) = &self.fetches
+            && let Some(family) = fetches.family(user_agent)
+        {
+            fetches.record(route.issuer, route.doc, family, status.as_u16(), etag, kids);
         }
     }
 

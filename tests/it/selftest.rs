@@ -264,3 +264,101 @@ async fn the_self_test_names_an_issuer_the_cluster_does_not_sign_for() {
         "{status:#}"
     );
 }
+
+/// A proxy in front of the public name that breaks what relying parties get (issue 20's
+/// "a 302 or wrong content type from a proxy in front"): real nginx terminates TLS for the
+/// issuer's host and forwards to oidc-edge's plain listener, but on one port answers the
+/// discovery document with a 302 (A-6), and on another serves the JWKS as `text/plain`
+/// (X-4). The self-test names exactly that step with what it saw; serving is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_test_names_a_redirect_or_a_wrong_content_type_from_a_proxy_in_front() {
+    let Some(bins) = Bins::find() else { return };
+    let key = SaKey::generate();
+    let cluster = Cluster::start(&bins, ISSUER, &[&key], &key).await;
+    let reader_token = cluster.bound_reader_token().await;
+    cluster
+        .create_service_account(LISTER_NAMESPACE, LISTER)
+        .await;
+    let scratch = Scratch::new();
+    let pki = Pki::new("oidc-edge self-test CA");
+    let public = serve_https(&cluster, ISSUER, &reader_token, &pki, &scratch).await;
+    scratch.write("test-ca.pem", &pki.ca_pem);
+    scratch.write("admin-token", &cluster.admin_token);
+
+    let leaf = pki.server_for(&[crate::support::real::ISSUER_HOST]);
+    let cert = scratch.write("proxy.pem", &leaf.cert_pem);
+    let key_file = scratch.write("proxy.key", &leaf.key_pem);
+    let (redirecting, plain_text) = (
+        crate::support::pebble::free_tcp_port(),
+        crate::support::pebble::free_tcp_port(),
+    );
+    let upstream = public.addr;
+    let server = |port: u16, breaks: &str| {
+        format!(
+            "  server {{\n    listen 127.0.0.1:{port} ssl;\n    server_name {host};\n\
+             \x20   ssl_certificate {cert};\n    ssl_certificate_key {key};\n{breaks}\
+             \x20   location / {{\n      proxy_pass http://{upstream};\n      proxy_set_header Host $host;\n    }}\n  }}\n",
+            host = crate::support::real::ISSUER_HOST,
+            cert = cert.display(),
+            key = key_file.display(),
+        )
+    };
+    let redirect = "    location = /.well-known/openid-configuration {\n\
+                    \x20     return 302 https://login.example.net/.well-known/openid-configuration;\n    }\n";
+    let text_plain = format!(
+        "    location = /openid/v1/jwks {{\n      proxy_pass http://{upstream};\n      proxy_set_header Host $host;\n\
+         \x20     proxy_hide_header Content-Type;\n      add_header Content-Type text/plain always;\n    }}\n"
+    );
+    let _nginx = crate::support::nginx::start(
+        &scratch,
+        "nginx",
+        redirecting,
+        &format!(
+            "{}{}",
+            server(redirecting, redirect),
+            server(plain_text, &text_plain)
+        ),
+    );
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    let behind_redirect = self_testing(&scratch, &cluster, "admin-token", at(redirecting)).await;
+    let behind_text = self_testing(&scratch, &cluster, "admin-token", at(plain_text)).await;
+    for tester in [&behind_redirect, &behind_text] {
+        eventually("the self-test behind nginx fails", || async {
+            selftest_status(tester).await["passed"] == false
+        })
+        .await;
+    }
+    // The step, with the value seen, and nothing else: the redirect stops the check before
+    // the keys (a relying party gets no document to follow); the text/plain JWKS still holds
+    // the key that signed the token, so only its content type fails.
+    let status = selftest_status(&behind_redirect).await;
+    assert_eq!(
+        status["failures"],
+        serde_json::json!([
+            "A-6 discovery document is served without a redirect: 302 to https://login.example.net/.well-known/openid-configuration"
+        ]),
+        "{status:#}"
+    );
+    assert_eq!(status["headline"], serde_json::Value::Null, "{status:#}");
+    let status = selftest_status(&behind_text).await;
+    assert_eq!(
+        status["failures"],
+        serde_json::json!([
+            "X-4 JWKS content type every client accepts (application/json): text/plain"
+        ]),
+        "{status:#}"
+    );
+    assert_eq!(status["kid"], key.kid.as_str(), "{status:#}");
+
+    // Serving is unaffected: each tester serves both documents and stays ready.
+    for tester in [&behind_redirect, &behind_text] {
+        for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+            assert_eq!(crate::support::clients::get(&tester.url(path)).await.0, 200);
+        }
+        assert_eq!(
+            crate::support::clients::get(&tester.admin_url("/readyz")).await,
+            (200, "ready\n".to_owned())
+        );
+    }
+}

@@ -135,7 +135,8 @@ pub fn not_ready_reasons(
     reasons
 }
 
-/// Every reason the server is not ready: the key sets, then HTTPS (L4).
+/// Every reason the server is not ready: the key sets, then HTTPS (L4), then the self-tests
+/// that are part of readiness (`[issuers.selftest] readiness = true`).
 fn all_reasons(admin: &Admin, issuers: &[IssuerStatus]) -> Vec<String> {
     let mut reasons = not_ready_reasons(issuers, admin.max_staleness, unix_now());
     if let Some(https) = &admin.https {
@@ -144,6 +145,7 @@ fn all_reasons(admin: &Admin, issuers: &[IssuerStatus]) -> Vec<String> {
             std::time::SystemTime::now(),
         ));
     }
+    reasons.extend(admin.selftests.iter().filter_map(|t| t.not_ready_reason()));
     reasons
 }
 

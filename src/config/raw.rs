@@ -52,6 +52,7 @@ pub(super) struct RawSelfTest {
     pub(super) interval: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) connect_to: Option<String>,
+    pub(super) readiness: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -40,12 +40,17 @@ impl fmt::Display for Config {
             if let Some(test) = &cfg.selftest {
                 writeln!(
                     f,
-                    "  selftest   {}/{} for {} every {} (TokenRequest through source[{}])",
+                    "  selftest   {}/{} for {} every {} (TokenRequest through source[{}]){}",
                     test.namespace,
                     test.service_account,
                     test.audience,
                     humantime::format_duration(test.interval),
-                    test.source
+                    test.source,
+                    if test.readiness {
+                        "; part of readiness"
+                    } else {
+                        ""
+                    }
                 )?;
             }
         }

@@ -451,6 +451,7 @@ impl Validator<'_> {
             interval,
             ca_file,
             connect_to,
+            readiness: raw.readiness.unwrap_or(false),
         })
     }
 

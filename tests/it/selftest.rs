@@ -18,16 +18,18 @@ async fn self_testing(
     token_file: &str,
     public: std::net::SocketAddr,
 ) -> InProcess {
-    self_testing_as(scratch, cluster, token_file, public, LISTER).await
+    self_testing_as(scratch, cluster, token_file, public, LISTER, false).await
 }
 
-/// [`self_testing`] for the service account `default/sa`.
+/// [`self_testing`] for the service account `default/sa`, with the self-test part of
+/// readiness when `readiness`.
 async fn self_testing_as(
     scratch: &Scratch,
     cluster: &Cluster,
     token_file: &str,
     public: std::net::SocketAddr,
     sa: &str,
+    readiness: bool,
 ) -> InProcess {
     let config = TestConfig::new()
         .set("issuers.0.issuer", ISSUER)
@@ -40,7 +42,7 @@ async fn self_testing_as(
         // Its own state and config file: several of these run beside each other.
         .set(
             "state.dir",
-            format!("state-{token_file}-{sa}-{}", public.port()),
+            format!("state-{token_file}-{sa}-{}-{readiness}", public.port()),
         )
         .set(
             "issuers.0.selftest.service_account",
@@ -49,16 +51,21 @@ async fn self_testing_as(
         .set("issuers.0.selftest.audience", STS_AUDIENCE)
         .set("issuers.0.selftest.interval", "1s")
         .set("issuers.0.selftest.ca_file", "test-ca.pem")
-        .set("issuers.0.selftest.connect_to", public.to_string());
+        .set("issuers.0.selftest.connect_to", public.to_string())
+        .set("issuers.0.selftest.readiness", readiness);
     let path = scratch.write(
-        &format!("selftest-{token_file}-{sa}-{}.toml", public.port()),
+        &format!(
+            "selftest-{token_file}-{sa}-{}-{readiness}.toml",
+            public.port()
+        ),
         &config.text(),
     );
     let summary =
         crate::support::process::run(&["check-config", "--config", path.to_str().expect("utf-8")]);
     assert!(
         String::from_utf8_lossy(&summary.stdout).contains(&format!(
-            "  selftest   {LISTER_NAMESPACE}/{sa} for {STS_AUDIENCE} every 1s (TokenRequest through source[0])\n"
+            "  selftest   {LISTER_NAMESPACE}/{sa} for {STS_AUDIENCE} every 1s (TokenRequest through source[0]){}\n",
+            if readiness { "; part of readiness" } else { "" }
         )),
         "{summary:?}"
     );
@@ -127,7 +134,15 @@ async fn the_self_test_passes_and_names_the_step_that_fails() {
     drop(reader);
 
     // A service account that does not exist: TokenRequest's 404, in the apiserver's words.
-    let nobody = self_testing_as(&scratch, &cluster, "admin-token", public.https(), "nobody").await;
+    let nobody = self_testing_as(
+        &scratch,
+        &cluster,
+        "admin-token",
+        public.https(),
+        "nobody",
+        false,
+    )
+    .await;
     eventually(
         "the self-test fails for an unknown service account",
         || async { selftest_status(&nobody).await["passed"] == false },
@@ -269,7 +284,8 @@ async fn the_self_test_names_an_issuer_the_cluster_does_not_sign_for() {
 /// "a 302 or wrong content type from a proxy in front"): real nginx terminates TLS for the
 /// issuer's host and forwards to oidc-edge's plain listener, but on one port answers the
 /// discovery document with a 302, and on another serves the JWKS as `text/plain`
-/// . The self-test names exactly that step with what it saw; serving is unaffected.
+/// . The self-test names exactly that step with what it saw; serving is unaffected, and
+/// readiness too unless `readiness = true` makes the self-test part of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_self_test_names_a_redirect_or_a_wrong_content_type_from_a_proxy_in_front() {
     let Some(bins) = Bins::find() else { return };
@@ -360,5 +376,33 @@ async fn the_self_test_names_a_redirect_or_a_wrong_content_type_from_a_proxy_in_
             crate::support::clients::get(&tester.admin_url("/readyz")).await,
             (200, "ready\n".to_owned())
         );
+    }
+
+    // With `readiness = true`, the failed self-test makes the server not ready, with the
+    // failed step as the reason; it still serves both documents.
+    let gated = self_testing_as(
+        &scratch,
+        &cluster,
+        "admin-token",
+        at(redirecting),
+        LISTER,
+        true,
+    )
+    .await;
+    eventually("the gated self-test fails", || async {
+        selftest_status(&gated).await["passed"] == false
+    })
+    .await;
+    assert_eq!(
+        crate::support::clients::get(&gated.admin_url("/readyz")).await,
+        (
+            503,
+            format!(
+                "not ready: {ISSUER}: self-test fails: A-6 discovery document is served without a redirect: 302 to https://login.example.net/.well-known/openid-configuration\n"
+            )
+        )
+    );
+    for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+        assert_eq!(crate::support::clients::get(&gated.url(path)).await.0, 200);
     }
 }

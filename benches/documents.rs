@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use http::Request;
 use oidc_edge::config::Config;
+use oidc_edge::http::fetched_by::FetchTracker;
 use oidc_edge::http::{Site, router};
 use oidc_edge::issuer::Issuer;
 use oidc_edge::issuer::endpoint::IssuerEndpoint;
@@ -61,7 +62,8 @@ fn validate_and_render(c: &mut Criterion) {
     }
 }
 
-fn routes(c: &mut Criterion) {
+/// The public router with the k3s set published, and the JWKS's ETag.
+fn app() -> (axum::Router, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("jwks.json"), K3S).expect("write");
     let config = Config::from_toml_str(
@@ -73,8 +75,10 @@ fn routes(c: &mut Criterion) {
     let cfg = &config.issuers[0];
     let snapshot = Snapshot::first(&cfg.endpoint, cfg.keys, &[K3S.as_bytes()]).expect("valid");
     store.publish(0, snapshot);
+    // Relying-party fetch tracking as `serve` has it: the built-in families.
+    let fetches = Arc::new(FetchTracker::new(&config.relying_parties, 1));
     let app = router(
-        Site::new(&config.endpoints(), &Metrics::new()),
+        Site::new(&config.endpoints(), &Metrics::new()).with_fetch_tracker(fetches),
         Arc::clone(&store),
     );
     let etag = store
@@ -85,28 +89,100 @@ fn routes(c: &mut Criterion) {
         .to_str()
         .expect("ascii")
         .to_owned();
+    (app, etag)
+}
+
+/// A browser's User-Agent: what most requests that are not a relying party's carry.
+const BROWSER: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+
+/// The requests measured, by name: path, `If-None-Match`, `User-Agent`.
+fn cases(
+    etag: &str,
+) -> Vec<(
+    &'static str,
+    &'static str,
+    Option<String>,
+    Option<&'static str>,
+)> {
+    let jwks = "/openid/v1/jwks";
+    vec![
+        (
+            "discovery 200",
+            "/.well-known/openid-configuration",
+            None,
+            None,
+        ),
+        ("jwks 200", jwks, None, None),
+        ("jwks 304", jwks, Some(etag.to_owned()), None),
+        ("jwks 200 browser", jwks, None, Some(BROWSER)),
+        // A relying party's fetch: recorded (a cache insert) as well as answered.
+        (
+            "jwks 200 aws",
+            jwks,
+            None,
+            Some("AWS Security Token Service"),
+        ),
+    ]
+}
+
+fn request(path: &str, inm: Option<&str>, user_agent: Option<&str>) -> http::Request<Body> {
+    let mut request = Request::get(path).header("host", "oidc.example.com");
+    if let Some(tag) = inm {
+        request = request.header("if-none-match", tag);
+    }
+    if let Some(agent) = user_agent {
+        request = request.header("user-agent", agent);
+    }
+    request.body(Body::empty()).expect("request")
+}
+
+fn routes(c: &mut Criterion) {
+    let (app, etag) = app();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    for (name, path, inm) in [
-        ("discovery 200", "/.well-known/openid-configuration", None),
-        ("jwks 200", "/openid/v1/jwks", None),
-        ("jwks 304", "/openid/v1/jwks", Some(etag.as_str())),
-    ] {
+    for (name, path, inm, agent) in cases(&etag) {
         c.bench_function(&format!("router {name}"), |b| {
             b.iter(|| {
-                let mut request = Request::get(path).header("host", "oidc.example.com");
-                if let Some(tag) = inm {
-                    request = request.header("if-none-match", tag);
-                }
-                let request = request.body(Body::empty()).expect("request");
                 runtime
-                    .block_on(app.clone().oneshot(request))
+                    .block_on(app.clone().oneshot(request(path, inm.as_deref(), agent)))
                     .expect("infallible")
             });
         });
     }
 }
 
+/// `benches/callgrind.sh`'s mode: `OIDC_EDGE_CALLGRIND=N CASE` answers N requests of one case
+/// and exits, so that the difference of two runs under callgrind is the instructions of the
+/// requests alone (setup and exit cancel out).
+fn callgrind(count: usize, case: &str) {
+    let (app, etag) = app();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (_, path, inm, agent) = cases(&etag)
+        .into_iter()
+        .find(|(name, ..)| *name == case)
+        .unwrap_or_else(|| panic!("no case {case:?}"));
+    for _ in 0..count {
+        let response = runtime
+            .block_on(app.clone().oneshot(request(path, inm.as_deref(), agent)))
+            .expect("infallible");
+        assert!(response.status().as_u16() < 400);
+    }
+}
+
 criterion_group!(benches, validate_and_render, routes);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(count) = std::env::var("OIDC_EDGE_CALLGRIND") {
+        let case = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        callgrind(
+            count.parse().expect("OIDC_EDGE_CALLGRIND=<requests>"),
+            &case.expect("a case name"),
+        );
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
+use crate::http::fetched_by::{Fetch, FetchTracker};
 use crate::jwks::refresh::{IssuerPipeline, IssuerStatus};
 use crate::jwks::unix_now;
 use crate::listener::{Limits, PublicListener, Transport};
@@ -48,6 +49,8 @@ pub struct Admin {
     pub selftests: Vec<Arc<SelfTest>>,
     /// Push endpoints, per issuer with a push source.
     pub pushes: Vec<Arc<PushGate>>,
+    /// Relying-party fetch records, by issuer index (the pipelines' order).
+    pub fetches: Arc<FetchTracker>,
 }
 
 /// Open connections the admin listener holds: probes and scrapes, a few at a time.
@@ -135,7 +138,8 @@ pub fn not_ready_reasons(
     reasons
 }
 
-/// Every reason the server is not ready: the key sets, then HTTPS (L4).
+/// Every reason the server is not ready: the key sets, then HTTPS (L4), then the self-tests
+/// that are part of readiness (`[issuers.selftest] readiness = true`).
 fn all_reasons(admin: &Admin, issuers: &[IssuerStatus]) -> Vec<String> {
     let mut reasons = not_ready_reasons(issuers, admin.max_staleness, unix_now());
     if let Some(https) = &admin.https {
@@ -144,6 +148,7 @@ fn all_reasons(admin: &Admin, issuers: &[IssuerStatus]) -> Vec<String> {
             std::time::SystemTime::now(),
         ));
     }
+    reasons.extend(admin.selftests.iter().filter_map(|t| t.not_ready_reason()));
     reasons
 }
 
@@ -167,6 +172,23 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
             admin.metrics.observe_jwks_age(pipeline.issuer(), at);
         }
     }
+    // Also made at scrape time, from the records: the request that matched a relying party
+    // only wrote its record, and a forgotten record's series goes with it.
+    let fetches: Vec<(&str, Fetch)> = (admin.pipelines.iter().enumerate())
+        .flat_map(|(index, pipeline)| {
+            let issuer = pipeline.issuer();
+            admin
+                .fetches
+                .fetches(index)
+                .into_iter()
+                .map(move |f| (issuer, f))
+        })
+        .collect();
+    admin.metrics.set_relying_party_fetches(
+        fetches
+            .iter()
+            .map(|(issuer, f)| (*issuer, f.document, f.family.as_str(), f.at)),
+    );
     ([(CONTENT_TYPE, OPENMETRICS)], admin.metrics.render()).into_response()
 }
 
@@ -174,7 +196,7 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
 struct StatusDoc {
     version: &'static str,
     ready: bool,
-    issuers: Vec<IssuerStatus>,
+    issuers: Vec<IssuerDoc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     https: Option<HttpsStatus>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -185,13 +207,29 @@ struct StatusDoc {
     push: Vec<PushStatus>,
 }
 
+/// One issuer in `/status`: what its pipeline knows, and which relying parties fetched its
+/// documents.
+#[derive(Serialize)]
+struct IssuerDoc {
+    #[serde(flatten)]
+    status: IssuerStatus,
+    /// The last fetch of each document by each relying-party family, by `User-Agent` (a hint,
+    /// not proof).
+    fetched_by: Vec<Fetch>,
+}
+
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let issuers = statuses(&admin).await;
     let ready = all_reasons(&admin, &issuers).is_empty();
     let doc = StatusDoc {
         version: env!("CARGO_PKG_VERSION"),
         ready,
-        issuers,
+        issuers: (issuers.into_iter().enumerate())
+            .map(|(index, status)| IssuerDoc {
+                status,
+                fetched_by: admin.fetches.fetches(index),
+            })
+            .collect(),
         https: admin.https.as_deref().map(crate::tls::https_status),
         publish: admin.publishers.iter().flat_map(|p| p.statuses()).collect(),
         selftest: admin.selftests.iter().map(|t| t.status()).collect(),

@@ -139,8 +139,21 @@ pub struct Metrics {
     key_retiring_until: Family<KeyLabels, Gauge>,
     pushes: Family<PushLabels, Counter>,
     push_last_accepted: Family<IssuerLabels, Gauge>,
+    relying_party_last_fetch: Family<RelyingPartyLabels, Gauge>,
+    /// The relying-party series exported by the last scrape, so that a forgotten record's
+    /// series is removed without a moment in which the others are missing.
+    relying_party_exported: std::sync::Mutex<Vec<RelyingPartyLabels>>,
     /// The kids exported per issuer, so that a key's series go when the key does.
     exported_kids: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelyingPartyLabels {
+    pub issuer: String,
+    /// `discovery` or `jwks`.
+    pub document: &'static str,
+    /// `aws`, `google`, `microsoft`, or a configured family.
+    pub family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -274,6 +287,12 @@ impl Metrics {
             "Unix time until which a key no source lists any more stays published (key_retention)",
             key_retiring_until.clone(),
         );
+        let relying_party_last_fetch = Family::<RelyingPartyLabels, Gauge>::default();
+        registry.register(
+            "relying_party_last_fetch_seconds",
+            "Unix time of a relying party's last fetch of a document, recognised by its User-Agent (a hint, not proof); gone after relying_parties.forget_after without a fetch",
+            relying_party_last_fetch.clone(),
+        );
         let selftest_passed = Family::<IssuerLabels, Gauge>::default();
         registry.register(
             "selftest_passed",
@@ -312,6 +331,8 @@ impl Metrics {
             key_first_seen,
             key_retiring_until,
             selftest_passed,
+            relying_party_last_fetch,
+            relying_party_exported: std::sync::Mutex::default(),
             exported_kids: std::sync::Mutex::default(),
         }
     }
@@ -484,6 +505,37 @@ impl Metrics {
         }
     }
 
+    /// Every relying-party fetch record, as (issuer, document, family, Unix seconds): the
+    /// series of records that are gone are removed.
+    pub fn set_relying_party_fetches<'a>(
+        &self,
+        fetches: impl IntoIterator<Item = (&'a str, &'static str, &'a str, u64)>,
+    ) {
+        let mut exported = self.relying_party_exported.lock().expect("metrics lock");
+        let current: Vec<(RelyingPartyLabels, u64)> = fetches
+            .into_iter()
+            .map(|(issuer, document, family, at)| {
+                let labels = RelyingPartyLabels {
+                    issuer: issuer.to_owned(),
+                    document,
+                    family: family.to_owned(),
+                };
+                (labels, at)
+            })
+            .collect();
+        for gone in exported.iter() {
+            if !current.iter().any(|(labels, _)| labels == gone) {
+                self.relying_party_last_fetch.remove(gone);
+            }
+        }
+        for (labels, at) in &current {
+            self.relying_party_last_fetch
+                .get_or_create(labels)
+                .set(i64::try_from(*at).unwrap_or(i64::MAX));
+        }
+        *exported = current.into_iter().map(|(labels, _)| labels).collect();
+    }
+
     /// The outcome of `issuer`'s last self-test.
     pub fn set_selftest_passed(&self, issuer: &str, passed: bool) {
         self.selftest_passed
@@ -499,5 +551,48 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relying-party series, sorted (a family's series come in hash order).
+    fn series(metrics: &Metrics) -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("oidc_edge_relying_party_last_fetch_seconds{"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_forgotten_relying_party_record_takes_its_series_with_it() {
+        let metrics = Metrics::new();
+        let issuer = "https://oidc.example.com";
+        metrics.set_relying_party_fetches([
+            (issuer, "jwks", "aws", 1_800_000_000),
+            (issuer, "discovery", "aws", 1_800_000_001),
+        ]);
+        assert_eq!(
+            series(&metrics),
+            [
+                "oidc_edge_relying_party_last_fetch_seconds{issuer=\"https://oidc.example.com\",document=\"discovery\",family=\"aws\"} 1800000001",
+                "oidc_edge_relying_party_last_fetch_seconds{issuer=\"https://oidc.example.com\",document=\"jwks\",family=\"aws\"} 1800000000",
+            ]
+        );
+        metrics.set_relying_party_fetches([(issuer, "jwks", "aws", 1_800_000_060)]);
+        assert_eq!(
+            series(&metrics),
+            [
+                "oidc_edge_relying_party_last_fetch_seconds{issuer=\"https://oidc.example.com\",document=\"jwks\",family=\"aws\"} 1800000060"
+            ]
+        );
+        metrics.set_relying_party_fetches([]);
+        assert_eq!(series(&metrics), Vec::<String>::new());
     }
 }

@@ -2,7 +2,8 @@
 //! safe time for the next step, from a running server's `/status` (rule X-6 of the relying
 //! party notes: publish a new key at least max-age, and at least an hour, before it signs;
 //! keep the old one published for the longest token lifetime + max-age + 5 min of skew after
-//! its last use).
+//! its last use). Under each key, each relying party recognised by its `User-Agent` says
+//! whether the JWKS it last fetched held the key ("has AWS fetched the new key yet?").
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -42,6 +43,20 @@ pub struct IssuerView {
     pub cache_max_age_seconds: u64,
     pub key_retention_seconds: u64,
     pub keys: Vec<KeyView>,
+    /// The relying parties' last fetches (`http::fetched_by::Fetch`); absent from the
+    /// `/status` of an older server.
+    #[serde(default)]
+    pub fetched_by: Vec<FetchView>,
+}
+
+/// The part of a `/status` fetch record this reads.
+#[derive(Debug, Deserialize)]
+pub struct FetchView {
+    pub family: String,
+    pub document: String,
+    pub at: u64,
+    #[serde(default)]
+    pub kids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +126,9 @@ pub fn report(issuer: &IssuerView, now: u64, token_lifetime: u64) -> String {
         humantime::format_duration(Duration::from_secs(issuer.key_retention_seconds)),
         humantime::format_duration(Duration::from_secs(token_lifetime)),
     );
+    let jwks_fetches: Vec<&FetchView> = (issuer.fetched_by.iter())
+        .filter(|f| f.document == "jwks")
+        .collect();
     for key in &issuer.keys {
         let line = match key.vanished_at {
             None => {
@@ -148,8 +166,33 @@ pub fn report(issuer: &IssuerView, now: u64, token_lifetime: u64) -> String {
             }
         };
         out.push_str(&format!("  {}  {line}\n", key.kid));
+        for fetch in jwks_fetches.iter() {
+            out.push_str(&format!("      {}\n", seen_by(fetch, key, now)));
+        }
+    }
+    if jwks_fetches.is_empty() {
+        out.push_str("  no relying party's fetch of the JWKS recorded (by User-Agent, since this server started)\n");
     }
     out
+}
+
+/// Whether the JWKS `fetch` received held `key`: a hint, since a `User-Agent` is only a hint.
+fn seen_by(fetch: &FetchView, key: &KeyView, now: u64) -> String {
+    let ago = humantime::format_duration(Duration::from_secs(now.saturating_sub(fetch.at)));
+    let family = &fetch.family;
+    let held = fetch
+        .kids
+        .as_ref()
+        .is_some_and(|kids| kids.contains(&key.kid));
+    if held {
+        format!("{family} last fetched the JWKS {ago} ago and saw this key")
+    } else if key.first_seen_at.is_some_and(|seen| fetch.at < seen) {
+        format!(
+            "{family} last fetched the JWKS {ago} ago, before this key was published: not seen yet"
+        )
+    } else {
+        format!("{family} last fetched the JWKS {ago} ago and did not see this key")
+    }
 }
 
 fn time(secs: u64) -> String {
@@ -166,6 +209,16 @@ mod tests {
             cache_max_age_seconds: 300,
             key_retention_seconds: 86_400,
             keys,
+            fetched_by: Vec::new(),
+        }
+    }
+
+    fn fetch(family: &str, document: &str, at: u64, kids: &[&str]) -> FetchView {
+        FetchView {
+            family: family.into(),
+            document: document.into(),
+            at,
+            kids: (document == "jwks").then(|| kids.iter().map(|k| (*k).to_owned()).collect()),
         }
     }
 
@@ -195,7 +248,37 @@ mod tests {
             "issuer https://oidc.example.com (max-age 300s, key_retention 1day, token lifetime 1h)\n\
              \x20 new  publishing  published since 2027-01-15T08:00:00Z; safe to sign with from 2027-01-15T09:00:00Z\n\
              \x20 current  ready       published since 2027-01-15T06:00:00Z; safe to sign with\n\
-             \x20 old  retiring    no source lists it since 2027-01-15T07:59:00Z; tokens it signed may be in use until 2027-01-15T09:09:00Z; published until 2027-01-16T07:59:00Z\n"
+             \x20 old  retiring    no source lists it since 2027-01-15T07:59:00Z; tokens it signed may be in use until 2027-01-15T09:09:00Z; published until 2027-01-16T07:59:00Z\n\
+             \x20 no relying party's fetch of the JWKS recorded (by User-Agent, since this server started)\n"
+        );
+    }
+
+    /// "Has AWS fetched the new key yet?": under each key, per family, whether the JWKS it
+    /// last fetched held it; a discovery fetch says nothing about keys.
+    #[test]
+    fn each_relying_party_says_whether_its_last_jwks_held_each_key() {
+        let t0 = 1_800_000_000;
+        let mut rotation = issuer(vec![
+            key("new", Some(t0), None),
+            key("current", Some(t0 - 7200), None),
+        ]);
+        rotation.fetched_by = vec![
+            fetch("aws", "discovery", t0 + 500, &[]),
+            fetch("aws", "jwks", t0 + 420, &["current", "new"]),
+            fetch("google", "jwks", t0 - 60, &["current"]),
+            fetch("vault", "jwks", t0 + 5, &["current"]),
+        ];
+        assert_eq!(
+            report(&rotation, t0 + 600, 3600),
+            "issuer https://oidc.example.com (max-age 300s, key_retention 1day, token lifetime 1h)\n\
+             \x20 new  publishing  published since 2027-01-15T08:00:00Z; safe to sign with from 2027-01-15T09:00:00Z\n\
+             \x20     aws last fetched the JWKS 3m ago and saw this key\n\
+             \x20     google last fetched the JWKS 11m ago, before this key was published: not seen yet\n\
+             \x20     vault last fetched the JWKS 9m 55s ago and did not see this key\n\
+             \x20 current  ready       published since 2027-01-15T06:00:00Z; safe to sign with\n\
+             \x20     aws last fetched the JWKS 3m ago and saw this key\n\
+             \x20     google last fetched the JWKS 11m ago and saw this key\n\
+             \x20     vault last fetched the JWKS 9m 55s ago and saw this key\n"
         );
     }
 
@@ -206,7 +289,7 @@ mod tests {
         short.keys[0].retiring_until = Some(t0 + 3600);
         let report = report(&short, t0 + 1, 86_400);
         assert!(
-            report.ends_with("(too early: raise key_retention to at least 1day 10m)\n"),
+            report.contains("; published until 2027-01-15T09:00:00Z (too early: raise key_retention to at least 1day 10m)\n"),
             "{report}"
         );
     }

@@ -5,7 +5,8 @@
 //! token verified against them (its kid published, signature, `iss`, `aud`, times, size).
 //!
 //! It never makes serving less available: it runs in its own task, and its result only
-//! reaches `/status`, a metric and the log.
+//! reaches `/status`, a metric and the log, and `/readyz` when `readiness = true` asks for it
+//! (off by default: see [`not_ready_reason`] for why that can cost availability).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +41,32 @@ pub struct SelfTestConfig {
     pub ca_file: Option<PathBuf>,
     /// Connect here instead of resolving the issuer's host (a name not in DNS yet).
     pub connect_to: Option<SocketAddr>,
+    /// A failed self-test makes the server not ready (`/readyz` 503 with the reason).
+    pub readiness: bool,
+}
+
+/// Why a failed self-test makes the server not ready, when it is part of readiness: its
+/// headline (the signing key that is not public yet) or its failed steps. Before the first
+/// run, and while it passes, nothing.
+///
+/// Off by default because readiness usually decides who gets traffic: when every replica
+/// fails the self-test through the public name that routes only to ready replicas (a key
+/// that is not public yet on all of them, a broken proxy), all of them leave the load
+/// balancer, the public name then answers nothing, and the self-test cannot pass again
+/// until a replica is ready anyway.
+pub fn not_ready_reason(status: &SelfTestStatus, readiness: bool) -> Option<String> {
+    if !readiness || status.passed != Some(false) {
+        return None;
+    }
+    let why: Vec<&str> = (status.headline.iter())
+        .chain(status.failures.iter())
+        .map(String::as_str)
+        .collect();
+    Some(format!(
+        "{}: self-test fails: {}",
+        status.issuer,
+        why.join("; ")
+    ))
 }
 
 /// The last self-test of one issuer, in `/status`.
@@ -99,6 +126,11 @@ impl SelfTest {
 
     pub fn status(&self) -> SelfTestStatus {
         self.status.lock().expect("self-test status").clone()
+    }
+
+    /// Why this self-test makes the server not ready, if it is part of readiness and fails.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        not_ready_reason(&self.status(), self.config.readiness)
     }
 
     /// Runs every `interval` (jittered) until `cancel` fires.
@@ -178,5 +210,49 @@ impl SelfTest {
         }
         self.metrics.set_selftest_passed(&self.issuer, passed);
         *status = outcome;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(passed: Option<bool>, headline: Option<&str>, failures: &[&str]) -> SelfTestStatus {
+        SelfTestStatus {
+            issuer: "https://oidc.example.com".into(),
+            passed,
+            headline: headline.map(str::to_owned),
+            failures: failures.iter().map(|f| (*f).to_owned()).collect(),
+            ..SelfTestStatus::default()
+        }
+    }
+
+    #[test]
+    fn only_a_failed_self_test_that_is_part_of_readiness_makes_the_server_not_ready() {
+        let failed = status(
+            Some(false),
+            None,
+            &["A-6 discovery document is served without a redirect: 302 to https://x/"],
+        );
+        assert_eq!(not_ready_reason(&failed, false), None);
+        assert_eq!(
+            not_ready_reason(&failed, true).as_deref(),
+            Some(
+                "https://oidc.example.com: self-test fails: A-6 discovery document is served without a redirect: 302 to https://x/"
+            )
+        );
+        assert_eq!(not_ready_reason(&status(None, None, &[]), true), None);
+        assert_eq!(not_ready_reason(&status(Some(true), None, &[]), true), None);
+        let unpublished = status(
+            Some(false),
+            Some("THE TOKEN'S SIGNING KEY IS NOT PUBLIC: kid \"k\" …"),
+            &["A-4 token's kid is published: k"],
+        );
+        assert_eq!(
+            not_ready_reason(&unpublished, true).as_deref(),
+            Some(
+                "https://oidc.example.com: self-test fails: THE TOKEN'S SIGNING KEY IS NOT PUBLIC: kid \"k\" …; A-4 token's kid is published: k"
+            )
+        );
     }
 }

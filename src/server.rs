@@ -14,6 +14,7 @@ use tracing::{Instrument as _, info, info_span};
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::config::IssuerConfig;
+use crate::http::fetched_by::FetchTracker;
 use crate::http::{self, PushRoute, Site, headers};
 use crate::jwks::refresh::{IssuerRuntime, run_source};
 use crate::jwks::source::SourceKind;
@@ -99,7 +100,17 @@ impl Server {
             })
             .collect();
         let endpoints = config.endpoints();
-        let site = || Site::new(&endpoints, &metrics).with_access_log(config.log.access);
+        // One tracker for every public listener: a relying party's fetch is the same record
+        // whether it came over HTTPS or through a proxy to the plain listener.
+        let fetches = Arc::new(FetchTracker::new(
+            &config.relying_parties,
+            config.issuers.len(),
+        ));
+        let site = || {
+            Site::new(&endpoints, &metrics)
+                .with_access_log(config.log.access)
+                .with_fetch_tracker(Arc::clone(&fetches))
+        };
         let public = |name, listener, router, transport| PublicListener {
             name,
             listener,
@@ -171,6 +182,7 @@ impl Server {
             publishers: publishers.clone(),
             selftests: selftests.clone(),
             pushes,
+            fetches: Arc::clone(&fetches),
         };
         let admin_listener = listener::listen(config.admin.listen, "admin.listen")?;
         listeners.push(admin::listener(admin_listener, admin, config.limits));

@@ -21,6 +21,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 
 use crate::admin::AdminConfig;
+use crate::http::fetched_by::RelyingParties;
 use crate::http::{HttpConfig, HttpsConfig};
 use crate::issuer::endpoint::IssuerEndpoint;
 use crate::jwks::merge::KeyPolicy;
@@ -46,6 +47,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state_dir: PathBuf,
     pub log: LogConfig,
+    /// `[relying_parties]`: which fetches are recorded as a relying party's, by `User-Agent`.
+    pub relying_parties: RelyingParties,
     /// Problems that are not errors because they can fix themselves, each `<file>: <key>:
     /// <what>` on one line: `check-config` prints them and `serve` logs them (L13).
     pub warnings: Vec<String>,
@@ -140,6 +143,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::http::fetched_by::RelyingParties;
     use crate::issuer::endpoint::JwksContentType;
     use crate::jwks::source::SourceKind;
     use crate::telemetry::LogFormat;
@@ -183,6 +187,48 @@ mod tests {
             panic!("a file source");
         };
         assert!(path.is_absolute() && path.ends_with("jwks.json"));
+    }
+
+    /// The built-in families keep their place (aws first); a list of the same name replaces
+    /// one, `[]` turns it off, and other names are added after them, in name order.
+    #[test]
+    fn relying_party_families_replace_the_built_in_ones_or_are_added() {
+        let defaults = load(MINIMAL).expect("valid").relying_parties;
+        assert_eq!(defaults, RelyingParties::default());
+        let cfg = load(&format!(
+            "{MINIMAL}\n[relying_parties]\nforget_after = \"2days\"\n\
+             [relying_parties.user_agents]\nvault = [\"Vault/\"]\ngoogle = []\n\
+             aws = [\"AWS Security Token Service\", \"my-sts-proxy/\"]\nargo = [\"argocd\"]\n"
+        ))
+        .expect("valid");
+        let families: Vec<(&str, Vec<&str>)> = (cfg.relying_parties.families.iter())
+            .map(|f| {
+                (
+                    f.name.as_str(),
+                    f.patterns.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            families,
+            [
+                ("aws", vec!["AWS Security Token Service", "my-sts-proxy/"]),
+                ("google", vec![]),
+                ("microsoft", vec!["Microsoft", "Azure"]),
+                ("argo", vec!["argocd"]),
+                ("vault", vec!["Vault/"]),
+            ]
+        );
+        assert_eq!(
+            cfg.relying_parties.forget_after,
+            Duration::from_secs(2 * 86_400)
+        );
+        assert!(
+            cfg.to_string().contains(
+                "\nfetched_by  aws, microsoft, argo, vault by User-Agent, each record kept 2days after its last fetch\n"
+            ),
+            "{cfg}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The file format as serde reads it: unknown keys are errors, nothing is checked yet.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -15,6 +16,16 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<RawAdmin>,
     pub(super) state: Option<RawState>,
     pub(super) log: Option<RawLog>,
+    pub(super) relying_parties: Option<RawRelyingParties>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRelyingParties {
+    pub(super) forget_after: Option<String>,
+    /// Family name → `User-Agent` substrings.
+    #[serde(default)]
+    pub(super) user_agents: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +65,7 @@ pub(super) struct RawSelfTest {
     pub(super) interval: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) connect_to: Option<String>,
+    pub(super) readiness: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -63,12 +63,17 @@ impl fmt::Display for Config {
             if let Some(test) = &cfg.selftest {
                 writeln!(
                     f,
-                    "  selftest   {}/{} for {} every {} (TokenRequest through source[{}])",
+                    "  selftest   {}/{} for {} every {} (TokenRequest through source[{}]){}",
                     test.namespace,
                     test.service_account,
                     test.audience,
                     humantime::format_duration(test.interval),
-                    test.source
+                    test.source,
+                    if test.readiness {
+                        "; part of readiness"
+                    } else {
+                        ""
+                    }
                 )?;
             }
         }
@@ -91,6 +96,20 @@ impl fmt::Display for Config {
                 TlsSource::Files { cert_file, .. } => format!("files {}", cert_file.display()),
             };
             writeln!(f, "https  listen {} {tls}", https.listen)?;
+        }
+        let families: Vec<&str> = (self.relying_parties.families.iter())
+            .filter(|family| !family.patterns.is_empty())
+            .map(|family| family.name.as_str())
+            .collect();
+        if families.is_empty() {
+            writeln!(f, "fetched_by  off (no relying-party family has a pattern)")?;
+        } else {
+            writeln!(
+                f,
+                "fetched_by  {} by User-Agent, each record kept {} after its last fetch",
+                families.join(", "),
+                humantime::format_duration(self.relying_parties.forget_after)
+            )?;
         }
         writeln!(f, "admin  listen {}", self.admin.listen)?;
         writeln!(f, "state  {}", self.state_dir.display())?;

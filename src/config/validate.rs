@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawIssuer, RawLimits, RawLog, RawSelfTest};
+use super::raw::{RawConfig, RawIssuer, RawLimits, RawLog, RawRelyingParties, RawSelfTest};
 use super::{Config, ConfigError, DEFAULT_STATE_DIR, IssuerConfig};
 use crate::admin::{AdminConfig, DEFAULT_ADMIN_LISTEN};
+use crate::http::fetched_by::{self, FamilyConfig, RelyingParties};
 use crate::http::{HttpConfig, HttpsConfig};
 use crate::issuer::endpoint::{
     DEFAULT_CACHE_MAX_AGE, IssuerEndpoint, JwksContentType, MAX_CACHE_MAX_AGE,
@@ -84,6 +85,17 @@ pub(super) const PUSH_INTERVAL_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
     max: HOUR,
 };
+/// A relying-party fetch record: kept at least a minute (a scrape or two), at most a quarter
+/// (relying parties fetch at least daily; a record older than that describes an old setup).
+const FORGET_AFTER_BOUNDS: Bounds = Bounds {
+    min: (Duration::from_secs(60), "1m"),
+    max: (Duration::from_secs(90 * 86_400), "90days"),
+};
+/// Families and patterns per family: each pattern is searched in every request's
+/// `User-Agent`, and each family is a metric label value per issuer and document.
+const MAX_FAMILIES: usize = 16;
+const MAX_PATTERNS: usize = 8;
+const MAX_PATTERN_BYTES: usize = 256;
 /// Readiness is judged in whole seconds (`/readyz`), so less than one second means nothing.
 const MAX_STALENESS_BOUNDS: Bounds = Bounds {
     min: (SECOND, "1s"),
@@ -222,6 +234,8 @@ impl Validator<'_> {
             return Err(self.err("log.level", format!("{level:?} is not a log filter: {e}")));
         }
 
+        let relying_parties = self.relying_parties(raw.relying_parties.unwrap_or_default())?;
+
         Ok(Config {
             file: self.file.to_owned(),
             issuers,
@@ -235,6 +249,7 @@ impl Validator<'_> {
                 level,
                 access: raw_log.access.unwrap_or(false),
             },
+            relying_parties,
             warnings: self.warnings.take(),
         })
     }
@@ -348,6 +363,67 @@ impl Validator<'_> {
         })
     }
 
+    /// `[relying_parties]`: the built-in families, each replaced by a list of the same name,
+    /// then the other lists in name order.
+    fn relying_parties(&self, raw: RawRelyingParties) -> Result<RelyingParties, ConfigError> {
+        let forget_after = self.bounded_duration(
+            "relying_parties.forget_after",
+            raw.forget_after,
+            fetched_by::DEFAULT_FORGET_AFTER,
+            FORGET_AFTER_BOUNDS,
+        )?;
+        let mut families = RelyingParties::default().families;
+        for (name, patterns) in raw.user_agents {
+            let key = format!("relying_parties.user_agents.{name}");
+            let valid_name = (1..=32).contains(&name.len())
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid_name {
+                return Err(self.err(
+                    key,
+                    "is not a family name: 1 to 32 lowercase letters, digits, '-' or '_'",
+                ));
+            }
+            if patterns.len() > MAX_PATTERNS {
+                return Err(self.err(
+                    key,
+                    format!("{} patterns; at most {MAX_PATTERNS}", patterns.len()),
+                ));
+            }
+            for (i, pattern) in patterns.iter().enumerate() {
+                // Printable ASCII: what a User-Agent carries; an empty pattern would match
+                // every request.
+                let printable = pattern.bytes().all(|b| (0x20..=0x7e).contains(&b));
+                if pattern.is_empty() || pattern.len() > MAX_PATTERN_BYTES || !printable {
+                    return Err(self.err(
+                        format!("{key}[{i}]"),
+                        format!(
+                            "{pattern:?} is not a User-Agent substring: 1 to {MAX_PATTERN_BYTES} printable ASCII characters"
+                        ),
+                    ));
+                }
+            }
+            match families.iter_mut().find(|f| f.name == name) {
+                Some(family) => family.patterns = patterns,
+                None => families.push(FamilyConfig { name, patterns }),
+            }
+        }
+        if families.len() > MAX_FAMILIES {
+            return Err(self.err(
+                "relying_parties.user_agents",
+                format!(
+                    "{} families, the built-in ones included; at most {MAX_FAMILIES}",
+                    families.len()
+                ),
+            ));
+        }
+        Ok(RelyingParties {
+            families,
+            forget_after,
+        })
+    }
+
     fn selftest(
         &self,
         key: &str,
@@ -404,6 +480,7 @@ impl Validator<'_> {
             interval,
             ca_file,
             connect_to,
+            readiness: raw.readiness.unwrap_or(false),
         })
     }
 

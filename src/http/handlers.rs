@@ -9,7 +9,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use http::header::{
     ACCESS_CONTROL_ALLOW_ORIGIN, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
-    ETAG, HOST, IF_NONE_MATCH, RETRY_AFTER, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
+    ETAG, HOST, IF_NONE_MATCH, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
@@ -37,12 +37,18 @@ pub async fn serve_document(State(app): State<Arc<App>>, request: Request) -> Re
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
+        // The User-Agent too: how an operator finds the string a relying party sends, to
+        // name it in [relying_parties.user_agents].
+        let user_agent = req_headers
+            .get(USER_AGENT)
+            .map(|a| String::from_utf8_lossy(a.as_bytes()));
         tracing::info!(
             target: "oidc_edge::access",
             %method,
             host,
             path = uri.path(),
             status = response.status().as_u16(),
+            user_agent = user_agent.as_deref().unwrap_or(""),
             "request"
         );
     }
@@ -173,6 +179,13 @@ fn answer(
     } else {
         (StatusCode::OK, Body::from(doc.body.clone()))
     };
+    // Relying-party fetch tracking: a GET only, since a HEAD receives no keys.
+    if method == Method::GET
+        && let Some(agent) = req_headers.get(USER_AGENT)
+    {
+        app.site
+            .observe_fetch(route, agent.as_bytes(), status, &doc.etag, &snapshot.kids);
+    }
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();

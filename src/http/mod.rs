@@ -3,6 +3,7 @@
 //!
 //! [`router`] is the test seam: it needs no socket.
 
+pub mod fetched_by;
 pub mod handlers;
 pub mod headers;
 
@@ -19,6 +20,7 @@ use crate::jwks::store::DocumentStore;
 use crate::metrics::Metrics;
 use crate::push::gate::PushGate;
 use crate::tls::TlsSource;
+use fetched_by::FetchTracker;
 
 /// `[http]`: the plain listener.
 #[derive(Debug, Clone)]
@@ -62,6 +64,8 @@ pub struct Site {
     pushes: Vec<PushRoute>,
     /// Every issuer's host, lowercase.
     hosts: Vec<Box<str>>,
+    /// Relying-party fetch records (`[relying_parties]`); `None` in tests that need none.
+    fetches: Option<Arc<FetchTracker>>,
 }
 
 /// Where one issuer takes pushes.
@@ -138,6 +142,7 @@ impl Site {
             access_log: false,
             pushes: Vec::new(),
             hosts: issuers.iter().map(|cfg| cfg.issuer.host().into()).collect(),
+            fetches: None,
         }
     }
 
@@ -168,6 +173,30 @@ impl Site {
         match (at_path.next(), at_path.next()) {
             (Some(only), None) => Some(&only.gate),
             _ => None,
+        }
+    }
+
+    /// Records the fetches of relying parties recognised by their `User-Agent` in `fetches`.
+    pub fn with_fetch_tracker(mut self, fetches: Arc<FetchTracker>) -> Self {
+        self.fetches = Some(fetches);
+        self
+    }
+
+    /// A GET of `route` answered `status` (200 or 304) with `etag`, from a client whose
+    /// `User-Agent` is `user_agent`: recorded when it names a relying party. For any other
+    /// client this is one substring search per pattern, with no allocation and no lock.
+    pub fn observe_fetch(
+        &self,
+        route: Route,
+        user_agent: &[u8],
+        status: StatusCode,
+        etag: &http::HeaderValue,
+        kids: &Arc<[String]>,
+    ) {
+        if let Some(fetches) = &self.fetches
+            && let Some(family) = fetches.family(user_agent)
+        {
+            fetches.record(route.issuer, route.doc, family, status.as_u16(), etag, kids);
         }
     }
 

@@ -50,7 +50,9 @@ impl Document {
 pub struct Snapshot {
     pub discovery: Document,
     pub jwks: Document,
-    pub kids: Vec<String>,
+    /// The kids of `jwks`, shared with relying-party fetch records (`http::fetched_by`), which
+    /// keep what a fetch received without copying it on the request path.
+    pub kids: Arc<[String]>,
     /// The keys some source lists now: the published ones less those kept only for rotation
     /// grace. What a push may be signed with (a retired key is served, never trusted), and
     /// what a push agent sends.
@@ -71,7 +73,7 @@ impl Snapshot {
                 endpoint.jwks_content_type.as_str(),
                 &cache_control,
             ),
-            kids: ledger.kids(),
+            kids: ledger.kids().into(),
             listed: ledger
                 .keys
                 .values()

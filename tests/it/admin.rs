@@ -136,6 +136,128 @@ async fn status_shows_the_keys_and_a_failing_sources_error() {
     assert!(!body.contains(TOKEN), "no secret in /status");
 }
 
+/// What AWS STS sent for both documents in a published access log (see `http::fetched_by`).
+const AWS_STS: &str = "AWS Security Token Service";
+
+/// Issue 20: a fetch over TLS by a client that says it is AWS STS is recorded with the ETag
+/// and the kids it received, in `/status` and as a metric; a 304 records the ETag it already
+/// held; a HEAD, a browser and a client with no `User-Agent` record nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relying_partys_fetch_is_recorded_with_the_kids_it_received() {
+    let scratch = Scratch::new();
+    let pki = crate::support::pki::Pki::new("fetched-by test CA");
+    let leaf = pki.server_for(&[crate::support::HTTPS_DOMAIN]);
+    let server = InProcess::start(&TestConfig::https_files(&scratch, &leaf).write(&scratch)).await;
+    let https = |path| crate::support::clients::https_url(server.https(), path);
+    let (discovery, jwks) = (
+        https("/.well-known/openid-configuration"),
+        https("/openid/v1/jwks"),
+    );
+    let as_agent = |agent: Option<&str>| {
+        let mut builder = crate::support::clients::https_client(&pki.ca_pem, server.https());
+        if let Some(agent) = agent {
+            builder = builder.user_agent(agent);
+        }
+        builder.build().expect("client")
+    };
+    let (aws, browser, anonymous) = (
+        as_agent(Some(AWS_STS)),
+        as_agent(Some(
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        )),
+        as_agent(None),
+    );
+    let fetched_by = || async {
+        let (code, body) = get(&server.admin_url("/status")).await;
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        status["issuers"][0]["fetched_by"].clone()
+    };
+    eventually("keys", || async {
+        browser
+            .get(&jwks)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // Others, and a HEAD by AWS (which receives no keys): no record.
+    for client in [&browser, &anonymous] {
+        for url in [&discovery, &jwks] {
+            assert_eq!(
+                client.get(url.as_str()).send().await.expect("GET").status(),
+                200
+            );
+        }
+    }
+    assert_eq!(aws.head(&jwks).send().await.expect("HEAD").status(), 200);
+    assert_eq!(fetched_by().await, serde_json::json!([]));
+
+    let before = oidc_edge::jwks::unix_now();
+    let answer = aws.get(&discovery).send().await.expect("GET discovery");
+    assert_eq!(answer.status(), 200);
+    let discovery_etag = answer.headers()["etag"].to_str().expect("ascii").to_owned();
+    let answer = aws.get(&jwks).send().await.expect("GET JWKS");
+    assert_eq!(answer.status(), 200);
+    let jwks_etag = answer.headers()["etag"].to_str().expect("ascii").to_owned();
+    let received = crate::support::kids(&answer.text().await.expect("body"));
+    let after = oidc_edge::jwks::unix_now();
+    assert_eq!(received.len(), 2);
+
+    let mut records = fetched_by().await;
+    let at = records[1]["at"].as_u64().expect("at");
+    assert!((before..=after).contains(&at), "{records:#}");
+    for record in records.as_array_mut().expect("records") {
+        assert!(
+            record["at"]
+                .as_u64()
+                .is_some_and(|t| (before..=after).contains(&t))
+        );
+        record["at"] = 0.into();
+    }
+    assert_eq!(
+        records,
+        serde_json::json!([
+            {"family": "aws", "document": "discovery", "at": 0, "status": 200, "etag": discovery_etag},
+            {"family": "aws", "document": "jwks", "at": 0, "status": 200, "etag": jwks_etag, "kids": received},
+        ])
+    );
+    let scrape = scrape(server.admin).await;
+    let last_fetch = |document| {
+        metric(
+            &scrape,
+            "oidc_edge_relying_party_last_fetch_seconds",
+            &[
+                ("issuer", ISSUER),
+                ("document", document),
+                ("family", "aws"),
+            ],
+        )
+    };
+    assert_eq!(last_fetch("jwks"), at as f64);
+    assert!((before..=after).contains(&(last_fetch("discovery") as u64)));
+    let series = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "oidc_edge_relying_party_last_fetch_seconds")
+        .count();
+    assert_eq!(series, 2, "only AWS's two documents");
+
+    // A conditional GET answered 304: the record says so, with the ETag it holds.
+    let answer = aws
+        .get(&jwks)
+        .header("if-none-match", &jwks_etag)
+        .send()
+        .await
+        .expect("GET JWKS");
+    assert_eq!(answer.status(), 304);
+    let records = fetched_by().await;
+    assert_eq!(records[1]["status"], 304, "{records:#}");
+    assert_eq!(records[1]["etag"], jwks_etag.as_str());
+    assert_eq!(records[1]["kids"], serde_json::json!(received));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_refreshes_now() {
     let fake = FakeApiserver::start(K3S, ISSUER, TOKEN).await;

@@ -50,7 +50,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown top-level key",
             valid_with("", "", "[admn]\nlisten = \"x\"\n"),
-            "admn: unknown field `admn`, expected one of `issuers`, `http`, `https`, `limits`, `admin`, `state`, `log` (line 10, column 2)",
+            "admn: unknown field `admn`, expected one of `issuers`, `http`, `https`, `limits`, `admin`, `state`, `log`, `relying_parties` (line 10, column 2)",
         ),
         (
             "unknown issuer key",
@@ -438,6 +438,31 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "issuers[0].selftest.service_account: \"checker\" is not NAMESPACE/NAME",
         ),
         (
+            "unknown relying_parties key",
+            valid_with("", "", "[relying_parties]\nforget = \"1d\"\n"),
+            "relying_parties.forget: unknown field `forget`, expected `forget_after` or `user_agents` (line 11, column 1)",
+        ),
+        (
+            "relying-party family name",
+            valid_with("", "", "[relying_parties.user_agents]\nAWS = [\"AWS\"]\n"),
+            "relying_parties.user_agents.AWS: is not a family name: 1 to 32 lowercase letters, digits, '-' or '_'",
+        ),
+        (
+            "relying-party patterns not a list",
+            valid_with("", "", "[relying_parties.user_agents]\nvault = \"Vault/\"\n"),
+            "relying_parties.user_agents.vault: invalid type: string \"Vault/\", expected a sequence (line 11, column 9)",
+        ),
+        (
+            "empty relying-party pattern",
+            valid_with("", "", "[relying_parties.user_agents]\nvault = [\"Vault/\", \"\"]\n"),
+            "relying_parties.user_agents.vault[1]: \"\" is not a User-Agent substring: 1 to 256 printable ASCII characters",
+        ),
+        (
+            "relying-party record kept too briefly",
+            valid_with("", "", "[relying_parties]\nforget_after = \"30s\"\n"),
+            "relying_parties.forget_after: \"30s\" is not from 1m to 90days",
+        ),
+        (
             "bad log format",
             valid_with("", "", "[log]\nformat = \"xml\"\n"),
             "log.format: \"xml\" is not \"text\" or \"json\"",
@@ -497,6 +522,7 @@ fn a_bad_config_exits_64_with_its_message_behind_the_program_name() {
         "toml syntax",
         "unknown issuer key",
         "CA file without a certificate",
+        "unknown relying_parties key",
     ];
     let cases: Vec<_> = bad_configs()
         .into_iter()

@@ -17,13 +17,11 @@ use crate::support::{K3S, Scratch, repo_path};
 
 const DOMAIN: &str = "oidc.example.com";
 
-/// A proxy (nginx or Caddy) in the foreground, stopped by its PID on drop, also when the
-/// test fails.
+/// Caddy in the foreground, stopped by its PID on drop, also when the test fails.
 struct Proxy(Child);
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        // SIGTERM, not SIGKILL: nginx's master must stop its workers.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.0.id().to_string())
@@ -32,43 +30,29 @@ impl Drop for Proxy {
     }
 }
 
-fn start_nginx(scratch: &Scratch, port: u16, upstream: std::net::SocketAddr, pki: &Pki) -> Proxy {
+fn start_nginx(
+    scratch: &Scratch,
+    port: u16,
+    upstream: std::net::SocketAddr,
+    pki: &Pki,
+) -> crate::support::nginx::Nginx {
     let leaf = pki.server_for(&[DOMAIN]);
     let cert = scratch.write("proxy.pem", &leaf.cert_pem);
     let key = scratch.write("proxy.key", &leaf.key_pem);
-    let dir = scratch.dir.path().display();
-    let conf = scratch.write(
-        "nginx.conf",
+    crate::support::nginx::start(
+        scratch,
+        "nginx",
+        port,
         &format!(
-            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-               fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-               server {{\n    listen 127.0.0.1:{port} ssl http2;\n    server_name {DOMAIN};\n\
-                 ssl_certificate {};\n    ssl_certificate_key {};\n\
-                 location / {{\n      proxy_pass http://{upstream};\n      proxy_http_version 1.1;\n\
-                   proxy_set_header Host $host;\n      proxy_set_header X-Forwarded-Host $host;\n\
-                   proxy_set_header X-Forwarded-Proto https;\n    }}\n  }}\n}}\n",
+            "  server {{\n    listen 127.0.0.1:{port} ssl http2;\n    server_name {DOMAIN};\n\
+               ssl_certificate {};\n    ssl_certificate_key {};\n\
+               location / {{\n      proxy_pass http://{upstream};\n      proxy_http_version 1.1;\n\
+                 proxy_set_header Host $host;\n      proxy_set_header X-Forwarded-Host $host;\n\
+                 proxy_set_header X-Forwarded-Proto https;\n    }}\n  }}",
             cert.display(),
             key.display()
         ),
-    );
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx (package nginx-light)");
-    let nginx = Proxy(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        let log = std::fs::read_to_string(scratch.path("nginx-error.log")).unwrap_or_default();
-        assert!(Instant::now() < deadline, "nginx did not start: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    nginx
+    )
 }
 
 /// The checks every proxy in front of the plain listener must pass, `base` being the proxy's

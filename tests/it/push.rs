@@ -798,7 +798,7 @@ async fn a_real_apiservers_staged_rotation_reaches_the_edge_through_the_agent() 
     ]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     edge.server.signal("HUP");
-    edge.serves(&[old.kid.clone()]).await;
+    edge.serves(std::slice::from_ref(&old.kid)).await;
 
     // The agent: the apiserver as its source (the admin's static token, which no key
     // rotation invalidates), and the pusher's token from TokenRequest.

@@ -305,6 +305,19 @@ async fn access_logs_are_off_by_default_and_one_line_per_request_when_on() {
     );
     let line = server.wait_for_log("path=\"/openid/v1/jwks\"");
     assert!(line.contains("status=200"), "{line}");
+    // The User-Agent too: how an operator learns what a relying party sends, to name it in
+    // [relying_parties.user_agents].
+    let agent = crate::support::clients::builder()
+        .user_agent("AWS Security Token Service")
+        .build()
+        .expect("client");
+    let url = server.url("/.well-known/openid-configuration");
+    assert_eq!(agent.get(&url).send().await.expect("GET").status(), 200);
+    let line = server.wait_for_log("path=\"/.well-known/openid-configuration\"");
+    assert!(
+        line.contains("status=200 user_agent=\"AWS Security Token Service\""),
+        "{line}"
+    );
 }
 
 /// systemd and most shells start services at a soft 1024 open files; the server raises its

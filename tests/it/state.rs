@@ -267,6 +267,18 @@ async fn each_key_shows_its_lifecycle_and_a_restart_keeps_it() {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
             .to_string()
     };
+    // A fetch that says it is AWS STS (records live in memory, so after the restart): each
+    // key then says AWS saw it, the question `rotation status` answers for issue 20.
+    let aws = crate::support::clients::builder()
+        .user_agent("AWS Security Token Service")
+        .build()
+        .expect("client");
+    let answer = aws
+        .get(restarted.url("/openid/v1/jwks"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(answer.status(), 200);
     let out = crate::support::process::run(&[
         "rotation",
         "status",
@@ -312,4 +324,17 @@ async fn each_key_shows_its_lifecycle_and_a_restart_keeps_it() {
         ),
         "{report}"
     );
+    for kid in [&new[0], &gone[0]] {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("  {kid}  ")))
+            .expect("the key's line");
+        // Fetched within the last seconds: "0s" or "1s" ago.
+        assert!(
+            lines[at + 1].starts_with("      aws last fetched the JWKS ")
+                && lines[at + 1].ends_with("s ago and saw this key"),
+            "{report}"
+        );
+    }
+    assert!(!report.contains("no relying party's fetch"), "{report}");
 }

@@ -508,7 +508,7 @@ impl IssuerPipeline {
             published: snapshot.is_some(),
             cache_max_age_seconds: self.endpoint.cache_max_age.as_secs(),
             key_retention_seconds: retention,
-            kids: snapshot.map(|s| s.kids.clone()).unwrap_or_default(),
+            kids: snapshot.map(|s| s.kids.to_vec()).unwrap_or_default(),
             confirmed_at,
             sources: state.sources.clone(),
             keys,

@@ -92,7 +92,7 @@ fn sorted_kids(set: &str) -> Vec<String> {
 }
 
 fn published(p: &IssuerPipeline) -> Vec<String> {
-    p.store.get(0).expect("published").kids.clone()
+    p.store.get(0).expect("published").kids.to_vec()
 }
 
 /// The value of `oidc_edge_refreshes_total` for `result`, from the exposition text.

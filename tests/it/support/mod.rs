@@ -10,6 +10,7 @@ pub mod fake_apiserver; // a kube-apiserver stand-in with its own CA and failure
 pub mod inprocess; // `Server::bind` + `run` in this process, addresses from the bound sockets
 pub mod log; // a server's log lines: the binary's stderr, or the same lines in process
 pub mod metrics; // Prometheus scrapes of the admin listener, `/proc` memory figures
+pub mod nginx; // Debian's nginx with the test's server blocks, stopped by its PID on drop
 pub mod pebble; // Pebble and challtestsrv on loopback
 pub mod pki; // a test CA and the certificates it signs
 pub mod process; // the real binary: spawn, signals, stderr capture, kill by PID on drop

@@ -35,6 +35,9 @@ IMAGE_CONFIG = "/etc/oidc-edge/config.toml"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 DEFAULT_STATE_DIR = "/var/lib/oidc-edge"
+# Where an edge takes pushes for an issuer, and so a push target's default URL and the token
+# audience by convention (src/issuer/mod.rs: PUSH_SUFFIX).
+PUSH_PATH = "/.oidc-edge/v1/jwks"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
 
 # A workload that runs until stopped, and one that runs to completion (`publish --once`).
@@ -116,9 +119,9 @@ class Pod:
         self.where = name_of(owner)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
         # Filled by check_oidc_edge: (container, parsed config) per oidc-edge container, and
-        # whether one of them runs `publish` (no public listener).
+        # the command of one that binds no public listener (`publish` or `push`), if any.
         self.configs = []
-        self.publishes = False
+        self.agent = None
 
 
 def check_security(pod):
@@ -199,7 +202,7 @@ def resolve(config_dir, path):
 
 def check_publisher(pod, c, cw, args, config, admin_port, state):
     """A container that runs `publish`: where it runs, what it exposes, where its state is."""
-    pod.publishes = True
+    pod.agent = "publish"
     once = "--once" in args
     kind = pod.owner["kind"]
     if not any(issuer.get("publish") for issuer in config.get("issuers", [])):
@@ -228,6 +231,57 @@ def check_publisher(pod, c, cw, args, config, admin_port, state):
                      "and an emptyDir would lose the keys kept for key_retention")
     if kind == "CronJob" and dig(pod.owner, "spec", "concurrencyPolicy") != "Forbid":
         fail(pod.where, "concurrencyPolicy must be Forbid: two runs would share the state and write the same objects")
+
+
+def push_url(issuer, target):
+    """Where a push target PUTs: its url, else the issuer's push URL (as the binary does)."""
+    return target.get("url") or issuer["issuer"].rstrip("/") + PUSH_PATH
+
+
+def check_pusher(pod, c, cw, args, config, admin_port, config_dir, pod_files, used_tokens):
+    """A container that runs `push`: where it runs, what it exposes, the token the edge checks."""
+    pod.agent = "push"
+    once = "--once" in args
+    kind = pod.owner["kind"]
+    if not any(issuer.get("push") for issuer in config.get("issuers", [])):
+        fail(cw, "runs push, but no issuer of its config has an [[issuers.push]] target")
+    if once and kind not in RUN_ONCE_KINDS:
+        fail(cw, f"push --once exits after one push: a {kind} would restart it in a loop (use a CronJob)")
+    if not once and kind not in LONG_RUNNING_KINDS:
+        fail(cw, f"push runs until stopped: a {kind} never completes (use --once, or a Deployment)")
+    # It sends, it never takes: only the admin listener is bound (none with --once).
+    for p in c.get("ports") or []:
+        if once or p["containerPort"] != admin_port:
+            fail(cw, f"port {p.get('name', p['containerPort'])}: push binds no public listener"
+                 + (" (and none at all with --once)" if once else ", only the admin port"))
+    if kind in ("Deployment", "StatefulSet") and dig(pod.owner, "spec", "replicas") not in (None, 1):
+        fail(pod.where, "replicas must be 1: one agent pushes the cluster's keys, more only push them again")
+    # The edge verifies every push's token: its audience the push URL (the edge's `audience`),
+    # a lifetime the edge accepts (at most an hour; the apiserver issues 10 minutes at least).
+    for i, issuer in enumerate(config.get("issuers", [])):
+        for t, target in enumerate(issuer.get("push", [])):
+            url = push_url(issuer, target)
+            tw = f"{cw} issuers[{i}].push[{t}] ({url})"
+            if "token_file" not in target:
+                continue  # check-config names it
+            path = resolve(config_dir, target["token_file"])
+            m, token = mounted_file(pod, c, path)
+            sat = (token or {}).get("serviceAccountToken")
+            if sat is None:
+                fail(tw, f"the push token {path} must come from a projected serviceAccountToken")
+                continue
+            used_tokens.add(m["name"])
+            audience = sat.get("audience")
+            if audience != url:
+                has = f"the audience {audience!r}" if audience else "no audience: the apiserver's own"
+                fail(tw, f"the push token must have the audience {url}, the push URL, which the edge's "
+                         f"push source checks (it has {has})")
+            if not 600 <= sat.get("expirationSeconds", 3600) <= 3600:
+                fail(tw, "the push token must live at most an hour (expirationSeconds from 600 to 3600): "
+                         "the edge refuses longer-lived tokens")
+            if not m.get("readOnly"):
+                fail(tw, f"the token mount at {m['mountPath']} must be readOnly")
+            pod_files.append(("token", path))
 
 
 def check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens):
@@ -340,9 +394,9 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
             fail(cw, f"the container port named http must be {listen_port(http)[1]} ([http] listen = {http!r})")
         admin = config.get("admin", {})
         admin_host, admin_port = listen_port(admin.get("listen", DEFAULT_ADMIN_LISTEN))
-        # `serve` and `publish` run until stopped, with the admin listener; `publish --once`
-        # binds nothing and exits.
-        long_running = args[0] == "serve" or (args[0] == "publish" and "--once" not in args)
+        # `serve`, `publish` and `push` run until stopped, with the admin listener; with
+        # `--once` they bind nothing and exit.
+        long_running = args[0] == "serve" or (args[0] in ("publish", "push") and "--once" not in args)
         if long_running and admin_host not in ("0.0.0.0", "[::]"):
             fail(cw, "[admin] listen must be 0.0.0.0 or [::]: the kubelet probes the pod's IP")
         if long_running:
@@ -392,11 +446,13 @@ def check_oidc_edge(pod, configmaps, out_dir, index):
                 fail(cw, f"the in-cluster CA {ca_path} must come from the ConfigMap kube-root-ca.crt")
             else:
                 pod_files.append(("ca", ca_path))
+        if args[0] == "push":
+            check_pusher(pod, c, cw, args, config, admin_port, config_dir, pod_files, used_tokens)
         check_credentials(pod, c, cw, config, config_dir, pod_files, used_tokens)
         with open(os.path.join(target, "pod-files"), "w") as f:
             f.writelines(f"{kind} {path}\n" for kind, path in pod_files)
 
-        # A token only where the config reads it: the in-cluster source, a web identity.
+        # A token only where the config reads it: the in-cluster source, a web identity, a push.
         mounted_tokens = {m["name"] for m in c.get("volumeMounts") or []} & token_volumes(pod)
         for name in sorted(mounted_tokens - used_tokens):
             fail(cw, f"mounts the service-account token volume {name}, which its config does not read")
@@ -474,9 +530,10 @@ def check(rendered, out_dir):
         if not selected:
             fail(name_of(svc), "selects no pod of this kustomization")
         for p in selected:
-            if p.publishes:
-                fail(name_of(svc), f"selects {p.where}, which runs publish: it has no public listener, the bucket serves")
-        selected = [p for p in selected if not p.publishes]
+            if p.agent:
+                serves = {"publish": "the bucket", "push": "the edge it pushes to"}[p.agent]
+                fail(name_of(svc), f"selects {p.where}, which runs {p.agent}: it has no public listener, {serves} serves")
+        selected = [p for p in selected if not p.agent]
         for sp in svc["spec"]["ports"]:
             for p in selected:
                 for c, config in p.configs:
@@ -555,6 +612,8 @@ def break_copy(what, rendered, out):
             if "config.toml" in (cm.get("data") or {}):
                 cm["data"]["config.toml"] = edit(cm["data"]["config.toml"])
 
+    # The projected token with an audience of its own: STS's for a publisher, the push URL's
+    # for a push agent.
     def web_identity_token():
         return next(
             src["serviceAccountToken"]
@@ -599,20 +658,31 @@ def break_copy(what, rendered, out):
         ) + "\n")
     elif what == "literal-secret":
         container["env"] = [{"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"}]
-    elif what == "publisher-service":
+    elif what in ("publisher-service", "pusher-service"):
         docs.append({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": "oidc-edge-publish", "namespace": namespace},
+            "metadata": {"name": workload["metadata"]["name"], "namespace": namespace},
             "spec": {"selector": dict(pod["metadata"]["labels"]),
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
         })
-    elif what == "publisher-replicas":
+    elif what in ("publisher-replicas", "pusher-replicas"):
         workload["spec"]["replicas"] = 2
     elif what == "publisher-rolling":
         workload["spec"]["strategy"] = {"type": "RollingUpdate"}
     elif what == "once-in-deployment":
         container["args"].insert(1, "--once")
+    # Push agent faults (from push's Deployment).
+    elif what == "pusher-port":
+        container["ports"].append({"name": "http", "containerPort": 8080, "protocol": "TCP"})
+    elif what == "push-token-audience":
+        # The apiserver's own audience, as a token copied from the in-cluster volume would have.
+        del web_identity_token()["audience"]
+    elif what == "push-token-lifetime":
+        # A day: the edge refuses tokens that live over an hour.
+        web_identity_token()["expirationSeconds"] = 86400
+    elif what == "push-token-unread":
+        config_edit(lambda t: t.replace("/var/run/secrets/oidc-edge/push/token", "/etc/oidc-edge/push-token"))
     elif what == "cronjob-emptydir":
         volumes["state"].pop("persistentVolumeClaim")
         volumes["state"]["emptyDir"] = {}

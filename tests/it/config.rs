@@ -637,7 +637,11 @@ fn serve_with_a_bad_config_exits_64_before_binding() {
 
 #[test]
 fn demo_and_example_configs_are_valid() {
-    for name in ["config/demo.toml", "config/example.toml"] {
+    for name in [
+        "config/demo.toml",
+        "config/example.toml",
+        "config/push-edge.toml",
+    ] {
         let path = repo_path(name);
         let out = run(&["check-config", "--config", path.to_str().expect("utf-8")]);
         assert_eq!(

@@ -24,8 +24,14 @@
 # Kubernetes ignores HEALTHCHECK: give it probes on :9090/livez and :9090/readyz.
 #
 # No CA bundle either, on purpose: apiservers are trusted through their pinned CA only, and
-# `url` sources without ca_file, the doctor's fetch and its TLS probe all use Mozilla's roots
-# compiled into the binary (webpki-roots), never the system's (review finding L9).
+# `url` sources without ca_file, bucket stores, the doctor's fetch and its TLS probe all use
+# Mozilla's roots compiled into the binary (webpki-roots), never the system's (review finding
+# L9). A private or corporate CA is added the same way, compiled in beside them:
+#
+#   podman build --format docker --build-arg EXTRA_ROOTS_PEM="$(cat corp-root-ca.pem)" -t oidc-edge .
+#
+# (`oidc-edge check-config` then says "roots  Mozilla's and N CA certificate(s) added at
+# build time"; a file that is not PEM CA certificates fails the build.)
 
 ARG BUILDER=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME=scratch
@@ -34,6 +40,8 @@ FROM ${BUILDER} AS build
 # The platform's architecture (linux/arm64 gives arm64), set by docker buildx and newer
 # podman; buildah 1.28 (Debian 12) leaves it empty unless given: the builder's own then.
 ARG TARGETARCH
+# PEM CA certificates to trust beside Mozilla's roots (see above); empty: none.
+ARG EXTRA_ROOTS_PEM=""
 WORKDIR /src
 COPY . .
 # crt-static on the gnu target gives a static-pie binary that runs in an empty image.
@@ -54,6 +62,10 @@ RUN --mount=type=cache,target=/src/target \
       exit 1; \
     fi; \
     echo "building $target (TARGETARCH=${TARGETARCH:-unset})"; \
+    if [ -n "$EXTRA_ROOTS_PEM" ]; then \
+      printf '%s\n' "$EXTRA_ROOTS_PEM" > /tmp/extra-roots.pem; \
+      export OIDC_EDGE_EXTRA_ROOTS=/tmp/extra-roots.pem; \
+    fi; \
     RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked --release --target "$target"; \
     mkdir -p /out/etc/oidc-edge /out/var/lib/oidc-edge; \
     cp "target/$target/release/oidc-edge" /out/oidc-edge; \

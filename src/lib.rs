@@ -60,6 +60,7 @@ pub mod publish;
 pub mod push;
 pub mod relying_party;
 pub mod render;
+pub mod roots;
 pub mod rotation;
 pub mod selftest;
 pub mod server;

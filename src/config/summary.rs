@@ -113,6 +113,11 @@ impl fmt::Display for Config {
         }
         writeln!(f, "admin  listen {}", self.admin.listen)?;
         writeln!(f, "state  {}", self.state_dir.display())?;
+        // Only for a build that added roots: the public trust then differs from Mozilla's.
+        match crate::roots::extra_count() {
+            0 => {}
+            n => writeln!(f, "roots  Mozilla's and {n} CA certificate(s) added at build time")?,
+        }
         let format = match self.log.format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",

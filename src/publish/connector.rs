@@ -28,8 +28,7 @@ impl PublicRoots {
     ) -> Result<Self, String> {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject as _;
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut roots = crate::roots::public();
         if let Some(pem) = extra {
             let mut added = 0;
             for cert in CertificateDer::pem_slice_iter(pem) {

@@ -84,16 +84,17 @@ impl ServerCertVerifier for Recorder {
 
 /// The trust a relying party has: Mozilla's roots, or the given CA.
 pub fn roots(ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<RootCertStore>> {
-    let mut roots = RootCertStore::empty();
-    match ca_pem {
+    let roots = match ca_pem {
         Some(pem) => {
             use rustls::pki_types::pem::PemObject as _;
+            let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(pem) {
                 roots.add(cert?)?;
             }
+            roots
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+        None => crate::roots::public(),
+    };
     Ok(Arc::new(roots))
 }
 

@@ -398,7 +398,8 @@ fn base_client(timeout: Duration) -> reqwest::ClientBuilder {
         .user_agent(concat!("oidc-edge/", env!("CARGO_PKG_VERSION")))
 }
 
-/// The trust for a URL without `ca_file`: Mozilla's roots from webpki-roots, compiled in.
+/// The trust for a URL without `ca_file`: Mozilla's roots from webpki-roots, compiled in, and
+/// those the build added (`crate::roots`).
 ///
 /// Not the system roots (L9): reqwest's `rustls` feature reads them through
 /// rustls-platform-verifier, which fails with "No CA certificates were loaded from the system"
@@ -406,9 +407,7 @@ fn base_client(timeout: Duration) -> reqwest::ClientBuilder {
 /// doctor's TLS probe and document fetch (`check::probe::tls::roots`), so that every "publicly
 /// trusted" in oidc-edge means the same set, on a host and in the image alike.
 pub fn public_tls() -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    tls_config(std::sync::Arc::new(roots))
+    tls_config(std::sync::Arc::new(crate::roots::public()))
 }
 
 /// A rustls client config trusting exactly `roots`, for `tls_backend_preconfigured`: the same

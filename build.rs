@@ -12,12 +12,9 @@ fn main() {
         Some(path) => {
             let path = PathBuf::from(path);
             println!("cargo::rerun-if-changed={}", path.display());
-            let pem = std::fs::read(&path).unwrap_or_else(|e| {
-                panic!("OIDC_EDGE_EXTRA_ROOTS={}: {e}", path.display())
-            });
-            check(&pem).unwrap_or_else(|e| {
-                panic!("OIDC_EDGE_EXTRA_ROOTS={}: {e}", path.display())
-            });
+            let pem = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("OIDC_EDGE_EXTRA_ROOTS={}: {e}", path.display()));
+            check(&pem).unwrap_or_else(|e| panic!("OIDC_EDGE_EXTRA_ROOTS={}: {e}", path.display()));
             pem
         }
         None => Vec::new(),

@@ -116,7 +116,10 @@ impl fmt::Display for Config {
         // Only for a build that added roots: the public trust then differs from Mozilla's.
         match crate::roots::extra_count() {
             0 => {}
-            n => writeln!(f, "roots  Mozilla's and {n} CA certificate(s) added at build time")?,
+            n => writeln!(
+                f,
+                "roots  Mozilla's and {n} CA certificate(s) added at build time"
+            )?,
         }
         let format = match self.log.format {
             LogFormat::Text => "text",

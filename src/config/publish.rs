@@ -93,14 +93,7 @@ impl Validator<'_> {
             return Err(self.err(format!("{key}.region"), "must not be empty"));
         }
         let region = raw.region.clone();
-        let ca_file = raw.ca_file.as_deref().map(|path| self.resolve(path));
-        if let Some(path) = &ca_file {
-            self.pem(
-                &format!("{key}.ca_file"),
-                &crate::jwks::source::apiserver::Pem::File(path.clone()),
-                super::sources::PemKind::Certificates,
-            )?;
-        }
+        let ca_file = self.ca_file(key, raw.ca_file.as_deref())?;
         let store = if azure {
             Store::Azure {
                 account: raw.account.clone(),
@@ -302,25 +295,8 @@ impl Validator<'_> {
             &token_file,
             "pushes fail until it does",
         )?;
-        let ca_file = raw.ca_file.as_deref().map(|path| self.resolve(path));
-        if let Some(path) = &ca_file {
-            self.pem(
-                &format!("{key}.ca_file"),
-                &crate::jwks::source::apiserver::Pem::File(path.clone()),
-                super::sources::PemKind::Certificates,
-            )?;
-        }
-        let connect_to = raw
-            .connect_to
-            .map(|text| {
-                text.parse::<std::net::SocketAddr>().map_err(|e| {
-                    self.err(
-                        format!("{key}.connect_to"),
-                        format!("{text:?} is not an address like 203.0.113.7:443: {e}"),
-                    )
-                })
-            })
-            .transpose()?;
+        let ca_file = self.ca_file(key, raw.ca_file.as_deref())?;
+        let connect_to = self.connect_to(key, raw.connect_to)?;
         let interval = self.bounded_duration(
             &format!("{key}.interval"),
             raw.interval,

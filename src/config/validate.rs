@@ -459,17 +459,7 @@ impl Validator<'_> {
         if let Some(path) = &ca_file {
             self.readable(&format!("{key}.ca_file"), path)?;
         }
-        let connect_to = raw
-            .connect_to
-            .map(|text| {
-                text.parse::<SocketAddr>().map_err(|e| {
-                    self.err(
-                        format!("{key}.connect_to"),
-                        format!("{text:?} is not an address like 203.0.113.7:443: {e}"),
-                    )
-                })
-            })
-            .transpose()?;
+        let connect_to = self.connect_to(key, raw.connect_to)?;
         Ok(SelfTestConfig {
             source,
             namespace: namespace.to_owned(),
@@ -605,6 +595,40 @@ impl Validator<'_> {
         } else {
             self.base.join(path)
         }
+    }
+
+    /// `KEY.connect_to`: an address to connect to instead of resolving a host.
+    pub(super) fn connect_to(
+        &self,
+        key: &str,
+        raw: Option<String>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        raw.map(|text| {
+            text.parse::<SocketAddr>().map_err(|e| {
+                self.err(
+                    format!("{key}.connect_to"),
+                    format!("{text:?} is not an address like 203.0.113.7:443: {e}"),
+                )
+            })
+        })
+        .transpose()
+    }
+
+    /// `KEY.ca_file`, when set: resolved, and holding PEM certificates.
+    pub(super) fn ca_file(
+        &self,
+        key: &str,
+        raw: Option<&Path>,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(path) = raw.map(|path| self.resolve(path)) else {
+            return Ok(None);
+        };
+        self.pem(
+            &format!("{key}.ca_file"),
+            &crate::jwks::source::apiserver::Pem::File(path.clone()),
+            super::sources::PemKind::Certificates,
+        )?;
+        Ok(Some(path))
     }
 
     pub(super) fn readable(&self, key: &str, path: &Path) -> Result<(), ConfigError> {

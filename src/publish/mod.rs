@@ -93,20 +93,13 @@ impl IssuerPublisher {
         let targets = targets
             .iter()
             .map(|target| {
-                Ok(TargetPublisher::new(
-                    endpoint,
-                    &target.to,
-                    Sink::Bucket(Box::new(Bucket::open(target)?)),
-                ))
+                let bucket = Bucket::open(target)?;
+                Ok((target.to.as_str(), Sink::Bucket(Box::new(bucket))))
             })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self {
-            index,
-            endpoint: endpoint.clone(),
-            targets,
-            metrics: Arc::clone(metrics),
-            heartbeat: HEARTBEAT,
-        })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self::with_sinks(
+            index, endpoint, targets, metrics, HEARTBEAT,
+        ))
     }
 
     /// The edges issuer `index` pushes to (`[[issuers.push]]`), pushed to at least every
@@ -117,27 +110,37 @@ impl IssuerPublisher {
         edges: &[EdgeTarget],
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let heartbeat = edges
+            .iter()
+            .map(|e| e.interval)
+            .min()
+            .unwrap_or(DEFAULT_PUSH_INTERVAL);
         let targets = edges
             .iter()
-            .map(|edge| {
-                Ok(TargetPublisher::new(
-                    endpoint,
-                    edge.url.as_str(),
-                    Sink::Edge(Box::new(Edge::open(edge)?)),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self {
+            .map(|edge| Ok((edge.url.as_str(), Sink::Edge(Box::new(Edge::open(edge)?)))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self::with_sinks(
+            index, endpoint, targets, metrics, heartbeat,
+        ))
+    }
+
+    fn with_sinks(
+        index: usize,
+        endpoint: &IssuerEndpoint,
+        sinks: Vec<(&str, Sink)>,
+        metrics: &Arc<Metrics>,
+        heartbeat: Duration,
+    ) -> Self {
+        Self {
             index,
             endpoint: endpoint.clone(),
-            targets,
+            targets: sinks
+                .into_iter()
+                .map(|(to, sink)| TargetPublisher::new(endpoint, to, sink))
+                .collect(),
             metrics: Arc::clone(metrics),
-            heartbeat: edges
-                .iter()
-                .map(|e| e.interval)
-                .min()
-                .unwrap_or(DEFAULT_PUSH_INTERVAL),
-        })
+            heartbeat,
+        }
     }
 
     pub fn issuer(&self) -> &str {

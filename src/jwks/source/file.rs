@@ -1,13 +1,10 @@
 //! `kind = "file"`: a JWKS file on disk.
 
 use std::fs;
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-
-use super::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
+use super::{FetchError, Fetched, KeySource, read_capped};
 
 /// `kind = "file"`: a JWKS file, re-read when its length, mtime or inode change.
 #[derive(Debug)]
@@ -60,19 +57,10 @@ impl FileSource {
         if self.seen == Some(stamp) {
             return Ok(Fetched::Unchanged);
         }
-        let mut body = Vec::new();
-        file.by_ref()
-            .take(MAX_BODY_BYTES + 1)
-            .read_to_end(&mut body)
-            .map_err(err)?;
-        if body.len() as u64 > MAX_BODY_BYTES {
-            return Err(FetchError::TooLarge {
-                what: self.path.display().to_string(),
-            });
-        }
+        let body = read_capped(&mut file, &self.path)?;
         self.seen = Some(stamp);
         Ok(Fetched::Body {
-            body: Bytes::from(body),
+            body,
             upstream_issuer: None,
         })
     }
@@ -92,6 +80,7 @@ impl KeySource for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwks::source::MAX_BODY_BYTES;
 
     #[tokio::test]
     async fn file_is_reread_only_when_it_changes() {

@@ -26,6 +26,24 @@ use crate::display::redacted_url;
 /// No JWK set of a real cluster comes near this; a bigger answer is refused unread (DESIGN §4).
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
 
+/// All of `file` (at `path`), refused unread beyond [`MAX_BODY_BYTES`].
+fn read_capped(file: &mut std::fs::File, path: &std::path::Path) -> Result<Bytes, FetchError> {
+    use std::io::Read as _;
+    let mut body = Vec::new();
+    file.take(MAX_BODY_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|source| FetchError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+    if body.len() as u64 > MAX_BODY_BYTES {
+        return Err(FetchError::TooLarge {
+            what: path.display().to_string(),
+        });
+    }
+    Ok(Bytes::from(body))
+}
+
 /// What one fetch produced.
 #[derive(Debug)]
 pub enum Fetched {

@@ -7,13 +7,11 @@
 //! issuer's `confirmed_at` (and `max_staleness` readiness) says when the cluster last spoke.
 
 use std::fs;
-use std::io::{self, Read as _};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use super::{FetchError, Fetched, KeySource, MAX_BODY_BYTES};
+use super::{FetchError, Fetched, KeySource, read_capped};
 
 /// Who may push, checked on the bearer token of every push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,22 +61,13 @@ impl PushInbox {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Fetched::Idle),
             Err(e) => return Err(err(e)),
         };
-        let mut body = Vec::new();
-        file.by_ref()
-            .take(MAX_BODY_BYTES + 1)
-            .read_to_end(&mut body)
-            .map_err(err)?;
-        if body.len() as u64 > MAX_BODY_BYTES {
-            return Err(FetchError::TooLarge {
-                what: self.inbox.display().to_string(),
-            });
-        }
+        let body = read_capped(&mut file, &self.inbox)?;
         // Taken before it is merged: a set the pipeline refuses is logged with its reason and
         // not retried forever; `trust` validates before it writes, so that is rare.
         fs::rename(&self.inbox, taken(&self.inbox)).map_err(err)?;
         tracing::info!(inbox = %self.inbox.display(), "trusting the key set an operator gave");
         Ok(Fetched::Body {
-            body: Bytes::from(body),
+            body,
             upstream_issuer: None,
         })
     }

@@ -326,12 +326,21 @@ async fn the_long_running_publisher_follows_a_rotation_and_reports_each_target()
         store.object(DISCOVERY_KEY).await.0 == 200
     })
     .await;
+    // And the attempt ends with a read-back of each: the store must not fail before the
+    // publisher has recorded it (a loaded CI machine saw the read-back fail, and the first
+    // set counted as an error).
+    let admin = publisher.admin_url("/status");
+    status_shows(
+        &admin,
+        "the publisher records the first set",
+        "\"last_success_at\": 1",
+    )
+    .await;
 
     // The store fails while a rotation comes in: the status says so, by target; the bucket
     // keeps the first set, whole.
     store.tap.set_mode(Mode::Fail500);
     store.scratch.replace("jwks.json", ROTATED);
-    let admin = publisher.admin_url("/status");
     status_shows(
         &admin,
         "the status reports the failing store",

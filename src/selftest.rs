@@ -151,21 +151,17 @@ impl SelfTest {
     /// One self-test: mint, fetch, verify; the result recorded.
     pub async fn run_once(&self) {
         let cfg = &self.config;
-        let minted = match &mut *self.source.lock().await {
-            AnySource::Remote(source) => {
-                source
-                    .token_request(
-                        &cfg.namespace,
-                        &cfg.service_account,
-                        &cfg.audience,
-                        TOKEN_SECONDS,
-                    )
-                    .await
-            }
-            AnySource::File(_) | AnySource::Push(_) => {
-                Err("TokenRequest needs an apiserver source".to_owned())
-            }
-        };
+        let minted = self
+            .source
+            .lock()
+            .await
+            .token_request(
+                &cfg.namespace,
+                &cfg.service_account,
+                &cfg.audience,
+                TOKEN_SECONDS,
+            )
+            .await;
         let mut outcome = SelfTestStatus {
             last_run_at: Some(unix_now()),
             ..self.status()

@@ -10,7 +10,8 @@ use super::validate::{PUBLISH_TIMEOUT_BOUNDS, Validator};
 use super::{ConfigError, IssuerConfig};
 use crate::display::redacted_text;
 use crate::issuer::Issuer;
-use crate::publish::edge::{DEFAULT_PUSH_INTERVAL, EdgeTarget};
+use crate::jwks::source::{SourceConfig, SourceKind};
+use crate::publish::edge::{DEFAULT_PUSH_INTERVAL, EdgeTarget, PushToken};
 use crate::publish::target::{
     AzureCredentials, DEFAULT_TIMEOUT, PublishTarget, S3Credentials, Store,
 };
@@ -281,20 +282,65 @@ impl Validator<'_> {
         key: &str,
         raw: RawPush,
         issuer: &Issuer,
+        sources: &[SourceConfig],
     ) -> Result<EdgeTarget, ConfigError> {
         let url_key = format!("{key}.url");
         let url = match raw.url.as_deref() {
             // Issue 18: over TLS only; a bearer token in plain text could be replayed.
+            Some(text) if text.starts_with("http://") => {
+                return Err(self.err(
+                    &url_key,
+                    format!(
+                        "{:?} must use https: a push carries a bearer token, which must not cross the network readable",
+                        redacted_text(text)
+                    ),
+                ));
+            }
             Some(text) => self.https_url(&url_key, text)?,
             None => url::Url::parse(&issuer.url_for(&issuer.push_path()))
                 .map_err(|e| self.err(&url_key, format!("the issuer's push URL: {e}")))?,
         };
-        let token_file = self.resolve(&raw.token_file);
-        self.file_to_come_for(
-            &format!("{key}.token_file"),
-            &token_file,
-            "pushes fail until it does",
-        )?;
+        let token = match (raw.token_file, raw.service_account) {
+            (Some(path), None) => {
+                let path = self.resolve(&path);
+                self.file_to_come_for(
+                    &format!("{key}.token_file"),
+                    &path,
+                    "pushes fail until it does",
+                )?;
+                PushToken::File(path)
+            }
+            (None, Some(account)) => {
+                let sa_key = format!("{key}.service_account");
+                let (namespace, service_account) = self.service_account(&sa_key, &account)?;
+                let source = sources
+                    .iter()
+                    .find(|s| matches!(s.kind, SourceKind::Apiserver(_)))
+                    .ok_or_else(|| {
+                        self.err(
+                            &sa_key,
+                            "needs an apiserver, kubeconfig or in-cluster source: its credentials mint the tokens (TokenRequest)",
+                        )
+                    })?;
+                PushToken::Request {
+                    source: Box::new(source.clone()),
+                    namespace: namespace.to_owned(),
+                    service_account: service_account.to_owned(),
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    format!("{key}.token_file"),
+                    "use either token_file (a projected token) or service_account (TokenRequest), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(self.err(
+                    format!("{key}.token_file"),
+                    "a push needs a token: token_file (a projected token) or service_account (TokenRequest)",
+                ));
+            }
+        };
         let ca_file = self.ca_file(key, raw.ca_file.as_deref())?;
         let connect_to = self.connect_to(key, raw.connect_to)?;
         let interval = self.bounded_duration(
@@ -311,7 +357,7 @@ impl Validator<'_> {
         )?;
         Ok(EdgeTarget {
             url,
-            token_file,
+            token,
             ca_file,
             connect_to,
             interval,

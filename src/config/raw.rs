@@ -50,7 +50,8 @@ pub(super) struct RawIssuer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPush {
     pub(super) url: Option<String>,
-    pub(super) token_file: PathBuf,
+    pub(super) token_file: Option<PathBuf>,
+    pub(super) service_account: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) connect_to: Option<String>,
     pub(super) interval: Option<String>,

@@ -4,6 +4,7 @@ use std::fmt;
 
 use super::Config;
 use crate::jwks::source::SourceKind;
+use crate::publish::edge::PushToken;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsSource;
 
@@ -52,11 +53,18 @@ impl fmt::Display for Config {
                 writeln!(f, "  publish[{i}] {} ({})", target.to, target.describe())?;
             }
             for (i, edge) in cfg.push.iter().enumerate() {
+                let token = match &edge.token {
+                    PushToken::File(path) => format!("the token in {}", path.display()),
+                    PushToken::Request {
+                        namespace,
+                        service_account,
+                        ..
+                    } => format!("a TokenRequest token of {namespace}/{service_account}"),
+                };
                 writeln!(
                     f,
-                    "  push[{i}]    {} with the token in {}, every {}",
+                    "  push[{i}]    {} with {token}, every {}",
                     edge.url,
-                    edge.token_file.display(),
                     humantime::format_duration(edge.interval)
                 )?;
             }

@@ -340,7 +340,7 @@ impl Validator<'_> {
             .push
             .into_iter()
             .enumerate()
-            .map(|(i, p)| self.push_target(&format!("{key}.push[{i}]"), p, &issuer))
+            .map(|(i, p)| self.push_target(&format!("{key}.push[{i}]"), p, &issuer, &sources))
             .collect::<Result<Vec<_>, _>>()?;
         let selftest = raw
             .selftest
@@ -439,16 +439,8 @@ impl Validator<'_> {
                     "needs an apiserver, kubeconfig or in-cluster source: its credentials mint the tokens (TokenRequest)",
                 )
             })?;
-        let (namespace, service_account) = raw
-            .service_account
-            .split_once('/')
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
-            .ok_or_else(|| {
-                self.err(
-                    format!("{key}.service_account"),
-                    format!("{:?} is not NAMESPACE/NAME", raw.service_account),
-                )
-            })?;
+        let (namespace, service_account) =
+            self.service_account(&format!("{key}.service_account"), &raw.service_account)?;
         let interval = self.bounded_duration(
             &format!("{key}.interval"),
             raw.interval,
@@ -595,6 +587,17 @@ impl Validator<'_> {
         } else {
             self.base.join(path)
         }
+    }
+
+    /// A service account as `NAMESPACE/NAME`.
+    pub(super) fn service_account<'t>(
+        &self,
+        key: &str,
+        text: &'t str,
+    ) -> Result<(&'t str, &'t str), ConfigError> {
+        text.split_once('/')
+            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+            .ok_or_else(|| self.err(key, format!("{text:?} is not NAMESPACE/NAME")))
     }
 
     /// `KEY.connect_to`: an address to connect to instead of resolving a host.

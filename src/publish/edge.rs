@@ -20,6 +20,7 @@ use super::bucket::Synced;
 use super::connector::PublicRoots;
 use crate::jwks::render_jwks;
 use crate::jwks::source::remote::tls_config;
+use crate::jwks::source::{AnySource, SourceConfig};
 use crate::jwks::store::Snapshot;
 
 /// `[[issuers.push]]`.
@@ -27,9 +28,8 @@ use crate::jwks::store::Snapshot;
 pub struct EdgeTarget {
     /// `https://<edge>/<issuer path>/.oidc-edge/v1/jwks`.
     pub url: url::Url,
-    /// The service-account token to send: a projected token (audience = `url`), re-read for
-    /// every push because the kubelet replaces it.
-    pub token_file: PathBuf,
+    /// Where the service-account token of each push comes from.
+    pub token: PushToken,
     /// A CA to trust beside Mozilla's roots (a private CA, a test).
     pub ca_file: Option<PathBuf>,
     /// Connect here instead of resolving the edge's host.
@@ -40,6 +40,38 @@ pub struct EdgeTarget {
     pub timeout: Duration,
 }
 
+/// The token a push carries.
+#[derive(Debug, Clone)]
+pub enum PushToken {
+    /// A projected token (audience = `url`), re-read for every push because the kubelet
+    /// replaces it. The edge binds a token to one key set, so a change waits for the kubelet's
+    /// next token (80 % of its lifetime).
+    File(PathBuf),
+    /// A token minted through TokenRequest for every push (audience = `url`, 600 s), with the
+    /// credentials of the issuer's apiserver `source`: a change goes out at once.
+    Request {
+        /// Boxed: a source's settings are large beside a path.
+        source: Box<SourceConfig>,
+        namespace: String,
+        service_account: String,
+    },
+}
+
+/// A minted push token's lifetime: TokenRequest's minimum.
+const MINTED_TOKEN_SECONDS: u64 = 600;
+
+/// Where [`Edge`] gets its tokens.
+#[derive(Debug)]
+enum Tokens {
+    File(PathBuf),
+    Request {
+        /// Its own client of the apiserver (the refresh task keeps the other).
+        source: tokio::sync::Mutex<AnySource>,
+        namespace: String,
+        service_account: String,
+    },
+}
+
 /// How often an unchanged set is pushed again, unless configured.
 pub const DEFAULT_PUSH_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -47,6 +79,7 @@ pub const DEFAULT_PUSH_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Edge {
     target: EdgeTarget,
+    tokens: Tokens,
     client: reqwest::Client,
     /// The SHA-256 of the last body the edge accepted: an accepted push of the same body is
     /// reported as unchanged.
@@ -54,6 +87,37 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// The token for the next push.
+    async fn token(&self) -> anyhow::Result<String> {
+        let url = &self.target.url;
+        match &self.tokens {
+            Tokens::File(path) => {
+                let token = std::fs::read_to_string(path).with_context(|| {
+                    format!("PUT {url}: cannot read the token file {}", path.display())
+                })?;
+                if token.trim().is_empty() {
+                    anyhow::bail!("PUT {url}: the token file {} is empty", path.display());
+                }
+                Ok(token)
+            }
+            Tokens::Request {
+                source,
+                namespace,
+                service_account,
+            } => source
+                .lock()
+                .await
+                .token_request(
+                    namespace,
+                    service_account,
+                    url.as_str(),
+                    MINTED_TOKEN_SECONDS,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("PUT {url}: TokenRequest: {e}")),
+        }
+    }
+
     pub fn open(target: &EdgeTarget) -> anyhow::Result<Self> {
         let extra = target
             .ca_file
@@ -77,8 +141,24 @@ impl Edge {
         let client = builder
             .build()
             .with_context(|| format!("{}: HTTP client", target.url))?;
+        let tokens = match &target.token {
+            PushToken::File(path) => Tokens::File(path.clone()),
+            PushToken::Request {
+                source,
+                namespace,
+                service_account,
+            } => Tokens::Request {
+                source: tokio::sync::Mutex::new(AnySource::from_config(
+                    &source.kind,
+                    source.timeout,
+                )?),
+                namespace: namespace.clone(),
+                service_account: service_account.clone(),
+            },
+        };
         Ok(Self {
             target: target.clone(),
+            tokens,
             client,
             accepted: Mutex::new(None),
         })
@@ -88,19 +168,8 @@ impl Edge {
     /// had not taken from us before.
     pub async fn push(&self, snapshot: &Snapshot) -> anyhow::Result<Synced> {
         let url = &self.target.url;
-        let token = std::fs::read_to_string(&self.target.token_file).with_context(|| {
-            format!(
-                "PUT {url}: cannot read the token file {}",
-                self.target.token_file.display()
-            )
-        })?;
+        let token = self.token().await?;
         let token = token.trim();
-        if token.is_empty() {
-            anyhow::bail!(
-                "PUT {url}: the token file {} is empty",
-                self.target.token_file.display()
-            );
-        }
         let body = render_jwks(&snapshot.listed);
         let hash: [u8; 32] = digest::digest(&digest::SHA256, &body)
             .as_ref()

@@ -207,6 +207,31 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "issuers[0].sources[0].kind: \"s3\" is not one of \"apiserver\", \"kubeconfig\", \"in-cluster\", \"file\", \"url\", \"push\"",
         ),
         (
+            "push target without a token",
+            format!("{ISSUER}{SOURCE}  [[issuers.push]]\n  interval = \"1m\"\n"),
+            "issuers[0].push[0].token_file: a push needs a token: token_file (a projected token) or service_account (TokenRequest)",
+        ),
+        (
+            "push target with both tokens",
+            format!("{ISSUER}{SOURCE}  [[issuers.push]]\n  token_file = \"t\"\n  service_account = \"a/b\"\n"),
+            "issuers[0].push[0].token_file: use either token_file (a projected token) or service_account (TokenRequest), not both",
+        ),
+        (
+            "push target minting without an apiserver source",
+            format!("{ISSUER}{SOURCE}  [[issuers.push]]\n  service_account = \"oidc-edge/pusher\"\n"),
+            "issuers[0].push[0].service_account: needs an apiserver, kubeconfig or in-cluster source: its credentials mint the tokens (TokenRequest)",
+        ),
+        (
+            "push target with a service account that is no NAMESPACE/NAME",
+            format!("{ISSUER}{SOURCE}  [[issuers.push]]\n  service_account = \"pusher\"\n"),
+            "issuers[0].push[0].service_account: \"pusher\" is not NAMESPACE/NAME",
+        ),
+        (
+            "push target over plain HTTP",
+            format!("{ISSUER}{SOURCE}  [[issuers.push]]\n  token_file = \"t\"\n  url = \"http://oidc.example.com/.oidc-edge/v1/jwks\"\n"),
+            "issuers[0].push[0].url: \"http://oidc.example.com/.oidc-edge/v1/jwks\" must use https: a push carries a bearer token, which must not cross the network readable",
+        ),
+        (
             "push source without subject",
             push("  audience = \"https://oidc.example.com/.oidc-edge/v1/jwks\""),
             "issuers[0].sources[0].subject: is required for kind = \"push\"",

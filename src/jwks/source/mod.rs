@@ -135,6 +135,30 @@ impl AnySource {
     }
 }
 
+impl AnySource {
+    /// A token for `namespace/service_account` with `audience`, living `seconds`, minted
+    /// through TokenRequest with this source's apiserver and credentials (the self-test, a
+    /// push agent). `Err` is one line: why, in the apiserver's words when it answered.
+    pub async fn token_request(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        seconds: u64,
+    ) -> Result<String, String> {
+        match self {
+            AnySource::Remote(source) => {
+                source
+                    .token_request(namespace, service_account, audience, seconds)
+                    .await
+            }
+            AnySource::File(_) | AnySource::Push(_) => {
+                Err("TokenRequest needs an apiserver source".to_owned())
+            }
+        }
+    }
+}
+
 impl KeySource for AnySource {
     fn describe(&self) -> String {
         match self {

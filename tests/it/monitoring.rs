@@ -8,7 +8,8 @@
 //! The two processes are set up so that every metric has a series, since a family with no
 //! series is not exported at all: A serves certificate files that expire in 10 days, fetches
 //! from an apiserver that signs for another issuer and from a file that is missing, cannot
-//! write its state file, and has a connection closed by the handshake deadline; B runs ACME
+//! write its state file, self-tests with a TokenRequest that fails, and has a connection
+//! closed by the handshake deadline; B runs ACME
 //! against a directory nobody listens on, so it has ACME events and no certificate. What the
 //! rules then say about them is asserted too, alert by alert.
 
@@ -346,6 +347,9 @@ async fn a_real_prometheus_finds_every_metric_the_rules_and_the_dashboard_use() 
         .set("https.files.cert_file", "cert.pem")
         .set("https.files.key_file", "key.pem")
         .set("limits.handshake_timeout", "1s")
+        // A self-test whose TokenRequest the fake apiserver does not serve: it fails.
+        .set("issuers.0.selftest.service_account", "default/s3-lister")
+        .set("issuers.0.selftest.interval", "1s")
         .write(&a);
     let server_a = Binary::start(&config);
 
@@ -473,6 +477,7 @@ async fn a_real_prometheus_finds_every_metric_the_rules_and_the_dashboard_use() 
         format!("OidcEdgeIssuerMismatch pending {instance_a} source=0"),
         format!("OidcEdgeRefreshFailing firing {instance_a} source=1"),
         format!("OidcEdgeStateWriteFailing firing {instance_a}"),
+        format!("OidcEdgeSelfTestFailing pending {instance_a}"),
         format!("OidcEdgeCertificateMissing pending {instance_b}"),
         format!("OidcEdgePublishFailing firing {instance_b}"),
     ]

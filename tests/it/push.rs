@@ -880,3 +880,143 @@ async fn a_real_apiservers_staged_rotation_reaches_the_edge_through_the_agent() 
     crate::support::eventually("the old key is retired on the edge", listed_new_only).await;
     edge.serves(&both).await;
 }
+
+/// Debian's tinyproxy on 127.0.0.1, logging every CONNECT; stopped by its PID on drop.
+struct Tinyproxy {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Tinyproxy {
+    /// Allows CONNECT to `connect_port` only (tinyproxy's default is 443 and 563).
+    fn start(scratch: &Scratch, connect_port: u16) -> Self {
+        let port = crate::support::pebble::free_tcp_port();
+        let log = scratch.path("tinyproxy.log");
+        let config = scratch.write(
+            "tinyproxy.conf",
+            &format!(
+                "Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 10\n\
+                 ConnectPort {connect_port}\nLogLevel Connect\nLogFile \"{}\"\n",
+                log.display()
+            ),
+        );
+        let child = std::process::Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tinyproxy (scripts/test installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tinyproxy did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, log }
+    }
+
+    /// The CONNECT requests it logged, as `host:port`.
+    fn connects(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            // `CONNECT   <time> [<pid>]: Request (file descriptor 7): CONNECT host:port HTTP/1.1`
+            .filter_map(|line| line.split_once("): CONNECT "))
+            .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pod that must leave the cluster through a proxy: HTTPS_PROXY carries the pushes (a real
+/// tinyproxy sees the CONNECT to the edge), and only them: the apiserver source is reached
+/// directly, never through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_go_through_https_proxy_and_the_apiserver_never_does() {
+    use crate::support::fake_apiserver::FakeApiserver;
+    let key = ClusterKey::new("proxied");
+    let scratch = Scratch::new();
+    let pki = Pki::new("push test CA");
+    // The proxy resolves the edge's name itself: `localhost` is one it can resolve.
+    let leaf = pki.server_for(&["oidc.example.com", "localhost"]);
+    scratch.write("cert.pem", &leaf.cert_pem);
+    scratch.write("key.pem", &leaf.key_pem);
+    let edge_config = TestConfig::new()
+        .source(push_source())
+        .set("https.listen", "127.0.0.1:0")
+        .set("https.files.cert_file", "cert.pem")
+        .set("https.files.key_file", "key.pem")
+        .write(&scratch);
+    let (server, https) = Edge::serve(&edge_config);
+    let edge = Edge {
+        scratch,
+        pki,
+        config: edge_config,
+        server,
+        https,
+    };
+    edge.trust(&[&key]).await;
+
+    let fake = FakeApiserver::start(&jwks(&[&key]), ISSUER, "api-token").await;
+    let agent_dir = Scratch::new();
+    let proxy = Tinyproxy::start(&agent_dir, https.port());
+    agent_dir.write("apiserver-ca.pem", &fake.pki.ca_pem);
+    agent_dir.write("api-token", "api-token");
+    agent_dir.write("push-token", &token(&key));
+    agent_dir.write("edge-ca.pem", &edge.pki.ca_pem);
+    let mut push = toml::Table::new();
+    push.insert("token_file".into(), "push-token".into());
+    push.insert("ca_file".into(), "edge-ca.pem".into());
+    push.insert(
+        "url".into(),
+        format!("https://localhost:{}{PUSH_PATH}", https.port()).into(),
+    );
+    push.insert("interval".into(), "1s".into());
+    let agent_config = TestConfig::new()
+        .remove("http")
+        .source(
+            Source::new("apiserver")
+                .set("url", fake.url())
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", "api-token")
+                .set("refresh_interval", "1s"),
+        )
+        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+        .write(&agent_dir);
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
+    let mut command = std::process::Command::new(crate::support::bin());
+    command.args(["push", "--config"]).arg(&agent_config);
+    let env = [
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ];
+    let _agent = Binary::spawn_outbound(command, &agent_config, &env);
+
+    crate::support::eventually("a push through the proxy is accepted", || async {
+        edge.status().await["push"][0]["last_accepted_kid"] == "proxied"
+    })
+    .await;
+    assert!(fake.jwks_requests() > 0, "the agent read the apiserver");
+    let connects = proxy.connects();
+    assert!(!connects.is_empty(), "no CONNECT logged");
+    let edge_target = format!("localhost:{}", https.port());
+    assert!(
+        connects.iter().all(|c| *c == edge_target),
+        "only the edge goes through the proxy, not the apiserver at {}: {connects:?}",
+        fake.addr
+    );
+}

@@ -57,6 +57,12 @@ impl Binary {
         Self::spawn_listening(command, config, &[], false)
     }
 
+    /// Starts `command`, an `oidc-edge` command that binds only its admin listener (`push`,
+    /// `publish`), with `env`.
+    pub fn spawn_outbound(command: Command, config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_listening(command, config, env, false)
+    }
+
     /// Starts `command`, which must exec `oidc-edge serve --config CONFIG` (e.g. through
     /// `sh -c`).
     pub fn spawn(command: Command, config: &Path, env: &[(&str, &str)]) -> Self {

@@ -297,6 +297,23 @@ impl Validator<'_> {
         }
     }
 
+    /// `KEY.ca_file`, when set: resolved, and holding PEM certificates.
+    pub(super) fn ca_file(
+        &self,
+        key: &str,
+        raw: Option<&std::path::Path>,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(path) = raw.map(|path| self.resolve(path)) else {
+            return Ok(None);
+        };
+        self.pem(
+            &format!("{key}.ca_file"),
+            &Pem::File(path.clone()),
+            PemKind::Certificates,
+        )?;
+        Ok(Some(path))
+    }
+
     /// Checks the files that client-certificate or token-file authentication needs.
     pub(super) fn auth_files(
         &self,

@@ -617,23 +617,6 @@ impl Validator<'_> {
         .transpose()
     }
 
-    /// `KEY.ca_file`, when set: resolved, and holding PEM certificates.
-    pub(super) fn ca_file(
-        &self,
-        key: &str,
-        raw: Option<&Path>,
-    ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(path) = raw.map(|path| self.resolve(path)) else {
-            return Ok(None);
-        };
-        self.pem(
-            &format!("{key}.ca_file"),
-            &crate::jwks::source::apiserver::Pem::File(path.clone()),
-            super::sources::PemKind::Certificates,
-        )?;
-        Ok(Some(path))
-    }
-
     pub(super) fn readable(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
         std::fs::File::open(path)
             .map(drop)

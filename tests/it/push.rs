@@ -39,13 +39,18 @@ fn push_source() -> Source {
 
 impl Edge {
     fn start() -> Self {
+        Self::start_with(&["oidc.example.com"], push_source())
+    }
+
+    /// An edge whose certificate names `names`, with `source` as its push source.
+    fn start_with(names: &[&str], source: Source) -> Self {
         let scratch = Scratch::new();
         let pki = Pki::new("push test CA");
-        let leaf = pki.server_for(&["oidc.example.com"]);
+        let leaf = pki.server_for(names);
         scratch.write("cert.pem", &leaf.cert_pem);
         scratch.write("key.pem", &leaf.key_pem);
         let config = TestConfig::new()
-            .source(push_source())
+            .source(source)
             .set("https.listen", "127.0.0.1:0")
             .set("https.files.cert_file", "cert.pem")
             .set("https.files.key_file", "key.pem")
@@ -151,6 +156,23 @@ impl Edge {
         let (_, body) = clients::get(&self.server.admin_url("/status")).await;
         serde_json::from_str(&body).expect("status JSON")
     }
+}
+
+/// An agent's config in `dir`: an apiserver at `url` as its source (CA `apiserver-ca.pem`,
+/// the bearer token in `token_file`), pushing every second with the `push` table.
+fn agent_reading(dir: &Scratch, url: &str, token_file: &str, mut push: toml::Table) -> PathBuf {
+    push.insert("interval".into(), "1s".into());
+    TestConfig::new()
+        .remove("http")
+        .source(
+            Source::new("apiserver")
+                .set("url", url)
+                .set("ca_file", "apiserver-ca.pem")
+                .set("token_file", token_file)
+                .set("refresh_interval", "1s"),
+        )
+        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
+        .write(dir)
 }
 
 fn token(key: &ClusterKey) -> String {
@@ -789,25 +811,10 @@ async fn a_real_apiservers_staged_rotation_reaches_the_edge_through_the_agent() 
     cluster.create_namespace("oidc-edge").await;
     cluster.create_service_account("oidc-edge", "pusher").await;
 
-    let scratch = Scratch::new();
-    let pki = Pki::new("push test CA");
-    let leaf = pki.server_for(&["oidc.example.com"]);
-    scratch.write("cert.pem", &leaf.cert_pem);
-    scratch.write("key.pem", &leaf.key_pem);
-    let edge_config = TestConfig::new()
-        .source(push_source().set("allow_tokens_without_jti", true))
-        .set("https.listen", "127.0.0.1:0")
-        .set("https.files.cert_file", "cert.pem")
-        .set("https.files.key_file", "key.pem")
-        .write(&scratch);
-    let (server, https) = Edge::serve(&edge_config);
-    let edge = Edge {
-        scratch,
-        pki,
-        config: edge_config,
-        server,
-        https,
-    };
+    let edge = Edge::start_with(
+        &["oidc.example.com"],
+        push_source().set("allow_tokens_without_jti", true),
+    );
     // The seeds' one manual step, done once.
     let (status, cluster_jwks) = cluster.get("/openid/v1/jwks").await;
     assert_eq!(status, 200);
@@ -835,18 +842,7 @@ async fn a_real_apiservers_staged_rotation_reaches_the_edge_through_the_agent() 
     push.insert("service_account".into(), "oidc-edge/pusher".into());
     push.insert("ca_file".into(), "ca.pem".into());
     push.insert("connect_to".into(), edge.https.to_string().into());
-    push.insert("interval".into(), "1s".into());
-    let agent_config = TestConfig::new()
-        .remove("http")
-        .source(
-            Source::new("apiserver")
-                .set("url", cluster.url())
-                .set("ca_file", "apiserver-ca.pem")
-                .set("token_file", "admin-token")
-                .set("refresh_interval", "1s"),
-        )
-        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
-        .write(&agent_dir);
+    let agent_config = agent_reading(&agent_dir, &cluster.url(), "admin-token", push);
     let _agent = Binary::start_outbound("push", &agent_config);
     crate::support::eventually("the agent's push is accepted", || async {
         edge.status().await["push"][0]["last_accepted_kid"] == old.kid.as_str()
@@ -948,26 +944,9 @@ impl Drop for Tinyproxy {
 async fn pushes_go_through_https_proxy_and_the_apiserver_never_does() {
     use crate::support::fake_apiserver::FakeApiserver;
     let key = ClusterKey::new("proxied");
-    let scratch = Scratch::new();
-    let pki = Pki::new("push test CA");
     // The proxy resolves the edge's name itself: `localhost` is one it can resolve.
-    let leaf = pki.server_for(&["oidc.example.com", "localhost"]);
-    scratch.write("cert.pem", &leaf.cert_pem);
-    scratch.write("key.pem", &leaf.key_pem);
-    let edge_config = TestConfig::new()
-        .source(push_source())
-        .set("https.listen", "127.0.0.1:0")
-        .set("https.files.cert_file", "cert.pem")
-        .set("https.files.key_file", "key.pem")
-        .write(&scratch);
-    let (server, https) = Edge::serve(&edge_config);
-    let edge = Edge {
-        scratch,
-        pki,
-        config: edge_config,
-        server,
-        https,
-    };
+    let edge = Edge::start_with(&["oidc.example.com", "localhost"], push_source());
+    let https = edge.https;
     edge.trust(&[&key]).await;
 
     let fake = FakeApiserver::start(&jwks(&[&key]), ISSUER, "api-token").await;
@@ -984,18 +963,7 @@ async fn pushes_go_through_https_proxy_and_the_apiserver_never_does() {
         "url".into(),
         format!("https://localhost:{}{PUSH_PATH}", https.port()).into(),
     );
-    push.insert("interval".into(), "1s".into());
-    let agent_config = TestConfig::new()
-        .remove("http")
-        .source(
-            Source::new("apiserver")
-                .set("url", fake.url())
-                .set("ca_file", "apiserver-ca.pem")
-                .set("token_file", "api-token")
-                .set("refresh_interval", "1s"),
-        )
-        .set("issuers.0.push", toml::Value::Array(vec![push.into()]))
-        .write(&agent_dir);
+    let agent_config = agent_reading(&agent_dir, &fake.url(), "api-token", push);
     let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
     let mut command = std::process::Command::new(crate::support::bin());
     command.args(["push", "--config"]).arg(&agent_config);
